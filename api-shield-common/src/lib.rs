@@ -1,0 +1,171 @@
+//! Map keys and values shared by the api-shield data plane (eBPF) and its controller.
+//!
+//! Everything here is `#[repr(C)]` without implicit padding so the kernel and userspace agree
+//! byte for byte; with the `user` feature the types are `aya::Pod`.
+#![no_std]
+
+/// Names of the maps and programs in the eBPF object, so userspace never passes a typo.
+pub mod names {
+    pub const PROGRAM_XDP: &str = "api_shield";
+    /// LPM trie, IPv4 source prefixes -> [`crate::lists::ListVerdict`].
+    pub const MAP_LIST_V4: &str = "LIST_V4";
+    /// LPM trie, IPv6 source prefixes -> [`crate::lists::ListVerdict`].
+    pub const MAP_LIST_V6: &str = "LIST_V6";
+    /// LRU hash, [`crate::limiter::LimiterKey`] -> [`crate::limiter::LimiterState`].
+    pub const MAP_LIMITER: &str = "LIMITER";
+    /// Array of [`crate::limiter::RateLimit`]; index [`crate::limiter::DEFAULT_LIMIT`].
+    pub const MAP_LIMITS: &str = "LIMITS";
+    /// Per-CPU array of [`crate::counters::Counter`], indexed by [`crate::counters::Reason`].
+    pub const MAP_COUNTERS: &str = "COUNTERS";
+    /// Array with one [`crate::settings::Settings`].
+    pub const MAP_SETTINGS: &str = "SETTINGS";
+}
+
+/// Allowlist and blocklist, folded by the controller into one trie per address family.
+///
+/// One longest-prefix lookup per packet gives the verdict of both lists because the
+/// controller never stores a block entry inside (or equal to) an allowed prefix: if an
+/// address matches an allowed prefix, every longer matching prefix is also allowed.
+pub mod lists {
+    /// Value of a list trie entry: what a source matching the prefix gets.
+    pub type ListVerdict = u32;
+    pub const LIST_ALLOW: ListVerdict = 1;
+    pub const LIST_BLOCK: ListVerdict = 2;
+}
+
+/// Verdict counters: one per-CPU slot of packets and bytes per reason.
+pub mod counters {
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Counter {
+        pub packets: u64,
+        pub bytes: u64,
+    }
+
+    #[cfg(feature = "user")]
+    // SAFETY: two u64, no padding.
+    unsafe impl aya::Pod for Counter {}
+
+    /// Why a packet got its verdict; the value is its slot in the counters map.
+    #[repr(u32)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+    pub enum Reason {
+        /// Within its source's limits (or no limit): passed.
+        Passed = 0,
+        /// Source in the allowlist: passed, no limits.
+        Allowlisted = 1,
+        /// Source in the blocklist: dropped.
+        Blocklisted = 2,
+        /// Source over its token bucket: dropped.
+        RateLimited = 3,
+        /// Malformed frame: passed or dropped as the config says.
+        Malformed = 4,
+        /// Not IPv4/IPv6 (ARP, LLDP, ...): passed untouched.
+        NonIp = 5,
+    }
+
+    impl Reason {
+        pub const ALL: [Reason; 6] = [
+            Reason::Passed,
+            Reason::Allowlisted,
+            Reason::Blocklisted,
+            Reason::RateLimited,
+            Reason::Malformed,
+            Reason::NonIp,
+        ];
+
+        /// The stable name used in logs, CLI output and metrics.
+        pub const fn name(self) -> &'static str {
+            match self {
+                Reason::Passed => "passed",
+                Reason::Allowlisted => "allowlisted",
+                Reason::Blocklisted => "blocklisted",
+                Reason::RateLimited => "rate_limited",
+                Reason::Malformed => "malformed",
+                Reason::NonIp => "non_ip",
+            }
+        }
+    }
+
+    /// Slots in the counters map; room is left for reasons added later.
+    pub const COUNTER_SLOTS: u32 = 16;
+}
+
+/// Per-source token buckets, implemented as GCRA (virtual scheduling): each bucket is one
+/// "theoretical arrival time" (TAT), so a refill-and-take is a single compare-and-swap and
+/// stays exact when several CPUs hit the same source at once.
+pub mod limiter {
+    /// Bucket time is kept in 1/16 ns so byte costs stay precise at high byte rates;
+    /// a u64 of these lasts 36 years of uptime.
+    pub const TIME_SHIFT: u32 = 4;
+    /// Units of bucket time per second.
+    pub const UNITS_PER_SEC: u64 = 1_000_000_000 << TIME_SHIFT;
+    /// Byte costs carry this many extra fractional bits.
+    pub const BYTE_COST_FRAC_BITS: u32 = 16;
+
+    /// Index of the default limit in the limits map.
+    pub const DEFAULT_LIMIT: u32 = 0;
+    /// Entries in the limits map (the default plus rules added later).
+    pub const LIMIT_SLOTS: u32 = 65;
+
+    /// One limit, precomputed by the controller so the data plane only adds and compares.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct RateLimit {
+        /// Bucket time one packet costs; 0: no packet limit.
+        pub packet_cost: u64,
+        /// How far ahead of now the packet TAT may run: burst_packets * packet_cost.
+        pub packet_capacity: u64,
+        /// Bucket time one byte costs, with [`BYTE_COST_FRAC_BITS`] fractional bits; 0: no byte limit.
+        pub byte_cost_fp: u64,
+        /// How far ahead of now the byte TAT may run: burst_bytes worth of bucket time.
+        pub byte_capacity: u64,
+    }
+
+    impl RateLimit {
+        pub const fn is_unlimited(&self) -> bool {
+            self.packet_cost == 0 && self.byte_cost_fp == 0
+        }
+    }
+
+    /// Key of a bucket: the source address (IPv4 as ::ffff:a.b.c.d) and the limit it is under.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct LimiterKey {
+        pub addr: [u8; 16],
+        pub limit: u32,
+    }
+
+    /// State of a bucket: the TATs of its packet and byte dimensions, in bucket time.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct LimiterState {
+        pub packet_tat: u64,
+        pub byte_tat: u64,
+    }
+
+    #[cfg(feature = "user")]
+    // SAFETY: four u64, no padding.
+    unsafe impl aya::Pod for RateLimit {}
+    #[cfg(feature = "user")]
+    // SAFETY: 16 bytes + u32, size 20, alignment 4, no padding.
+    unsafe impl aya::Pod for LimiterKey {}
+    #[cfg(feature = "user")]
+    // SAFETY: two u64, no padding.
+    unsafe impl aya::Pod for LimiterState {}
+}
+
+/// Settings the controller can change at run time without reloading the program.
+pub mod settings {
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Settings {
+        /// Non-zero: drop malformed frames; zero: pass them (counted either way).
+        pub drop_malformed: u32,
+        pub _reserved: u32,
+    }
+
+    #[cfg(feature = "user")]
+    // SAFETY: two u32, no padding.
+    unsafe impl aya::Pod for Settings {}
+}

@@ -1,0 +1,243 @@
+//! Frame parsing shared by every hook: bounds-checked, loop-bounded, never panics.
+//!
+//! Parsing is split in two so the list lookup can come before anything protocol-specific:
+//! [`parse_l3`] reads only up to the fixed IP header (enough for the source address);
+//! [`parse_l4`] then walks IPv6 extension headers and reads the transport header.
+
+use core::mem;
+
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
+
+/// Start and end of the frame's bytes, as the hook gives them.
+#[derive(Clone, Copy)]
+pub(crate) struct Frame {
+    pub(crate) start: usize,
+    pub(crate) end: usize,
+}
+
+impl Frame {
+    #[inline(always)]
+    pub(crate) fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// A pointer to a `T` at `offset`, only if all of it lies inside the frame.
+    #[inline(always)]
+    pub(crate) fn ptr_at<T>(&self, offset: usize) -> Option<*const T> {
+        let at = self.start + offset;
+        if at + mem::size_of::<T>() > self.end {
+            return None;
+        }
+        Some(at as *const T)
+    }
+}
+
+/// At most this many VLAN tags (802.1Q, 802.1ad) are skipped; more is malformed.
+const MAX_VLAN_TAGS: usize = 2;
+/// At most this many IPv6 extension headers are skipped; more is malformed.
+const MAX_IPV6_EXT_HEADERS: usize = 8;
+
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_AH: u8 = 51;
+const IPPROTO_DSTOPTS: u8 = 60;
+
+/// IPv4 header fields that parsing needs further on.
+#[derive(Clone, Copy)]
+pub(crate) struct Ipv4Info {
+    pub(crate) l4_offset: usize,
+    pub(crate) protocol: u8,
+    pub(crate) non_first_fragment: bool,
+}
+
+/// What the fixed part of the frame says.
+pub(crate) enum L3 {
+    /// IPv4; `src` is the source address in network order.
+    V4 { src: [u8; 4], info: Ipv4Info },
+    /// IPv6; `offset` is where the IPv6 header starts.
+    V6 { src: [u8; 16], offset: usize },
+    /// Not IP (ARP, LLDP, ...).
+    NonIp,
+    /// Truncated or invalid up to and including the fixed IP header.
+    Malformed,
+}
+
+/// The transport layer as far as the verdict needs it.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct L4 {
+    pub(crate) protocol: u8,
+    /// A fragment other than the first: it carries no transport header.
+    pub(crate) non_first_fragment: bool,
+    /// Destination port in host order (TCP/UDP), else 0.
+    pub(crate) dst_port: u16,
+}
+
+/// Skips Ethernet and up to two VLAN tags, then checks the fixed IP header.
+#[inline(always)]
+pub(crate) fn parse_l3(frame: &Frame) -> L3 {
+    let Some(eth) = frame.ptr_at::<EthHdr>(0) else {
+        return L3::Malformed;
+    };
+    // SAFETY: ptr_at checked the header lies inside the frame.
+    let mut ether_type = unsafe { (*eth).ether_type };
+    let mut offset = EthHdr::LEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if !is_vlan(ether_type) {
+            break;
+        }
+        let Some(vlan) = frame.ptr_at::<VlanHdr>(offset) else {
+            return L3::Malformed;
+        };
+        // SAFETY: bounds checked above.
+        ether_type = unsafe { (*vlan).ether_type };
+        offset += VlanHdr::LEN;
+    }
+    if ether_type == EtherType::Ipv4 as u16 {
+        parse_ipv4(frame, offset)
+    } else if ether_type == EtherType::Ipv6 as u16 {
+        parse_ipv6(frame, offset)
+    } else if is_vlan(ether_type) {
+        // A third tag: more than we skip, and a way to hide an IP packet from us.
+        L3::Malformed
+    } else {
+        L3::NonIp
+    }
+}
+
+#[inline(always)]
+fn is_vlan(ether_type: u16) -> bool {
+    ether_type == EtherType::Ieee8021q as u16 || ether_type == EtherType::Ieee8021ad as u16
+}
+
+#[inline(always)]
+fn parse_ipv4(frame: &Frame, offset: usize) -> L3 {
+    let Some(ip) = frame.ptr_at::<Ipv4Hdr>(offset) else {
+        return L3::Malformed;
+    };
+    // SAFETY: bounds checked above.
+    let ip = unsafe { &*ip };
+    let header_len = usize::from(ip.vihl & 0x0f) * 4;
+    let total_len = usize::from(u16::from_be_bytes(ip.tot_len));
+    if ip.vihl >> 4 != 4
+        || header_len < Ipv4Hdr::LEN
+        || total_len < header_len
+        || offset + total_len > frame.len()
+    {
+        return L3::Malformed;
+    }
+    let frags = u16::from_be_bytes(ip.frags);
+    L3::V4 {
+        src: ip.src_addr,
+        info: Ipv4Info {
+            l4_offset: offset + header_len,
+            protocol: ip.proto,
+            non_first_fragment: frags & 0x1fff != 0,
+        },
+    }
+}
+
+#[inline(always)]
+fn parse_ipv6(frame: &Frame, offset: usize) -> L3 {
+    let Some(ip) = frame.ptr_at::<Ipv6Hdr>(offset) else {
+        return L3::Malformed;
+    };
+    // SAFETY: bounds checked above.
+    let ip = unsafe { &*ip };
+    let payload_len = usize::from(u16::from_be_bytes(ip.payload_len));
+    // payload_len 0 is a jumbogram (hop-by-hop option) or empty: not truncation.
+    if ip.vcf[0] >> 4 != 6 || offset + Ipv6Hdr::LEN + payload_len > frame.len() {
+        return L3::Malformed;
+    }
+    L3::V6 {
+        src: ip.src_addr,
+        offset,
+    }
+}
+
+/// IPv4 transport header: absent for non-first fragments; truncated is malformed.
+#[inline(always)]
+pub(crate) fn parse_l4_v4(frame: &Frame, info: &Ipv4Info) -> Option<L4> {
+    let mut l4 = L4 {
+        protocol: info.protocol,
+        non_first_fragment: info.non_first_fragment,
+        dst_port: 0,
+    };
+    if !info.non_first_fragment {
+        l4.dst_port = transport_dst_port(frame, info.protocol, info.l4_offset)?;
+    }
+    Some(l4)
+}
+
+/// Walks up to [`MAX_IPV6_EXT_HEADERS`] extension headers to the transport header.
+#[inline(always)]
+pub(crate) fn parse_l4_v6(frame: &Frame, ip_offset: usize) -> Option<L4> {
+    let ip = frame.ptr_at::<Ipv6Hdr>(ip_offset)?;
+    // SAFETY: bounds checked by ptr_at.
+    let mut next = unsafe { (*ip).next_hdr };
+    let mut offset = ip_offset + Ipv6Hdr::LEN;
+    let mut l4 = L4::default();
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let ext = frame.ptr_at::<[u8; 2]>(offset)?;
+                // SAFETY: bounds checked by ptr_at.
+                let [nh, len] = unsafe { *ext };
+                next = nh;
+                offset += (usize::from(len) + 1) * 8;
+            }
+            IPPROTO_AH => {
+                let ext = frame.ptr_at::<[u8; 2]>(offset)?;
+                // SAFETY: bounds checked by ptr_at.
+                let [nh, len] = unsafe { *ext };
+                next = nh;
+                offset += (usize::from(len) + 2) * 4;
+            }
+            IPPROTO_FRAGMENT => {
+                let ext = frame.ptr_at::<[u8; 8]>(offset)?;
+                // SAFETY: bounds checked by ptr_at.
+                let ext = unsafe { *ext };
+                next = ext[0];
+                offset += 8;
+                if u16::from_be_bytes([ext[2], ext[3]]) >> 3 != 0 {
+                    l4.protocol = next;
+                    l4.non_first_fragment = true;
+                    return Some(l4);
+                }
+            }
+            _ => {
+                l4.protocol = next;
+                l4.dst_port = transport_dst_port(frame, next, offset)?;
+                return Some(l4);
+            }
+        }
+    }
+    // Still an extension header after the last one we skip: refuse to guess.
+    None
+}
+
+/// Destination port of TCP/UDP in host order, 0 for other protocols; None if truncated.
+#[inline(always)]
+fn transport_dst_port(frame: &Frame, protocol: u8, offset: usize) -> Option<u16> {
+    match protocol {
+        IPPROTO_TCP => {
+            let tcp = frame.ptr_at::<TcpHdr>(offset)?;
+            // SAFETY: bounds checked by ptr_at.
+            Some(u16::from_be_bytes(unsafe { (*tcp).dest }))
+        }
+        IPPROTO_UDP => {
+            let udp = frame.ptr_at::<UdpHdr>(offset)?;
+            // SAFETY: bounds checked by ptr_at.
+            Some(u16::from_be_bytes(unsafe { (*udp).dst }))
+        }
+        _ => Some(0),
+    }
+}

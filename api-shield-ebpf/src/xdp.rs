@@ -1,0 +1,24 @@
+//! The XDP hook.
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    macros::xdp,
+    programs::XdpContext,
+};
+
+use crate::{
+    parse::Frame,
+    verdict::{Action, judge},
+};
+
+#[xdp]
+pub(crate) fn api_shield(ctx: XdpContext) -> u32 {
+    let frame = Frame {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
+    match judge(&frame) {
+        Action::Pass => XDP_PASS,
+        Action::Drop => XDP_DROP,
+    }
+}
