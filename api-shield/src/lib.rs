@@ -1,2 +1,13 @@
+//! api-shield: an XDP rate limiter and firewall. This library is the controller's core;
+//! `main.rs` is the daemon and CLI on top of it.
+
+pub mod config;
+pub mod daemon;
+pub mod limits;
+pub mod lists;
+pub mod prefix;
+pub mod shield;
+
 /// The compiled data plane, built from `api-shield-ebpf` by build.rs.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/api-shield"));
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/api-shield"));

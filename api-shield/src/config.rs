@@ -1,0 +1,622 @@
+//! The YAML config: parsing, defaults, validation. Every error names its key and line.
+//!
+//! Scalar errors (bad CIDR, negative rate, unknown key) are located by serde_yaml itself;
+//! the few checks that span several entries locate their key with [`locate`].
+
+use std::{fmt, fs, path::Path, str::FromStr, time::Duration};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, de};
+
+use crate::prefix::parse_prefix;
+
+/// The config the daemon runs without `--config`; documented in the README.
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.yaml");
+
+/// A config file that cannot be used, with every problem found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.problems.join("; "))
+    }
+}
+
+/// A validated config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub interfaces: Vec<Interface>,
+    pub limits: Limits,
+    pub allowlist: Vec<IpNet>,
+    pub blocklist: Vec<IpNet>,
+    pub on_malformed: OnMalformed,
+    pub capacity: Capacity,
+    /// How often the daemon logs its counters; zero: never.
+    pub stats_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interface {
+    pub name: InterfaceName,
+    #[serde(default)]
+    pub mode: AttachMode,
+}
+
+/// How the program is attached to an interface.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Native (driver) XDP, falling back to generic where the driver cannot.
+    #[default]
+    Auto,
+    /// Native (driver) XDP only.
+    Native,
+    /// Generic (skb) XDP: works on every interface, slower.
+    Generic,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnMalformed {
+    #[default]
+    Pass,
+    Drop,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Limits {
+    pub default: Limit,
+}
+
+/// One token-bucket limit per source. Zero rates mean "no limit" in that dimension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub pps: u64,
+    pub burst_packets: u64,
+    pub bps: u64,
+    pub burst_bytes: u64,
+}
+
+impl Default for Limit {
+    fn default() -> Self {
+        Limit {
+            pps: 1000,
+            burst_packets: 2000,
+            bps: 0,
+            burst_bytes: 0,
+        }
+    }
+}
+
+/// Map capacities, fixed when the program is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Capacity {
+    /// Blocklist prefixes per address family.
+    pub blocklist: Bounded<1, { u32::MAX as u64 / 2 }>,
+    /// Allowlist prefixes per address family.
+    pub allowlist: Bounded<1, { u32::MAX as u64 / 2 }>,
+    /// Sources tracked by the limiter; the least recently seen is evicted when full.
+    pub sources: Bounded<1, 67_108_864>,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            blocklist: Bounded(1_000_000),
+            allowlist: Bounded(65_536),
+            sources: Bounded(1_000_000),
+        }
+    }
+}
+
+pub const MAX_PPS: u64 = 1_000_000_000;
+pub const MAX_BPS: u64 = 1_000_000_000_000;
+/// A byte bucket smaller than one full-size VLAN-tagged frame would drop every such frame.
+pub const MIN_BURST_BYTES: u64 = 1522;
+
+/// An integer that serde_yaml checks (and locates) against an inclusive range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Bounded<const MIN: u64, const MAX: u64>(pub u64);
+
+impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Bounded<MIN, MAX> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked_u64(d, |v| {
+            if (MIN..=MAX).contains(&v) {
+                Ok(Bounded(v))
+            } else {
+                Err(format!("{v} is out of range: expected {MIN} to {MAX}"))
+            }
+        })
+    }
+}
+
+/// A rate: 0 (no limit) or MIN..=MAX.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Rate<const MIN: u64, const MAX: u64>(u64);
+
+impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Rate<MIN, MAX> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked_u64(d, |v| {
+            if v == 0 || (MIN..=MAX).contains(&v) {
+                Ok(Rate(v))
+            } else {
+                Err(format!("{v} is out of range: expected 0 (no limit) or {MIN} to {MAX}"))
+            }
+        })
+    }
+}
+
+/// Deserializes an unsigned integer and checks it while serde_yaml still points at it,
+/// so the error carries the value's own key and line.
+fn checked_u64<'de, D, T>(d: D, check: fn(u64) -> Result<T, String>) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    struct V<T>(fn(u64) -> Result<T, String>);
+    impl<T> de::Visitor<'_> for V<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a non-negative integer")
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
+            (self.0)(v).map_err(E::custom)
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
+            match u64::try_from(v) {
+                Ok(v) => self.visit_u64(v),
+                Err(_) => Err(E::custom(format!("{v} is negative: expected a non-negative integer"))),
+            }
+        }
+    }
+    d.deserialize_u64(V(check))
+}
+
+/// Deserializes a string and parses it while serde_yaml still points at it (see [`checked_u64`]).
+fn checked_str<'de, D, T>(d: D, parse: fn(&str) -> Result<T, String>) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    struct V<T>(fn(&str) -> Result<T, String>);
+    impl<T> de::Visitor<'_> for V<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+            (self.0)(v).map_err(E::custom)
+        }
+    }
+    d.deserialize_str(V(parse))
+}
+
+/// A Linux interface name: 1 to 15 bytes, no '/', no whitespace.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct InterfaceName(pub String);
+
+impl<'de> Deserialize<'de> for InterfaceName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked_str(d, |s| {
+            if s.is_empty() || s.len() > 15 || s.contains(['/', ':']) || s.contains(char::is_whitespace) {
+                return Err(format!(
+                    "invalid interface name `{s}`: 1 to 15 characters, no '/', ':' or spaces"
+                ));
+            }
+            Ok(InterfaceName(s.to_owned()))
+        })
+    }
+}
+
+impl fmt::Display for InterfaceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A prefix written as a CIDR or a bare address; host bits are cleared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Prefix(IpNet);
+
+impl<'de> Deserialize<'de> for Prefix {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked_str(d, |s| parse_prefix(s).map(|p| Prefix(p.net)).map_err(|e| e.to_string()))
+    }
+}
+
+/// A duration like `500ms`, `10s`, `5m`, `1h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s == "0" || s == "off" {
+            return Ok(HumanDuration(Duration::ZERO));
+        }
+        humantime::parse_duration(s).map(HumanDuration).map_err(|e| {
+            format!("invalid duration `{s}`: {e} (write it like 500ms, 10s, 5m or 1h)")
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked_str(d, str::parse)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    interfaces: Vec<Interface>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    allowlist: Vec<Prefix>,
+    #[serde(default)]
+    blocklist: Vec<Prefix>,
+    #[serde(default)]
+    on_malformed: OnMalformed,
+    #[serde(default)]
+    capacity: Capacity,
+    stats_interval: Option<HumanDuration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    default: Option<RawLimit>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimit {
+    pps: Option<Rate<1, MAX_PPS>>,
+    burst_packets: Option<Bounded<1, MAX_PPS>>,
+    bps: Option<Rate<64, MAX_BPS>>,
+    burst_bytes: Option<Bounded<MIN_BURST_BYTES, MAX_BPS>>,
+}
+
+impl RawLimit {
+    /// A missing burst defaults to one second's worth of the rate.
+    fn resolve(&self) -> Limit {
+        let pps = self.pps.map_or(Limit::default().pps, |r| r.0);
+        let bps = self.bps.map_or(0, |r| r.0);
+        Limit {
+            pps,
+            burst_packets: self.burst_packets.map_or(pps, |b| b.0),
+            bps,
+            burst_bytes: self.burst_bytes.map_or(bps.max(MIN_BURST_BYTES), |b| b.0),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = fs::read_to_string(path).map_err(|e| ConfigError {
+            problems: vec![format!("cannot read {}: {e}", path.display())],
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| ConfigError {
+            problems: vec![describe_yaml_error(&e)],
+        })?;
+        let config = Config {
+            interfaces: raw.interfaces,
+            limits: Limits {
+                default: raw.limits.default.map_or_else(Limit::default, |l| l.resolve()),
+            },
+            allowlist: raw.allowlist.into_iter().map(|p| p.0).collect(),
+            blocklist: raw.blocklist.into_iter().map(|p| p.0).collect(),
+            on_malformed: raw.on_malformed,
+            capacity: raw.capacity,
+            stats_interval: raw
+                .stats_interval
+                .map_or(Duration::from_secs(10), |d| d.0),
+        };
+        let problems = config.problems(text);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// Checks that span several entries.
+    fn problems(&self, text: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut at = |path: &[Seg<'_>], message: String| {
+            problems.push(format!(
+                "{}: {message} at line {}",
+                display_path(path),
+                locate(text, path)
+            ));
+        };
+        if self.interfaces.is_empty() {
+            at(&[Seg::Key("interfaces")], "at least one interface is required".into());
+        }
+        for (i, iface) in self.interfaces.iter().enumerate() {
+            if let Some(first) = self.interfaces[..i].iter().position(|o| o.name == iface.name) {
+                at(
+                    &[Seg::Key("interfaces"), Seg::Index(i), Seg::Key("name")],
+                    format!(
+                        "duplicate interface `{}` (already listed as interfaces[{first}])",
+                        iface.name
+                    ),
+                );
+            }
+        }
+        for (list, entries, capacity) in [
+            ("blocklist", &self.blocklist, self.capacity.blocklist.0),
+            ("allowlist", &self.allowlist, self.capacity.allowlist.0),
+        ] {
+            for family_is_v4 in [true, false] {
+                let n = entries.iter().filter(|p| matches!(p, IpNet::V4(_)) == family_is_v4).count();
+                if n as u64 > capacity {
+                    at(
+                        &[Seg::Key(list)],
+                        format!(
+                            "{n} {} entries do not fit capacity.{list} ({capacity})",
+                            if family_is_v4 { "IPv4" } else { "IPv6" }
+                        ),
+                    );
+                }
+            }
+        }
+        problems
+    }
+}
+
+/// serde_yaml says "path: message at line L column C"; make sure a line is always named.
+fn describe_yaml_error(e: &serde_yaml::Error) -> String {
+    let message = e.to_string();
+    if message.contains(" at line ") {
+        return message;
+    }
+    // Errors about the document's overall shape carry no location: that is line 1.
+    let line = e.location().map_or(1, |l| l.line());
+    if message.contains(": ") {
+        format!("{message} at line {line}")
+    } else {
+        format!("(document): {message} at line {line}")
+    }
+}
+
+/// One step of a path into the YAML document.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Seg<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+fn display_path(path: &[Seg<'_>]) -> String {
+    let mut out = String::new();
+    for seg in path {
+        match seg {
+            Seg::Key(k) if out.is_empty() => out.push_str(k),
+            Seg::Key(k) => {
+                out.push('.');
+                out.push_str(k);
+            }
+            Seg::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+/// A non-blank, non-comment line of YAML: its number, the indent of its content after
+/// any `- ` markers, that content, and the columns of its `- ` markers.
+struct YamlLine<'a> {
+    number: usize,
+    indent: usize,
+    content: &'a str,
+    dashes: Vec<usize>,
+}
+
+impl YamlLine<'_> {
+    /// The column where the line starts: its first `- ` marker, or its content.
+    fn start(&self) -> usize {
+        self.dashes.first().copied().unwrap_or(self.indent)
+    }
+
+    fn key(&self) -> Option<&str> {
+        let (key, _) = self.content.split_once(':')?;
+        Some(key.trim().trim_matches(['"', '\'']))
+    }
+}
+
+fn yaml_lines(text: &str) -> Vec<YamlLine<'_>> {
+    text.lines()
+        .enumerate()
+        .filter_map(|(n, line)| {
+            let trimmed = line.trim_start();
+            if trimmed.is_empty() || trimmed.starts_with('#') {
+                return None;
+            }
+            let mut indent = line.len() - trimmed.len();
+            let mut content = trimmed;
+            let mut dashes = Vec::new();
+            while content == "-" || content.starts_with("- ") {
+                dashes.push(indent);
+                let rest = content[1..].trim_start();
+                indent += content.len() - rest.len();
+                content = rest;
+            }
+            Some(YamlLine { number: n + 1, indent, content, dashes })
+        })
+        .collect()
+}
+
+/// The 1-based line of `path` in block-style YAML, or of its deepest ancestor found
+/// (flow-style collections are not walked into).
+pub(crate) fn locate(text: &str, path: &[Seg<'_>]) -> usize {
+    let lines = yaml_lines(text);
+    let mut found = 1;
+    // The lines of the current node's children, and the column their keys or items start at.
+    let (mut from, mut to) = (0, lines.len());
+    let mut child_col = lines.first().map_or(0, YamlLine::start);
+    for seg in path {
+        let hit = match seg {
+            Seg::Key(k) => (from..to).find(|&i| lines[i].indent == child_col && lines[i].key() == Some(k)),
+            Seg::Index(n) => (from..to)
+                .filter(|&i| lines[i].dashes.first() == Some(&child_col))
+                .nth(*n),
+        };
+        let Some(i) = hit else { break };
+        found = lines[i].number;
+        match seg {
+            Seg::Key(_) => {
+                // Children: the following lines that start right of this key.
+                from = i + 1;
+                to = (from..to).find(|&j| lines[j].start() <= child_col).unwrap_or(to);
+                child_col = lines.get(from).filter(|_| from < to).map_or(usize::MAX, YamlLine::start);
+            }
+            Seg::Index(_) => {
+                // The item's keys: on its own line after "- ", and below it at that column.
+                let item_col = child_col;
+                from = i;
+                to = (i + 1..to)
+                    .find(|&j| lines[j].start() <= item_col)
+                    .unwrap_or(to);
+                child_col = lines[i].indent;
+            }
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../config/api-shield.example.yaml");
+
+    fn errors(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_example_and_default_configs_are_valid() {
+        let c = Config::parse(EXAMPLE).unwrap();
+        assert_eq!(c.interfaces[0].name.0, "eth0");
+        assert_eq!(c.limits.default.pps, 1000);
+        assert_eq!(c.limits.default.burst_bytes, 25_000_000);
+        assert_eq!(c.allowlist, vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]);
+        assert_eq!(c.blocklist.len(), 2);
+        let d = Config::parse(DEFAULT_CONFIG).unwrap();
+        assert_eq!(d.interfaces[0].mode, AttachMode::Auto);
+        assert_eq!(d.on_malformed, OnMalformed::Pass);
+    }
+
+    #[test]
+    fn the_contract_keys_parse() {
+        let c = Config::parse(
+            "interfaces:\n  - name: eth0\n    mode: generic\nlimits:\n  default:\n    pps: 10\n    burst_packets: 20\n    bps: 0\n    burst_bytes: 2000\nallowlist: [10.0.0.0/8]\nblocklist: [192.0.2.0/24, \"2001:db8:bad::/48\"]\non_malformed: drop\n",
+        )
+        .unwrap();
+        assert_eq!(c.interfaces[0].mode, AttachMode::Generic);
+        assert_eq!(
+            c.limits.default,
+            Limit { pps: 10, burst_packets: 20, bps: 0, burst_bytes: 2000 }
+        );
+        assert_eq!(c.on_malformed, OnMalformed::Drop);
+        assert_eq!(c.blocklist[1].to_string(), "2001:db8:bad::/48");
+    }
+
+    #[test]
+    fn missing_bursts_default_to_one_second_of_rate() {
+        let c = Config::parse("interfaces: [{name: a}]\nlimits: { default: { pps: 50, bps: 100000 } }\n").unwrap();
+        assert_eq!(c.limits.default.burst_packets, 50);
+        assert_eq!(c.limits.default.burst_bytes, 100_000);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let e = errors("interfaces:\n  - name: eth0\nlimits:\n  default:\n    pps: 5\n    burst: 3\n");
+        assert!(e.contains("limits.default") && e.contains("unknown field `burst`") && e.contains("line 6"), "{e}");
+        let e = errors("interfaces:\n  - name: eth0\nblocklst: []\n");
+        assert!(e.contains("unknown field `blocklst`") && e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn bad_cidr_is_named_with_its_line() {
+        let e = errors("interfaces:\n  - name: eth0\nblocklist:\n  - 192.0.2.0/24\n  - 192.0.2.0/33\n");
+        assert!(e.contains("blocklist") && e.contains("192.0.2.0/33") && e.contains("line 5"), "{e}");
+        let e = errors("interfaces:\n  - name: eth0\nallowlist: [not-an-ip]\n");
+        assert!(e.contains("allowlist") && e.contains("not-an-ip") && e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn negative_or_absurd_rates_are_refused() {
+        let e = errors("interfaces:\n  - name: eth0\nlimits:\n  default:\n    pps: -5\n");
+        assert!(e.contains("limits.default.pps") && e.contains("-5") && e.contains("line 5"), "{e}");
+        let e = errors("interfaces:\n  - name: eth0\nlimits:\n  default:\n    bps: -1\n");
+        assert!(e.contains("limits.default.bps") && e.contains("line 5"), "{e}");
+        let e = errors("interfaces:\n  - name: eth0\nlimits:\n  default:\n    burst_packets: 0\n");
+        assert!(e.contains("burst_packets") && e.contains("out of range") && e.contains("line 5"), "{e}");
+        let e = errors("interfaces:\n  - name: eth0\nlimits:\n  default:\n    bps: 1000\n    burst_bytes: 100\n");
+        assert!(e.contains("burst_bytes") && e.contains("line 6"), "{e}");
+        let e = errors("interfaces:\n  - name: eth0\nlimits:\n  default:\n    pps: ten\n");
+        assert!(e.contains("limits.default.pps") && e.contains("line 5"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_interface_is_named_with_its_line() {
+        let e = errors("interfaces:\n  - name: eth0\n    mode: native\n  - name: eth1\n  - name: eth0\n");
+        assert!(e.contains("interfaces[2].name") && e.contains("duplicate interface `eth0`") && e.contains("line 5"), "{e}");
+    }
+
+    #[test]
+    fn other_bad_values_are_refused_with_their_line() {
+        let e = errors("interfaces:\n  - name: eth0\n    mode: turbo\n");
+        assert!(e.contains("interfaces[0].mode") && e.contains("turbo") && e.contains("line 3"), "{e}");
+        let e = errors("interfaces:\n  - name: eth0\non_malformed: maybe\n");
+        assert!(e.contains("on_malformed") && e.contains("line 3"), "{e}");
+        let e = errors("interfaces:\n  - name: this-name-is-too-long\n");
+        assert!(e.contains("interfaces[0].name") && e.contains("line 2"), "{e}");
+        let e = errors("interfaces: []\n");
+        assert!(e.contains("interfaces") && e.contains("at least one") && e.contains("line 1"), "{e}");
+        let e = errors("interfaces:\n  - name: eth0\nstats_interval: 5x\n");
+        assert!(e.contains("stats_interval") && e.contains("5x") && e.contains("line 3"), "{e}");
+        let e = errors("interfaces:\n  - name: eth0\ncapacity:\n  sources: 0\n");
+        assert!(e.contains("capacity.sources") && e.contains("line 4"), "{e}");
+        let e = errors("interfaces:\n  - name: eth0\ncapacity:\n  blocklist: 1\nblocklist: [192.0.2.0/24, 198.51.100.0/24]\n");
+        assert!(e.contains("blocklist") && e.contains("do not fit capacity.blocklist") && e.contains("line 5"), "{e}");
+    }
+
+    #[test]
+    fn broken_yaml_is_refused_with_its_line() {
+        let e = errors("interfaces: [\n");
+        assert!(e.contains("line"), "{e}");
+        let e = errors("- just\n- a list\n");
+        assert!(e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn locate_walks_keys_and_sequence_items() {
+        let text = "# c\na:\n  b: 1\n  c:\n    - x: 1\n      y: 2\n    - x: 3\n      y: 4\nd: 5\n";
+        assert_eq!(locate(text, &[Seg::Key("a"), Seg::Key("c"), Seg::Index(1), Seg::Key("y")]), 8);
+        assert_eq!(locate(text, &[Seg::Key("a"), Seg::Key("c"), Seg::Index(0), Seg::Key("x")]), 5);
+        assert_eq!(locate(text, &[Seg::Key("d")]), 9);
+        assert_eq!(locate(text, &[Seg::Key("a"), Seg::Key("zz")]), 2);
+    }
+
+    #[test]
+    fn durations_parse_and_refuse_garbage() {
+        assert_eq!("10m".parse::<HumanDuration>().unwrap().0, Duration::from_secs(600));
+        assert_eq!("500ms".parse::<HumanDuration>().unwrap().0, Duration::from_millis(500));
+        assert_eq!("off".parse::<HumanDuration>().unwrap().0, Duration::ZERO);
+        assert!("5x".parse::<HumanDuration>().unwrap_err().contains("5x"));
+        assert!("".parse::<HumanDuration>().is_err());
+    }
+}
