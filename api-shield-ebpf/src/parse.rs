@@ -213,15 +213,24 @@ pub(crate) fn parse_l4_v6(frame: &Frame, ip_offset: usize) -> Option<L4> {
                     return Some(l4);
                 }
             }
-            _ => {
-                l4.protocol = next;
-                l4.dst_port = transport_dst_port(frame, next, offset)?;
-                return Some(l4);
-            }
+            _ => break,
         }
     }
-    // Still an extension header after the last one we skip: refuse to guess.
-    None
+    if is_ipv6_extension(next) {
+        // Still an extension header after the last one we skip: refuse to guess.
+        return None;
+    }
+    l4.protocol = next;
+    l4.dst_port = transport_dst_port(frame, next, offset)?;
+    Some(l4)
+}
+
+#[inline(always)]
+fn is_ipv6_extension(protocol: u8) -> bool {
+    matches!(
+        protocol,
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_FRAGMENT | IPPROTO_AH
+    )
 }
 
 /// Destination port of TCP/UDP in host order, 0 for other protocols; None if truncated.

@@ -247,6 +247,20 @@ impl Shield {
         Ok(limiter.keys().filter(Result::is_ok).count())
     }
 
+    /// The limiter's state for one bucket, if it is tracked.
+    pub fn limiter_state(&self, key: &LimiterKey) -> Result<Option<LimiterState>> {
+        let map = self
+            .ebpf
+            .map(names::MAP_LIMITER)
+            .ok_or_else(|| anyhow!("map {} missing", names::MAP_LIMITER))?;
+        let limiter: HashMap<_, LimiterKey, LimiterState> = HashMap::try_from(map)?;
+        match limiter.get(key, 0) {
+            Ok(state) => Ok(Some(state)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
         match self.ebpf.map_mut(name) {
             Some(map) => Ok(map),

@@ -1,1 +1,14 @@
+//! Helpers for api-shield's kernel and network tests (root required): crafted frames,
+//! network-namespace sandboxes, real traffic, and running the daemon.
 
+pub mod daemon;
+pub mod frames;
+pub mod netns;
+pub mod traffic;
+
+/// Fails the test unless it runs as root: kernel tests must never be silently skipped.
+pub fn require_root() {
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "kernel tests need root (CAP_BPF, CAP_NET_ADMIN): run `cargo xtask test` as root");
+}

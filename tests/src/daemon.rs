@@ -1,0 +1,180 @@
+//! Runs the real `api-shield` binary inside a test namespace and stops it by its PID.
+
+use std::{
+    fs::{self, File},
+    io::Read as _,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::netns::{NetNs, enter_netns};
+
+/// The api-shield binary: `$API_SHIELD_BIN`, or the one next to the test executable's
+/// target directory (`cargo xtask test` builds it first).
+pub fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("API_SHIELD_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/api-shield
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let bin = profile_dir.join("api-shield");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build -p api-shield`) or set API_SHIELD_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A running daemon; SIGTERM then wait on drop (SIGKILL if it does not exit).
+pub struct Daemon {
+    child: Option<Child>,
+    log_path: PathBuf,
+    _dir: tempdir::TempDir,
+}
+
+impl Daemon {
+    /// Starts `api-shield run --config <yaml>` in `netns` (only the network namespace is
+    /// entered, as under systemd) and waits until it has attached to every interface.
+    pub fn start(netns: &NetNs, config_yaml: &str, expect_attached: usize) -> Result<Daemon> {
+        let dir = tempdir::TempDir::new()?;
+        let config = dir.path().join("config.yaml");
+        fs::write(&config, config_yaml)?;
+        let log_path = dir.path().join("daemon.log");
+        let log = File::create(&log_path)?;
+        let ns = File::open(netns.path())?;
+        let mut cmd = Command::new(binary());
+        cmd.arg("run").arg("--config").arg(&config);
+        cmd.env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        // SAFETY: only async-signal-safe work (setns) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || enter_netns(&ns));
+        }
+        let child = cmd.spawn().context("starting api-shield")?;
+        let mut daemon = Daemon { child: Some(child), log_path, _dir: dir };
+        daemon.wait_for_log("attached to", expect_attached, Duration::from_secs(30))?;
+        Ok(daemon)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = File::open(&self.log_path) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Polls the log until `needle` appears `count` times; fails early if the daemon exits.
+    pub fn wait_for_log(&mut self, needle: &str, count: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().matches(needle).count() >= count {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("api-shield exited ({status}) before logging {needle:?}:\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!("api-shield did not log {needle:?} within {timeout:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, wait for a clean exit, and return the whole log.
+    pub fn stop(mut self) -> Result<String> {
+        let status = self.terminate()?;
+        let log = self.log();
+        if !status.success() {
+            bail!("api-shield exited with {status}:\n{log}");
+        }
+        Ok(log)
+    }
+
+    fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("daemon already stopped")?;
+        // SAFETY: signalling the child we started, by its PID.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let status = child.wait()?;
+                bail!("api-shield ignored SIGTERM for 10 s; killed ({status})");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.terminate();
+        }
+    }
+}
+
+/// The counters of the daemon's last "counters:" log line: reason -> (packets, bytes).
+pub fn last_counters(log: &str) -> Result<std::collections::BTreeMap<String, (u64, u64)>> {
+    let line = log
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once("counters: ").map(|(_, rest)| rest))
+        .context("no counters line in the daemon log")?;
+    let mut out = std::collections::BTreeMap::new();
+    for part in line.split(", ") {
+        // "<reason> <packets> pkts <bytes> B (<rate> pps)"
+        let fields: Vec<&str> = part.split_whitespace().collect();
+        if fields.len() < 5 || fields[2] != "pkts" || fields[4] != "B" {
+            bail!("unexpected counters entry {part:?}");
+        }
+        out.insert(fields[0].to_owned(), (fields[1].parse()?, fields[3].parse()?));
+    }
+    Ok(out)
+}
+
+/// A temporary directory removed on drop (no extra crate for it).
+pub mod tempdir {
+    use std::path::{Path, PathBuf};
+
+    pub struct TempDir(PathBuf);
+
+    impl TempDir {
+        pub fn new() -> std::io::Result<TempDir> {
+            use std::sync::atomic::{AtomicU32, Ordering};
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "api-shield-test-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&path)?;
+            Ok(TempDir(path))
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}

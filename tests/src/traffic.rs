@@ -1,0 +1,119 @@
+//! Real UDP traffic between the sandbox's namespaces: paced senders and a counting receiver.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::netns::NetNs;
+
+pub const SERVER_PORT: u16 = 9000;
+
+/// A UDP socket in the server namespace counting datagrams per source address.
+pub struct Receiver {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<HashMap<IpAddr, u64>>>,
+}
+
+impl Receiver {
+    pub fn start(server: &NetNs, bind: &str) -> Result<Receiver> {
+        let addr: SocketAddr = bind.parse().context("receiver bind address")?;
+        let socket = server.run(move || UdpSocket::bind(addr))??;
+        set_rcvbuf(&socket, 8 << 20);
+        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut counts = HashMap::new();
+            let mut buf = [0u8; 2048];
+            // Stop only once asked and nothing more arrives for one read timeout.
+            loop {
+                match socket.recv_from(&mut buf) {
+                    Ok((_, from)) => *counts.entry(from.ip()).or_insert(0) += 1,
+                    Err(_) if stop_flag.load(Ordering::Relaxed) => break,
+                    Err(_) => {}
+                }
+            }
+            counts
+        });
+        Ok(Receiver { stop, thread: Some(thread) })
+    }
+
+    /// Stops after the queue drains and returns datagrams received per source.
+    pub fn finish(mut self) -> HashMap<IpAddr, u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().map(|t| t.join().expect("receiver thread")).unwrap_or_default()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn set_rcvbuf(socket: &UdpSocket, bytes: i32) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt on a socket we own, with a valid int option.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const bytes).cast(),
+            std::mem::size_of::<i32>() as u32,
+        );
+    }
+}
+
+/// What a paced sender did.
+#[derive(Debug, Clone, Copy)]
+pub struct Sent {
+    pub packets: u64,
+    /// From the first send to the last.
+    pub elapsed: Duration,
+}
+
+/// Sends `count` datagrams of `payload` bytes from `source` to `dest` in the client
+/// namespace, at `pps` (0: as fast as possible). Bounded by count and by a 60 s cap.
+pub fn send_udp(client: &NetNs, source: &str, dest: &str, count: u64, pps: u64, payload: usize) -> Result<Sent> {
+    let source: IpAddr = source.parse().context("source address")?;
+    let dest: SocketAddr = dest.parse().context("destination address")?;
+    client.run(move || -> Result<Sent> {
+        let socket = UdpSocket::bind(SocketAddr::new(source, 0)).with_context(|| format!("binding {source}"))?;
+        let data = vec![0x5a; payload];
+        let start = Instant::now();
+        let cap = Duration::from_secs(60);
+        let mut sent = 0;
+        let mut last = start;
+        while sent < count && start.elapsed() < cap {
+            if pps > 0 {
+                let due = start + Duration::from_secs_f64(sent as f64 / pps as f64);
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+            }
+            match socket.send_to(&data, dest) {
+                Ok(_) => {
+                    sent += 1;
+                    last = Instant::now();
+                }
+                // The socket's send queue is full: wait for the veth to drain it.
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) || e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                Err(e) => return Err(e).with_context(|| format!("sending from {source}")),
+            }
+        }
+        Ok(Sent { packets: sent, elapsed: last - start })
+    })?
+}
