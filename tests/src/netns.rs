@@ -157,6 +157,12 @@ impl Sandbox {
         sb.server.exec(&["sysctl", "-qw", &format!("net.ipv4.conf.{server_if}.rp_filter=0")])?;
         sb.server.exec(&["ip", "route", "add", "default", "dev", server_if])?;
         sb.server.exec(&["ip", "-6", "route", "add", "default", "dev", server_if])?;
+        // Static neighbours on the client: resolution from a blocked source address would
+        // be dropped by the shield (rightly), leaving its datagrams stuck in the client.
+        let mac = sb.server.exec(&["cat", &format!("/sys/class/net/{server_if}/address")])?;
+        for addr in [SERVER_V4, SERVER_V6] {
+            sb.client.exec(&["ip", "neigh", "replace", addr, "lladdr", mac.trim(), "dev", client_if, "nud", "permanent"])?;
+        }
         Ok(sb)
     }
 
