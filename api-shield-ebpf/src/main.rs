@@ -2,7 +2,10 @@
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
-#![expect(internal_features, reason = "atomic intrinsics: the bpf target has no AtomicU64 CAS")]
+#![expect(
+    internal_features,
+    reason = "atomic intrinsics: the bpf target has no AtomicU64 CAS"
+)]
 
 mod parse;
 mod verdict;

@@ -145,7 +145,9 @@ impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Rate<MIN, MAX> {
             if v == 0 || (MIN..=MAX).contains(&v) {
                 Ok(Rate(v))
             } else {
-                Err(format!("{v} is out of range: expected 0 (no limit) or {MIN} to {MAX}"))
+                Err(format!(
+                    "{v} is out of range: expected 0 (no limit) or {MIN} to {MAX}"
+                ))
             }
         })
     }
@@ -169,7 +171,9 @@ where
         fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
             match u64::try_from(v) {
                 Ok(v) => self.visit_u64(v),
-                Err(_) => Err(E::custom(format!("{v} is negative: expected a non-negative integer"))),
+                Err(_) => Err(E::custom(format!(
+                    "{v} is negative: expected a non-negative integer"
+                ))),
             }
         }
     }
@@ -201,7 +205,11 @@ pub struct InterfaceName(pub String);
 impl<'de> Deserialize<'de> for InterfaceName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         checked_str(d, |s| {
-            if s.is_empty() || s.len() > 15 || s.contains(['/', ':']) || s.contains(char::is_whitespace) {
+            if s.is_empty()
+                || s.len() > 15
+                || s.contains(['/', ':'])
+                || s.contains(char::is_whitespace)
+            {
                 return Err(format!(
                     "invalid interface name `{s}`: 1 to 15 characters, no '/', ':' or spaces"
                 ));
@@ -223,7 +231,11 @@ struct Prefix(IpNet);
 
 impl<'de> Deserialize<'de> for Prefix {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        checked_str(d, |s| parse_prefix(s).map(|p| Prefix(p.net)).map_err(|e| e.to_string()))
+        checked_str(d, |s| {
+            parse_prefix(s)
+                .map(|p| Prefix(p.net))
+                .map_err(|e| e.to_string())
+        })
     }
 }
 
@@ -238,9 +250,11 @@ impl FromStr for HumanDuration {
         if s == "0" || s == "off" {
             return Ok(HumanDuration(Duration::ZERO));
         }
-        humantime::parse_duration(s).map(HumanDuration).map_err(|e| {
-            format!("invalid duration `{s}`: {e} (write it like 500ms, 10s, 5m or 1h)")
-        })
+        humantime::parse_duration(s)
+            .map(HumanDuration)
+            .map_err(|e| {
+                format!("invalid duration `{s}`: {e} (write it like 500ms, 10s, 5m or 1h)")
+            })
     }
 }
 
@@ -314,15 +328,16 @@ impl Config {
         let config = Config {
             interfaces: raw.interfaces,
             limits: Limits {
-                default: raw.limits.default.map_or_else(Limit::default, |l| l.resolve()),
+                default: raw
+                    .limits
+                    .default
+                    .map_or_else(Limit::default, |l| l.resolve()),
             },
             allowlist: raw.allowlist.into_iter().map(|p| p.0).collect(),
             blocklist: raw.blocklist.into_iter().map(|p| p.0).collect(),
             on_malformed: raw.on_malformed,
             capacity: raw.capacity,
-            stats_interval: raw
-                .stats_interval
-                .map_or(Duration::from_secs(10), |d| d.0),
+            stats_interval: raw.stats_interval.map_or(Duration::from_secs(10), |d| d.0),
         };
         let problems = config.problems(text);
         if problems.is_empty() {
@@ -343,10 +358,16 @@ impl Config {
             ));
         };
         if self.interfaces.is_empty() {
-            at(&[Seg::Key("interfaces")], "at least one interface is required".into());
+            at(
+                &[Seg::Key("interfaces")],
+                "at least one interface is required".into(),
+            );
         }
         for (i, iface) in self.interfaces.iter().enumerate() {
-            if let Some(first) = self.interfaces[..i].iter().position(|o| o.name == iface.name) {
+            if let Some(first) = self.interfaces[..i]
+                .iter()
+                .position(|o| o.name == iface.name)
+            {
                 at(
                     &[Seg::Key("interfaces"), Seg::Index(i), Seg::Key("name")],
                     format!(
@@ -361,7 +382,10 @@ impl Config {
             ("allowlist", &self.allowlist, self.capacity.allowlist.0),
         ] {
             for family_is_v4 in [true, false] {
-                let n = entries.iter().filter(|p| matches!(p, IpNet::V4(_)) == family_is_v4).count();
+                let n = entries
+                    .iter()
+                    .filter(|p| matches!(p, IpNet::V4(_)) == family_is_v4)
+                    .count();
                 if n as u64 > capacity {
                     at(
                         &[Seg::Key(list)],
@@ -452,7 +476,12 @@ fn yaml_lines(text: &str) -> Vec<YamlLine<'_>> {
                 indent += content.len() - rest.len();
                 content = rest;
             }
-            Some(YamlLine { number: n + 1, indent, content, dashes })
+            Some(YamlLine {
+                number: n + 1,
+                indent,
+                content,
+                dashes,
+            })
         })
         .collect()
 }
@@ -467,7 +496,9 @@ pub(crate) fn locate(text: &str, path: &[Seg<'_>]) -> usize {
     let mut child_col = lines.first().map_or(0, YamlLine::start);
     for seg in path {
         let hit = match seg {
-            Seg::Key(k) => (from..to).find(|&i| lines[i].indent == child_col && lines[i].key() == Some(k)),
+            Seg::Key(k) => {
+                (from..to).find(|&i| lines[i].indent == child_col && lines[i].key() == Some(k))
+            }
             Seg::Index(n) => (from..to)
                 .filter(|&i| lines[i].dashes.first() == Some(&child_col))
                 .nth(*n),
@@ -478,8 +509,13 @@ pub(crate) fn locate(text: &str, path: &[Seg<'_>]) -> usize {
             Seg::Key(_) => {
                 // Children: the following lines that start right of this key.
                 from = i + 1;
-                to = (from..to).find(|&j| lines[j].start() <= child_col).unwrap_or(to);
-                child_col = lines.get(from).filter(|_| from < to).map_or(usize::MAX, YamlLine::start);
+                to = (from..to)
+                    .find(|&j| lines[j].start() <= child_col)
+                    .unwrap_or(to);
+                child_col = lines
+                    .get(from)
+                    .filter(|_| from < to)
+                    .map_or(usize::MAX, YamlLine::start);
             }
             Seg::Index(_) => {
                 // The item's keys: on its own line after "- ", and below it at that column.
@@ -527,7 +563,12 @@ mod tests {
         assert_eq!(c.interfaces[0].mode, AttachMode::Generic);
         assert_eq!(
             c.limits.default,
-            Limit { pps: 10, burst_packets: 20, bps: 0, burst_bytes: 2000 }
+            Limit {
+                pps: 10,
+                burst_packets: 20,
+                bps: 0,
+                burst_bytes: 2000
+            }
         );
         assert_eq!(c.on_malformed, OnMalformed::Drop);
         assert_eq!(c.blocklist[1].to_string(), "2001:db8:bad::/48");
@@ -535,63 +576,125 @@ mod tests {
 
     #[test]
     fn missing_bursts_default_to_one_second_of_rate() {
-        let c = Config::parse("interfaces: [{name: a}]\nlimits: { default: { pps: 50, bps: 100000 } }\n").unwrap();
+        let c = Config::parse(
+            "interfaces: [{name: a}]\nlimits: { default: { pps: 50, bps: 100000 } }\n",
+        )
+        .unwrap();
         assert_eq!(c.limits.default.burst_packets, 50);
         assert_eq!(c.limits.default.burst_bytes, 100_000);
     }
 
     #[test]
     fn unknown_key_is_named_with_its_line() {
-        let e = errors("interfaces:\n  - name: eth0\nlimits:\n  default:\n    pps: 5\n    burst: 3\n");
-        assert!(e.contains("limits.default") && e.contains("unknown field `burst`") && e.contains("line 6"), "{e}");
+        let e =
+            errors("interfaces:\n  - name: eth0\nlimits:\n  default:\n    pps: 5\n    burst: 3\n");
+        assert!(
+            e.contains("limits.default")
+                && e.contains("unknown field `burst`")
+                && e.contains("line 6"),
+            "{e}"
+        );
         let e = errors("interfaces:\n  - name: eth0\nblocklst: []\n");
-        assert!(e.contains("unknown field `blocklst`") && e.contains("line 3"), "{e}");
+        assert!(
+            e.contains("unknown field `blocklst`") && e.contains("line 3"),
+            "{e}"
+        );
     }
 
     #[test]
     fn bad_cidr_is_named_with_its_line() {
-        let e = errors("interfaces:\n  - name: eth0\nblocklist:\n  - 192.0.2.0/24\n  - 192.0.2.0/33\n");
-        assert!(e.contains("blocklist") && e.contains("192.0.2.0/33") && e.contains("line 5"), "{e}");
+        let e =
+            errors("interfaces:\n  - name: eth0\nblocklist:\n  - 192.0.2.0/24\n  - 192.0.2.0/33\n");
+        assert!(
+            e.contains("blocklist") && e.contains("192.0.2.0/33") && e.contains("line 5"),
+            "{e}"
+        );
         let e = errors("interfaces:\n  - name: eth0\nallowlist: [not-an-ip]\n");
-        assert!(e.contains("allowlist") && e.contains("not-an-ip") && e.contains("line 3"), "{e}");
+        assert!(
+            e.contains("allowlist") && e.contains("not-an-ip") && e.contains("line 3"),
+            "{e}"
+        );
     }
 
     #[test]
     fn negative_or_absurd_rates_are_refused() {
         let e = errors("interfaces:\n  - name: eth0\nlimits:\n  default:\n    pps: -5\n");
-        assert!(e.contains("limits.default.pps") && e.contains("-5") && e.contains("line 5"), "{e}");
+        assert!(
+            e.contains("limits.default.pps") && e.contains("-5") && e.contains("line 5"),
+            "{e}"
+        );
         let e = errors("interfaces:\n  - name: eth0\nlimits:\n  default:\n    bps: -1\n");
-        assert!(e.contains("limits.default.bps") && e.contains("line 5"), "{e}");
+        assert!(
+            e.contains("limits.default.bps") && e.contains("line 5"),
+            "{e}"
+        );
         let e = errors("interfaces:\n  - name: eth0\nlimits:\n  default:\n    burst_packets: 0\n");
-        assert!(e.contains("burst_packets") && e.contains("out of range") && e.contains("line 5"), "{e}");
-        let e = errors("interfaces:\n  - name: eth0\nlimits:\n  default:\n    bps: 1000\n    burst_bytes: 100\n");
+        assert!(
+            e.contains("burst_packets") && e.contains("out of range") && e.contains("line 5"),
+            "{e}"
+        );
+        let e = errors(
+            "interfaces:\n  - name: eth0\nlimits:\n  default:\n    bps: 1000\n    burst_bytes: 100\n",
+        );
         assert!(e.contains("burst_bytes") && e.contains("line 6"), "{e}");
         let e = errors("interfaces:\n  - name: eth0\nlimits:\n  default:\n    pps: ten\n");
-        assert!(e.contains("limits.default.pps") && e.contains("line 5"), "{e}");
+        assert!(
+            e.contains("limits.default.pps") && e.contains("line 5"),
+            "{e}"
+        );
     }
 
     #[test]
     fn duplicate_interface_is_named_with_its_line() {
-        let e = errors("interfaces:\n  - name: eth0\n    mode: native\n  - name: eth1\n  - name: eth0\n");
-        assert!(e.contains("interfaces[2].name") && e.contains("duplicate interface `eth0`") && e.contains("line 5"), "{e}");
+        let e = errors(
+            "interfaces:\n  - name: eth0\n    mode: native\n  - name: eth1\n  - name: eth0\n",
+        );
+        assert!(
+            e.contains("interfaces[2].name")
+                && e.contains("duplicate interface `eth0`")
+                && e.contains("line 5"),
+            "{e}"
+        );
     }
 
     #[test]
     fn other_bad_values_are_refused_with_their_line() {
         let e = errors("interfaces:\n  - name: eth0\n    mode: turbo\n");
-        assert!(e.contains("interfaces[0].mode") && e.contains("turbo") && e.contains("line 3"), "{e}");
+        assert!(
+            e.contains("interfaces[0].mode") && e.contains("turbo") && e.contains("line 3"),
+            "{e}"
+        );
         let e = errors("interfaces:\n  - name: eth0\non_malformed: maybe\n");
         assert!(e.contains("on_malformed") && e.contains("line 3"), "{e}");
         let e = errors("interfaces:\n  - name: this-name-is-too-long\n");
-        assert!(e.contains("interfaces[0].name") && e.contains("line 2"), "{e}");
+        assert!(
+            e.contains("interfaces[0].name") && e.contains("line 2"),
+            "{e}"
+        );
         let e = errors("interfaces: []\n");
-        assert!(e.contains("interfaces") && e.contains("at least one") && e.contains("line 1"), "{e}");
+        assert!(
+            e.contains("interfaces") && e.contains("at least one") && e.contains("line 1"),
+            "{e}"
+        );
         let e = errors("interfaces:\n  - name: eth0\nstats_interval: 5x\n");
-        assert!(e.contains("stats_interval") && e.contains("5x") && e.contains("line 3"), "{e}");
+        assert!(
+            e.contains("stats_interval") && e.contains("5x") && e.contains("line 3"),
+            "{e}"
+        );
         let e = errors("interfaces:\n  - name: eth0\ncapacity:\n  sources: 0\n");
-        assert!(e.contains("capacity.sources") && e.contains("line 4"), "{e}");
-        let e = errors("interfaces:\n  - name: eth0\ncapacity:\n  blocklist: 1\nblocklist: [192.0.2.0/24, 198.51.100.0/24]\n");
-        assert!(e.contains("blocklist") && e.contains("do not fit capacity.blocklist") && e.contains("line 5"), "{e}");
+        assert!(
+            e.contains("capacity.sources") && e.contains("line 4"),
+            "{e}"
+        );
+        let e = errors(
+            "interfaces:\n  - name: eth0\ncapacity:\n  blocklist: 1\nblocklist: [192.0.2.0/24, 198.51.100.0/24]\n",
+        );
+        assert!(
+            e.contains("blocklist")
+                && e.contains("do not fit capacity.blocklist")
+                && e.contains("line 5"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -605,16 +708,34 @@ mod tests {
     #[test]
     fn locate_walks_keys_and_sequence_items() {
         let text = "# c\na:\n  b: 1\n  c:\n    - x: 1\n      y: 2\n    - x: 3\n      y: 4\nd: 5\n";
-        assert_eq!(locate(text, &[Seg::Key("a"), Seg::Key("c"), Seg::Index(1), Seg::Key("y")]), 8);
-        assert_eq!(locate(text, &[Seg::Key("a"), Seg::Key("c"), Seg::Index(0), Seg::Key("x")]), 5);
+        assert_eq!(
+            locate(
+                text,
+                &[Seg::Key("a"), Seg::Key("c"), Seg::Index(1), Seg::Key("y")]
+            ),
+            8
+        );
+        assert_eq!(
+            locate(
+                text,
+                &[Seg::Key("a"), Seg::Key("c"), Seg::Index(0), Seg::Key("x")]
+            ),
+            5
+        );
         assert_eq!(locate(text, &[Seg::Key("d")]), 9);
         assert_eq!(locate(text, &[Seg::Key("a"), Seg::Key("zz")]), 2);
     }
 
     #[test]
     fn durations_parse_and_refuse_garbage() {
-        assert_eq!("10m".parse::<HumanDuration>().unwrap().0, Duration::from_secs(600));
-        assert_eq!("500ms".parse::<HumanDuration>().unwrap().0, Duration::from_millis(500));
+        assert_eq!(
+            "10m".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(600)
+        );
+        assert_eq!(
+            "500ms".parse::<HumanDuration>().unwrap().0,
+            Duration::from_millis(500)
+        );
         assert_eq!("off".parse::<HumanDuration>().unwrap().0, Duration::ZERO);
         assert!("5x".parse::<HumanDuration>().unwrap_err().contains("5x"));
         assert!("".parse::<HumanDuration>().is_err());

@@ -16,7 +16,8 @@ pub fn rate_limit(limit: &Limit) -> RateLimit {
         out.packet_capacity = (cost * u128::from(limit.burst_packets)).min(MAX_SPAN) as u64;
     }
     if limit.bps > 0 {
-        let cost_fp = ((u128::from(UNITS_PER_SEC) << BYTE_COST_FRAC_BITS) / u128::from(limit.bps)).max(1);
+        let cost_fp =
+            ((u128::from(UNITS_PER_SEC) << BYTE_COST_FRAC_BITS) / u128::from(limit.bps)).max(1);
         out.byte_cost_fp = cost_fp.min(MAX_SPAN) as u64;
         out.byte_capacity =
             ((cost_fp * u128::from(limit.burst_bytes)) >> BYTE_COST_FRAC_BITS).min(MAX_SPAN) as u64;
@@ -50,37 +51,74 @@ mod tests {
 
     #[test]
     fn exactly_the_burst_conforms_back_to_back() {
-        let l = rate_limit(&Limit { pps: 1000, burst_packets: 2000, bps: 0, burst_bytes: 0 });
+        let l = rate_limit(&Limit {
+            pps: 1000,
+            burst_packets: 2000,
+            bps: 0,
+            burst_bytes: 0,
+        });
         assert_eq!(conforming_burst(&l, 5000, 64), 2000);
-        let l = rate_limit(&Limit { pps: 3, burst_packets: 7, bps: 0, burst_bytes: 0 });
+        let l = rate_limit(&Limit {
+            pps: 3,
+            burst_packets: 7,
+            bps: 0,
+            burst_bytes: 0,
+        });
         assert_eq!(conforming_burst(&l, 100, 64), 7);
     }
 
     #[test]
     fn byte_burst_limits_large_frames() {
-        let l = rate_limit(&Limit { pps: 0, burst_packets: 0, bps: 10_000, burst_bytes: 4500 });
+        let l = rate_limit(&Limit {
+            pps: 0,
+            burst_packets: 0,
+            bps: 10_000,
+            burst_bytes: 4500,
+        });
         assert_eq!(conforming_burst(&l, 100, 1500), 3);
         assert_eq!(conforming_burst(&l, 100, 100), 45);
     }
 
     #[test]
     fn costs_match_rates() {
-        let l = rate_limit(&Limit { pps: 1000, burst_packets: 1, bps: 12_500_000, burst_bytes: 25_000_000 });
+        let l = rate_limit(&Limit {
+            pps: 1000,
+            burst_packets: 1,
+            bps: 12_500_000,
+            burst_bytes: 25_000_000,
+        });
         assert_eq!(l.packet_cost, UNITS_PER_SEC / 1000);
         // 80 ns per byte at 12.5 MB/s.
         assert_eq!(l.byte_cost_fp >> BYTE_COST_FRAC_BITS, 80 << 4);
         assert_eq!(l.byte_capacity, 2 * UNITS_PER_SEC);
-        let unlimited = rate_limit(&Limit { pps: 0, burst_packets: 1, bps: 0, burst_bytes: 1522 });
+        let unlimited = rate_limit(&Limit {
+            pps: 0,
+            burst_packets: 1,
+            bps: 0,
+            burst_bytes: 1522,
+        });
         assert!(unlimited.is_unlimited());
     }
 
     #[test]
     fn extreme_values_do_not_overflow() {
-        let l = rate_limit(&Limit { pps: 1, burst_packets: 1_000_000_000, bps: 64, burst_bytes: 1_000_000_000_000 });
-        assert!(u128::from(l.packet_capacity) <= MAX_SPAN && u128::from(l.byte_capacity) <= MAX_SPAN);
+        let l = rate_limit(&Limit {
+            pps: 1,
+            burst_packets: 1_000_000_000,
+            bps: 64,
+            burst_bytes: 1_000_000_000_000,
+        });
+        assert!(
+            u128::from(l.packet_capacity) <= MAX_SPAN && u128::from(l.byte_capacity) <= MAX_SPAN
+        );
         // A 64 KiB frame's byte cost still fits a u64 at the lowest byte rate.
         assert!(u64::MAX / 65_536 >= l.byte_cost_fp);
-        let l = rate_limit(&Limit { pps: 1_000_000_000, burst_packets: 1, bps: 1_000_000_000_000, burst_bytes: 1522 });
+        let l = rate_limit(&Limit {
+            pps: 1_000_000_000,
+            burst_packets: 1,
+            bps: 1_000_000_000_000,
+            burst_bytes: 1522,
+        });
         assert!(l.packet_cost >= 1 && l.byte_cost_fp >= 1);
     }
 }

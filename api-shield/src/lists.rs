@@ -81,7 +81,11 @@ impl ListTable {
 
     /// Entries per address family: (IPv4, IPv6).
     pub fn counts(&self) -> (usize, usize) {
-        let v4 = self.entries.keys().filter(|n| matches!(n, IpNet::V4(_))).count();
+        let v4 = self
+            .entries
+            .keys()
+            .filter(|n| matches!(n, IpNet::V4(_)))
+            .count();
         (v4, self.entries.len() - v4)
     }
 }
@@ -121,27 +125,45 @@ mod tests {
     fn one_lookup_gives_allowlist_wins() {
         let allow = nets(&["10.0.0.0/8", "192.0.2.128/25", "2001:db8:1::/48"]);
         let block = nets(&[
-            "10.1.0.0/16",      // inside an allowed prefix: shadowed
-            "10.0.0.0/8",       // equal to an allowed prefix: shadowed
-            "192.0.2.0/24",     // contains an allowed prefix: kept, the allow entry is longer
-            "0.0.0.0/0",        // everything else
+            "10.1.0.0/16",  // inside an allowed prefix: shadowed
+            "10.0.0.0/8",   // equal to an allowed prefix: shadowed
+            "192.0.2.0/24", // contains an allowed prefix: kept, the allow entry is longer
+            "0.0.0.0/0",    // everything else
             "2001:db8::/32",
             "2001:db8:1:5::/64", // inside allowed: shadowed
         ]);
         let folded = fold(&allow, &block);
-        assert_eq!(folded.shadowed, nets(&["10.1.0.0/16", "10.0.0.0/8", "2001:db8:1:5::/64"]));
+        assert_eq!(
+            folded.shadowed,
+            nets(&["10.1.0.0/16", "10.0.0.0/8", "2001:db8:1:5::/64"])
+        );
         for addr in [
-            "10.1.2.3", "10.255.0.1", "192.0.2.1", "192.0.2.200", "8.8.8.8", "2001:db8::1",
-            "2001:db8:1:5::9", "2001:db8:1::1", "2001:db9::1",
+            "10.1.2.3",
+            "10.255.0.1",
+            "192.0.2.1",
+            "192.0.2.200",
+            "8.8.8.8",
+            "2001:db8::1",
+            "2001:db8:1:5::9",
+            "2001:db8:1::1",
+            "2001:db9::1",
         ] {
-            assert_eq!(lookup(&folded.table, addr), meaning(&allow, &block, addr), "{addr}");
+            assert_eq!(
+                lookup(&folded.table, addr),
+                meaning(&allow, &block, addr),
+                "{addr}"
+            );
         }
     }
 
     #[test]
     fn diff_upserts_before_it_removes_and_keeps_common_entries_untouched() {
         let old = fold(&nets(&[]), &nets(&["192.0.2.0/24", "198.51.100.0/24"])).table;
-        let new = fold(&nets(&["198.51.100.0/24"]), &nets(&["192.0.2.0/24", "203.0.113.0/24"])).table;
+        let new = fold(
+            &nets(&["198.51.100.0/24"]),
+            &nets(&["192.0.2.0/24", "203.0.113.0/24"]),
+        )
+        .table;
         let diff = old.diff_to(&new);
         assert_eq!(
             diff.upserts,
@@ -150,15 +172,27 @@ mod tests {
                 ("203.0.113.0/24".parse().unwrap(), LIST_BLOCK),
             ]
         );
-        assert!(diff.removals.is_empty(), "198.51.100.0/24 changes verdict in place: {diff:?}");
-        assert!(!diff.upserts.iter().any(|(n, _)| n.to_string() == "192.0.2.0/24"));
+        assert!(
+            diff.removals.is_empty(),
+            "198.51.100.0/24 changes verdict in place: {diff:?}"
+        );
+        assert!(
+            !diff
+                .upserts
+                .iter()
+                .any(|(n, _)| n.to_string() == "192.0.2.0/24")
+        );
         let back = new.diff_to(&old);
         assert_eq!(back.removals, nets(&["203.0.113.0/24"]));
     }
 
     #[test]
     fn counts_per_family() {
-        let t = fold(&nets(&["10.0.0.0/8"]), &nets(&["2001:db8::/32", "192.0.2.0/24"])).table;
+        let t = fold(
+            &nets(&["10.0.0.0/8"]),
+            &nets(&["2001:db8::/32", "192.0.2.0/24"]),
+        )
+        .table;
         assert_eq!(t.counts(), (2, 1));
     }
 }

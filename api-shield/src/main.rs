@@ -7,7 +7,10 @@ use api_shield::{config::Config, daemon};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(version, about = "Kernel-level (XDP) rate limiter and firewall for API hosts")]
+#[command(
+    version,
+    about = "Kernel-level (XDP) rate limiter and firewall for API hosts"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -55,7 +58,8 @@ fn execute(cli: Cli) -> Result<()> {
             runtime.block_on(daemon::run(config))
         }
         Command::CheckConfig { path } => {
-            Config::from_file(&path).with_context(|| format!("invalid config {}", path.display()))?;
+            Config::from_file(&path)
+                .with_context(|| format!("invalid config {}", path.display()))?;
             println!("{}: ok", path.display());
             Ok(())
         }

@@ -6,7 +6,9 @@ use ipnet::IpNet;
 
 /// Why a prefix was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid CIDR `{text}`: expected an address or address/prefix-length, like 192.0.2.0/24 or 2001:db8::/32")]
+#[error(
+    "invalid CIDR `{text}`: expected an address or address/prefix-length, like 192.0.2.0/24 or 2001:db8::/32"
+)]
 pub struct PrefixError {
     pub text: String,
 }
@@ -45,9 +47,18 @@ mod tests {
         let p = parse_prefix("192.0.2.0/24").unwrap();
         assert_eq!(p.net.to_string(), "192.0.2.0/24");
         assert!(!p.had_host_bits);
-        assert_eq!(parse_prefix(" 192.0.2.7 ").unwrap().net.to_string(), "192.0.2.7/32");
-        assert_eq!(parse_prefix("2001:db8::1").unwrap().net.to_string(), "2001:db8::1/128");
-        assert_eq!(parse_prefix("2001:db8:bad::/48").unwrap().net.to_string(), "2001:db8:bad::/48");
+        assert_eq!(
+            parse_prefix(" 192.0.2.7 ").unwrap().net.to_string(),
+            "192.0.2.7/32"
+        );
+        assert_eq!(
+            parse_prefix("2001:db8::1").unwrap().net.to_string(),
+            "2001:db8::1/128"
+        );
+        assert_eq!(
+            parse_prefix("2001:db8:bad::/48").unwrap().net.to_string(),
+            "2001:db8:bad::/48"
+        );
     }
 
     #[test]
@@ -59,7 +70,16 @@ mod tests {
 
     #[test]
     fn refuses_garbage() {
-        for bad in ["", "bad", "1.2.3.4/33", "1.2.3/24", "::/129", "1.2.3.4/-1", "1.2.3.4/", "/8"] {
+        for bad in [
+            "",
+            "bad",
+            "1.2.3.4/33",
+            "1.2.3/24",
+            "::/129",
+            "1.2.3.4/-1",
+            "1.2.3.4/",
+            "/8",
+        ] {
             let e = parse_prefix(bad).unwrap_err();
             assert!(e.to_string().contains("invalid CIDR"), "{bad}: {e}");
         }

@@ -72,7 +72,9 @@ impl Shield {
             .program_mut(names::PROGRAM_XDP)
             .context("the eBPF object has no XDP program")?
             .try_into()?;
-        program.load().context("the kernel refused the XDP program")?;
+        program
+            .load()
+            .context("the kernel refused the XDP program")?;
         Ok(Shield {
             ebpf,
             attached: Vec::new(),
@@ -96,7 +98,9 @@ impl Shield {
         })?;
         let folded = fold(&config.allowlist, &config.blocklist);
         for net in &folded.shadowed {
-            log::warn!("blocklist entry {net} lies inside an allowlisted prefix: the allowlist wins");
+            log::warn!(
+                "blocklist entry {net} lies inside an allowlisted prefix: the allowlist wins"
+            );
         }
         self.apply_lists(&folded.table)
     }
@@ -109,18 +113,28 @@ impl Shield {
             .context("the eBPF object has no XDP program")?
             .try_into()?;
         let (link, chosen) = match mode {
-            AttachMode::Native => (program.attach(interface, XdpMode::Driver)?, AttachedMode::Native),
-            AttachMode::Generic => (program.attach(interface, XdpMode::Skb)?, AttachedMode::Generic),
-            AttachMode::Auto => match program.attach(interface, XdpMode::Driver) {
-                Ok(link) => (link, AttachedMode::Native),
-                Err(native_err) => {
-                    log::info!("{interface}: native XDP refused ({native_err}); trying generic XDP");
-                    let link = program.attach(interface, XdpMode::Skb).with_context(|| {
+            AttachMode::Native => (
+                program.attach(interface, XdpMode::Driver)?,
+                AttachedMode::Native,
+            ),
+            AttachMode::Generic => (
+                program.attach(interface, XdpMode::Skb)?,
+                AttachedMode::Generic,
+            ),
+            AttachMode::Auto => {
+                match program.attach(interface, XdpMode::Driver) {
+                    Ok(link) => (link, AttachedMode::Native),
+                    Err(native_err) => {
+                        log::info!(
+                            "{interface}: native XDP refused ({native_err}); trying generic XDP"
+                        );
+                        let link = program.attach(interface, XdpMode::Skb).with_context(|| {
                         format!("{interface}: native XDP failed ({native_err}) and so did generic XDP")
                     })?;
-                    (link, AttachedMode::Generic)
+                        (link, AttachedMode::Generic)
+                    }
                 }
-            },
+            }
         };
         self.attached.push((interface.to_owned(), chosen, link));
         Ok(chosen)

@@ -4,7 +4,7 @@ use std::{
     fs::{self, File},
     io::Read as _,
     os::unix::process::CommandExt as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -20,9 +20,13 @@ pub fn binary() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> -> target/<profile>/api-shield
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
-    let bin = profile_dir.join("api-shield");
+    // Tests run from target/<profile>/deps/, the demo from target/<profile>/.
+    let dir = exe.parent().expect("executable directory");
+    let bin = [dir, dir.parent().unwrap_or(dir)]
+        .iter()
+        .map(|d| d.join("api-shield"))
+        .find(|b| b.is_file())
+        .unwrap_or_else(|| dir.join("api-shield"));
     assert!(
         bin.exists(),
         "{} not found: build it first (`cargo build -p api-shield`) or set API_SHIELD_BIN",
@@ -42,21 +46,40 @@ impl Daemon {
     /// Starts `api-shield run --config <yaml>` in `netns` (only the network namespace is
     /// entered, as under systemd) and waits until it has attached to every interface.
     pub fn start(netns: &NetNs, config_yaml: &str, expect_attached: usize) -> Result<Daemon> {
+        Daemon::start_with(netns, Some(config_yaml), expect_attached)
+    }
+
+    /// As [`Daemon::start`]; `None` runs the built-in default config (no `--config`).
+    pub fn start_with(
+        netns: &NetNs,
+        config_yaml: Option<&str>,
+        expect_attached: usize,
+    ) -> Result<Daemon> {
         let dir = tempdir::TempDir::new()?;
-        let config = dir.path().join("config.yaml");
-        fs::write(&config, config_yaml)?;
         let log_path = dir.path().join("daemon.log");
         let log = File::create(&log_path)?;
         let ns = File::open(netns.path())?;
         let mut cmd = Command::new(binary());
-        cmd.arg("run").arg("--config").arg(&config);
-        cmd.env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        cmd.arg("run");
+        if let Some(yaml) = config_yaml {
+            let config = dir.path().join("config.yaml");
+            fs::write(&config, yaml)?;
+            cmd.arg("--config").arg(&config);
+        }
+        cmd.env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
         // SAFETY: only async-signal-safe work (setns) between fork and exec.
         unsafe {
             cmd.pre_exec(move || enter_netns(&ns));
         }
         let child = cmd.spawn().context("starting api-shield")?;
-        let mut daemon = Daemon { child: Some(child), log_path, _dir: dir };
+        let mut daemon = Daemon {
+            child: Some(child),
+            log_path,
+            _dir: dir,
+        };
         daemon.wait_for_log("attached to", expect_attached, Duration::from_secs(30))?;
         Ok(daemon)
     }
@@ -83,10 +106,16 @@ impl Daemon {
             if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait()?
             {
-                bail!("api-shield exited ({status}) before logging {needle:?}:\n{}", self.log());
+                bail!(
+                    "api-shield exited ({status}) before logging {needle:?}:\n{}",
+                    self.log()
+                );
             }
             if Instant::now() > deadline {
-                bail!("api-shield did not log {needle:?} within {timeout:?}:\n{}", self.log());
+                bail!(
+                    "api-shield did not log {needle:?} within {timeout:?}:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -143,7 +172,10 @@ pub fn last_counters(log: &str) -> Result<std::collections::BTreeMap<String, (u6
         if fields.len() < 5 || fields[2] != "pkts" || fields[4] != "B" {
             bail!("unexpected counters entry {part:?}");
         }
-        out.insert(fields[0].to_owned(), (fields[1].parse()?, fields[3].parse()?));
+        out.insert(
+            fields[0].to_owned(),
+            (fields[1].parse()?, fields[3].parse()?),
+        );
     }
     Ok(out)
 }

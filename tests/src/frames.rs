@@ -44,9 +44,16 @@ pub struct Frag {
 }
 
 /// IPv4 header (with `options`, padded to 4 bytes) and `payload`, valid checksum.
-pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, options: &[u8], frag: Frag, payload: &[u8]) -> Vec<u8> {
+pub fn ipv4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: u8,
+    options: &[u8],
+    frag: Frag,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut opts = options.to_vec();
-    while opts.len() % 4 != 0 {
+    while !opts.len().is_multiple_of(4) {
         opts.push(0); // end of options list
     }
     let header_len = 20 + opts.len();
@@ -93,7 +100,10 @@ pub enum Ext {
     Routing,
     DestOpts,
     /// Fragment header with this offset (8-byte units) and more-fragments flag.
-    Fragment { offset: u16, more: bool },
+    Fragment {
+        offset: u16,
+        more: bool,
+    },
     Auth,
 }
 
@@ -183,7 +193,14 @@ pub fn udp4(src: Ipv4Addr, payload_len: usize) -> Vec<u8> {
     eth(
         &[],
         ETH_P_IP,
-        &ipv4(src, Ipv4Addr::new(198, 18, 0, 1), IPPROTO_UDP, &[], Frag::default(), &udp(40000, 9000, payload_len)),
+        &ipv4(
+            src,
+            Ipv4Addr::new(198, 18, 0, 1),
+            IPPROTO_UDP,
+            &[],
+            Frag::default(),
+            &udp(40000, 9000, payload_len),
+        ),
     )
 }
 
@@ -192,7 +209,13 @@ pub fn udp6(src: Ipv6Addr, payload_len: usize) -> Vec<u8> {
     eth(
         &[],
         ETH_P_IPV6,
-        &ipv6(src, "2001:db8:ffff::1".parse().unwrap(), &[], IPPROTO_UDP, &udp(40000, 9000, payload_len)),
+        &ipv6(
+            src,
+            "2001:db8:ffff::1".parse().unwrap(),
+            &[],
+            IPPROTO_UDP,
+            &udp(40000, 9000, payload_len),
+        ),
     )
 }
 
@@ -210,14 +233,33 @@ mod tests {
 
     #[test]
     fn ipv4_checksum_verifies() {
-        let p = ipv4(Ipv4Addr::new(1, 2, 3, 4), Ipv4Addr::new(5, 6, 7, 8), IPPROTO_UDP, &[1, 1, 1], Frag::default(), &[]);
+        let p = ipv4(
+            Ipv4Addr::new(1, 2, 3, 4),
+            Ipv4Addr::new(5, 6, 7, 8),
+            IPPROTO_UDP,
+            &[1, 1, 1],
+            Frag::default(),
+            &[],
+        );
         assert_eq!(p[0], 0x46);
         assert_eq!(checksum(&p[..24]), 0);
     }
 
     #[test]
     fn ipv6_chain_links_next_headers() {
-        let p = ipv6(Ipv6Addr::LOCALHOST, Ipv6Addr::LOCALHOST, &[Ext::HopByHop, Ext::Fragment { offset: 0, more: true }], IPPROTO_UDP, &udp(1, 2, 0));
+        let p = ipv6(
+            Ipv6Addr::LOCALHOST,
+            Ipv6Addr::LOCALHOST,
+            &[
+                Ext::HopByHop,
+                Ext::Fragment {
+                    offset: 0,
+                    more: true,
+                },
+            ],
+            IPPROTO_UDP,
+            &udp(1, 2, 0),
+        );
         assert_eq!(p[6], IPPROTO_HOPOPTS);
         assert_eq!(p[40], IPPROTO_FRAGMENT);
         assert_eq!(p[56], IPPROTO_UDP);

@@ -10,5 +10,8 @@ pub mod traffic;
 pub fn require_root() {
     // SAFETY: geteuid cannot fail.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "kernel tests need root (CAP_BPF, CAP_NET_ADMIN): run `cargo xtask test` as root");
+    assert_eq!(
+        euid, 0,
+        "kernel tests need root (CAP_BPF, CAP_NET_ADMIN): run `cargo xtask test` as root"
+    );
 }

@@ -17,9 +17,16 @@ pub const NETNS_PREFIX: &str = "apsh-";
 
 /// Runs `ip` with `args`, failing with its stderr.
 pub fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -61,7 +68,11 @@ impl NetNs {
             .output()
             .with_context(|| format!("running {cmd:?} in {}", self.name))?;
         if !out.status.success() {
-            bail!("{cmd:?} in {}: {}", self.name, String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "{cmd:?} in {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -74,7 +85,9 @@ impl NetNs {
             enter_netns(&file).expect("setns into the test namespace");
             f()
         });
-        handle.join().map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))
+        handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))
     }
 }
 
@@ -136,8 +149,18 @@ impl Sandbox {
         let client = NetNs::new("cli")?;
         let client_if = "veth-client";
         ip(&[
-            "link", "add", client_if, "netns", client.name(), "type", "veth", "peer", "name",
-            server_if, "netns", server.name(),
+            "link",
+            "add",
+            client_if,
+            "netns",
+            client.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            server_if,
+            "netns",
+            server.name(),
         ])?;
         let sb = Sandbox {
             server_if: server_if.to_owned(),
@@ -145,31 +168,89 @@ impl Sandbox {
             server,
             client,
         };
-        sb.server.exec(&["ip", "addr", "add", &format!("{SERVER_V4}/24"), "dev", server_if])?;
-        sb.server.exec(&["ip", "-6", "addr", "add", &format!("{SERVER_V6}/64"), "dev", server_if, "nodad"])?;
+        sb.server.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{SERVER_V4}/24"),
+            "dev",
+            server_if,
+        ])?;
+        sb.server.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{SERVER_V6}/64"),
+            "dev",
+            server_if,
+            "nodad",
+        ])?;
         sb.server.exec(&["ip", "link", "set", server_if, "up"])?;
         sb.client.exec(&["ip", "link", "set", client_if, "up"])?;
-        sb.client.exec(&["ip", "addr", "add", "198.18.0.2/24", "dev", client_if])?;
-        sb.client.exec(&["ip", "-6", "addr", "add", "2001:db8:ffff::2/64", "dev", client_if, "nodad"])?;
+        sb.client
+            .exec(&["ip", "addr", "add", "198.18.0.2/24", "dev", client_if])?;
+        sb.client.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:ffff::2/64",
+            "dev",
+            client_if,
+            "nodad",
+        ])?;
         // Sources outside the link's subnet (blocklisted ones, say) are routed back over the
         // veth, so the server's reverse-path filter never drops them before a socket sees them.
-        sb.server.exec(&["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"])?;
-        sb.server.exec(&["sysctl", "-qw", &format!("net.ipv4.conf.{server_if}.rp_filter=0")])?;
-        sb.server.exec(&["ip", "route", "add", "default", "dev", server_if])?;
-        sb.server.exec(&["ip", "-6", "route", "add", "default", "dev", server_if])?;
+        sb.server
+            .exec(&["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"])?;
+        sb.server.exec(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.{server_if}.rp_filter=0"),
+        ])?;
+        sb.server
+            .exec(&["ip", "route", "add", "default", "dev", server_if])?;
+        sb.server
+            .exec(&["ip", "-6", "route", "add", "default", "dev", server_if])?;
         // Static neighbours on the client: resolution from a blocked source address would
         // be dropped by the shield (rightly), leaving its datagrams stuck in the client.
-        let mac = sb.server.exec(&["cat", &format!("/sys/class/net/{server_if}/address")])?;
+        let mac = sb
+            .server
+            .exec(&["cat", &format!("/sys/class/net/{server_if}/address")])?;
         for addr in [SERVER_V4, SERVER_V6] {
-            sb.client.exec(&["ip", "neigh", "replace", addr, "lladdr", mac.trim(), "dev", client_if, "nud", "permanent"])?;
+            sb.client.exec(&[
+                "ip",
+                "neigh",
+                "replace",
+                addr,
+                "lladdr",
+                mac.trim(),
+                "dev",
+                client_if,
+                "nud",
+                "permanent",
+            ])?;
         }
         Ok(sb)
     }
 
     /// Gives the client an extra source address (IPv4 /32 or IPv6 /128).
     pub fn add_client_address(&self, addr: &str) -> Result<()> {
-        let (family, cidr) = if addr.contains(':') { ("-6", format!("{addr}/128")) } else { ("-4", format!("{addr}/32")) };
-        let mut args = vec!["ip", family, "addr", "add", cidr.as_str(), "dev", self.client_if.as_str()];
+        let (family, cidr) = if addr.contains(':') {
+            ("-6", format!("{addr}/128"))
+        } else {
+            ("-4", format!("{addr}/32"))
+        };
+        let mut args = vec![
+            "ip",
+            family,
+            "addr",
+            "add",
+            cidr.as_str(),
+            "dev",
+            self.client_if.as_str(),
+        ];
         if family == "-6" {
             args.push("nodad");
         }

@@ -45,13 +45,19 @@ impl Receiver {
             }
             counts
         });
-        Ok(Receiver { stop, thread: Some(thread) })
+        Ok(Receiver {
+            stop,
+            thread: Some(thread),
+        })
     }
 
     /// Stops after the queue drains and returns datagrams received per source.
     pub fn finish(mut self) -> HashMap<IpAddr, u64> {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().map(|t| t.join().expect("receiver thread")).unwrap_or_default()
+        self.thread
+            .take()
+            .map(|t| t.join().expect("receiver thread"))
+            .unwrap_or_default()
     }
 }
 
@@ -85,11 +91,19 @@ pub struct Sent {
 
 /// Sends `count` datagrams of `payload` bytes from `source` to `dest` in the client
 /// namespace, at `pps` (0: as fast as possible). Bounded by count and by a 60 s cap.
-pub fn send_udp(client: &NetNs, source: &str, dest: &str, count: u64, pps: u64, payload: usize) -> Result<Sent> {
+pub fn send_udp(
+    client: &NetNs,
+    source: &str,
+    dest: &str,
+    count: u64,
+    pps: u64,
+    payload: usize,
+) -> Result<Sent> {
     let source: IpAddr = source.parse().context("source address")?;
     let dest: SocketAddr = dest.parse().context("destination address")?;
     client.run(move || -> Result<Sent> {
-        let socket = UdpSocket::bind(SocketAddr::new(source, 0)).with_context(|| format!("binding {source}"))?;
+        let socket = UdpSocket::bind(SocketAddr::new(source, 0))
+            .with_context(|| format!("binding {source}"))?;
         let data = vec![0x5a; payload];
         let start = Instant::now();
         let cap = Duration::from_secs(60);
@@ -109,13 +123,19 @@ pub fn send_udp(client: &NetNs, source: &str, dest: &str, count: u64, pps: u64, 
                     last = Instant::now();
                 }
                 // The socket's send queue is full: wait for the veth to drain it.
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) || e.kind() == std::io::ErrorKind::WouldBlock => {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ENOBUFS)
+                        || e.kind() == std::io::ErrorKind::WouldBlock =>
+                {
                     std::thread::sleep(Duration::from_micros(50));
                 }
                 Err(e) => return Err(e).with_context(|| format!("sending from {source}")),
             }
         }
-        Ok(Sent { packets: sent, elapsed: last - start })
+        Ok(Sent {
+            packets: sent,
+            elapsed: last - start,
+        })
     })?
 }
 
@@ -130,7 +150,11 @@ pub fn send_raw(client: &NetNs, ifname: &str, frame: &[u8], count: u64) -> Resul
             let ifindex = libc::if_nametoindex(ifname.as_ptr());
             anyhow::ensure!(ifindex != 0, "no interface {ifname:?}");
             let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-            anyhow::ensure!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+            anyhow::ensure!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
             let mut addr: libc::sockaddr_ll = std::mem::zeroed();
             addr.sll_family = libc::AF_PACKET as u16;
             addr.sll_ifindex = ifindex as i32;

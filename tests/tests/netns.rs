@@ -5,9 +5,9 @@ use std::net::IpAddr;
 
 use api_shield_tests::{
     daemon::{Daemon, last_counters},
+    frames::{ETH_P_LLDP, arp, eth},
     netns::{SERVER_V4, SERVER_V6, Sandbox},
     require_root,
-    frames::{ETH_P_LLDP, arp, eth},
     traffic::{Receiver, SERVER_PORT, send_raw, send_udp},
 };
 
@@ -30,8 +30,19 @@ fn allowed_blocked_and_flooding_sources_through_a_veth() {
     for addr in [ALLOWED, NORMAL, FLOODER, BLOCKED, BLOCKED_V6] {
         sb.add_client_address(addr).unwrap();
     }
-    let daemon = Daemon::start(&sb.server, &config(&sb.server_if, "{pps: 100, burst_packets: 50}"), 1).expect("daemon");
-    assert!(daemon.log().contains("attached to veth-server in native XDP mode"), "{}", daemon.log());
+    let daemon = Daemon::start(
+        &sb.server,
+        &config(&sb.server_if, "{pps: 100, burst_packets: 50}"),
+        1,
+    )
+    .expect("daemon");
+    assert!(
+        daemon
+            .log()
+            .contains("attached to veth-server in native XDP mode"),
+        "{}",
+        daemon.log()
+    );
 
     // One dual-stack socket receives both families.
     let rx = Receiver::start(&sb.server, &format!("[::]:{SERVER_PORT}")).unwrap();
@@ -44,24 +55,61 @@ fn allowed_blocked_and_flooding_sources_through_a_veth() {
     let blocked6 = send_udp(&sb.client, BLOCKED_V6, &dest6, 200, 0, 64).unwrap();
     let flood = send_udp(&sb.client, FLOODER, &dest4, 2000, 0, 64).unwrap();
     let arp_frames = send_raw(&sb.client, &sb.client_if, &arp(), 7).unwrap();
-    let lldp_frames = send_raw(&sb.client, &sb.client_if, &eth(&[], ETH_P_LLDP, &[0u8; 46]), 5).unwrap();
+    let lldp_frames = send_raw(
+        &sb.client,
+        &sb.client_if,
+        &eth(&[], ETH_P_LLDP, &[0u8; 46]),
+        5,
+    )
+    .unwrap();
     let got = rx.finish();
     let log = daemon.stop().expect("clean shutdown");
     let counters = last_counters(&log).unwrap();
     let received = |a: &str| got.get(&a.parse::<IpAddr>().unwrap()).copied().unwrap_or(0);
 
-    assert_eq!(received(ALLOWED), allowed.packets, "allowlisted source: everything arrives, no limit");
-    assert_eq!(received(NORMAL), normal.packets, "a source under its limit: everything arrives");
-    assert_eq!(received(BLOCKED), 0, "blocklisted IPv4 source: nothing arrives");
-    assert_eq!(received(BLOCKED_V6), 0, "blocklisted IPv6 source: nothing arrives");
+    assert_eq!(
+        received(ALLOWED),
+        allowed.packets,
+        "allowlisted source: everything arrives, no limit"
+    );
+    assert_eq!(
+        received(NORMAL),
+        normal.packets,
+        "a source under its limit: everything arrives"
+    );
+    assert_eq!(
+        received(BLOCKED),
+        0,
+        "blocklisted IPv4 source: nothing arrives"
+    );
+    assert_eq!(
+        received(BLOCKED_V6),
+        0,
+        "blocklisted IPv6 source: nothing arrives"
+    );
     let flood_in = received(FLOODER);
-    assert!(flood_in >= 50, "the flooder gets at least its burst: {flood_in}");
-    assert!(flood_in < flood.packets / 2, "the flooder is throttled: {flood_in} of {}", flood.packets);
+    assert!(
+        flood_in >= 50,
+        "the flooder gets at least its burst: {flood_in}"
+    );
+    assert!(
+        flood_in < flood.packets / 2,
+        "the flooder is throttled: {flood_in} of {}",
+        flood.packets
+    );
 
     // The shield's counters agree with what the sockets saw.
     assert_eq!(counters["allowlisted"].0, allowed.packets, "{counters:?}");
-    assert_eq!(counters["blocklisted"].0, blocked.packets + blocked6.packets, "{counters:?}");
-    assert_eq!(counters["rate_limited"].0, flood.packets - flood_in, "{counters:?}");
+    assert_eq!(
+        counters["blocklisted"].0,
+        blocked.packets + blocked6.packets,
+        "{counters:?}"
+    );
+    assert_eq!(
+        counters["rate_limited"].0,
+        flood.packets - flood_in,
+        "{counters:?}"
+    );
     // Passed: the normal source and the flooder's share, plus the kernel's own IPv6
     // neighbour discovery and MLD packets (which have no socket to arrive at).
     let passed_udp = normal.packets + flood_in;
@@ -70,10 +118,18 @@ fn allowed_blocked_and_flooding_sources_through_a_veth() {
         "passed {} vs {passed_udp} UDP datagrams: {counters:?}",
         counters["passed"].0
     );
-    assert_eq!(counters["non_ip"].0, arp_frames + lldp_frames, "ARP and LLDP are non_ip: {counters:?}");
+    assert_eq!(
+        counters["non_ip"].0,
+        arp_frames + lldp_frames,
+        "ARP and LLDP are non_ip: {counters:?}"
+    );
     assert_eq!(counters["malformed"].0, 0, "{counters:?}");
     // Bytes: 64-byte payload + 8 UDP + 20 IPv4 + 14 Ethernet = 106 bytes per datagram.
-    assert_eq!(counters["allowlisted"].1, allowed.packets * 106, "{counters:?}");
+    assert_eq!(
+        counters["allowlisted"].1,
+        allowed.packets * 106,
+        "{counters:?}"
+    );
     assert!(log.contains("detached; exiting"), "{log}");
 }
 
@@ -84,14 +140,32 @@ fn one_source_at_five_times_its_limit_gets_burst_plus_rate_times_time() {
     const BURST: u64 = 20;
     let sb = Sandbox::new("veth-server").expect("sandbox");
     sb.add_client_address(FLOODER).unwrap();
-    let daemon =
-        Daemon::start(&sb.server, &config(&sb.server_if, &format!("{{pps: {PPS}, burst_packets: {BURST}}}")), 1).expect("daemon");
+    let daemon = Daemon::start(
+        &sb.server,
+        &config(
+            &sb.server_if,
+            &format!("{{pps: {PPS}, burst_packets: {BURST}}}"),
+        ),
+        1,
+    )
+    .expect("daemon");
     let rx = Receiver::start(&sb.server, &format!("0.0.0.0:{SERVER_PORT}")).unwrap();
     // 5x the limit for 5 s, paced.
-    let sent = send_udp(&sb.client, FLOODER, &format!("{SERVER_V4}:{SERVER_PORT}"), 5 * PPS * 5, 5 * PPS, 64).unwrap();
+    let sent = send_udp(
+        &sb.client,
+        FLOODER,
+        &format!("{SERVER_V4}:{SERVER_PORT}"),
+        5 * PPS * 5,
+        5 * PPS,
+        64,
+    )
+    .unwrap();
     let got = rx.finish();
     let log = daemon.stop().expect("clean shutdown");
-    let received = got.get(&FLOODER.parse::<IpAddr>().unwrap()).copied().unwrap_or(0);
+    let received = got
+        .get(&FLOODER.parse::<IpAddr>().unwrap())
+        .copied()
+        .unwrap_or(0);
     let expected = BURST as f64 + PPS as f64 * sent.elapsed.as_secs_f64();
     let ratio = received as f64 / expected;
     println!(
@@ -99,7 +173,14 @@ fn one_source_at_five_times_its_limit_gets_burst_plus_rate_times_time() {
         sent.packets,
         sent.elapsed.as_secs_f64()
     );
-    assert!((0.95..=1.05).contains(&ratio), "received {received}, expected {expected:.1} +-5% (ratio {ratio:.4})");
+    assert!(
+        (0.95..=1.05).contains(&ratio),
+        "received {received}, expected {expected:.1} +-5% (ratio {ratio:.4})"
+    );
     let counters = last_counters(&log).unwrap();
-    assert_eq!(counters["rate_limited"].0, sent.packets - received, "{counters:?}");
+    assert_eq!(
+        counters["rate_limited"].0,
+        sent.packets - received,
+        "{counters:?}"
+    );
 }

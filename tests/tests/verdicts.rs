@@ -37,7 +37,10 @@ impl Harness {
     fn new(extra_config: &str) -> Harness {
         require_root();
         let shield = Shield::from_config(&config(extra_config)).expect("loading the program");
-        let mut h = Harness { shield, seen: BTreeMap::new() };
+        let mut h = Harness {
+            shield,
+            seen: BTreeMap::new(),
+        };
         h.seen = h.totals();
         h
     }
@@ -54,23 +57,42 @@ impl Harness {
     /// Runs one frame; returns the XDP action. Panics on XDP_ABORTED.
     fn run(&mut self, frame: &[u8]) -> Result<u32, aya::programs::ProgramError> {
         let program = self.shield.program().expect("program");
-        let result = program.test_run(TestRunOptions { data_in: Some(frame), repeat: 1, ..TestRunOptions::default() })?;
-        assert_ne!(result.return_value, XDP_ABORTED, "XDP_ABORTED on frame {frame:02x?}");
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(frame),
+            repeat: 1,
+            ..TestRunOptions::default()
+        })?;
+        assert_ne!(
+            result.return_value, XDP_ABORTED,
+            "XDP_ABORTED on frame {frame:02x?}"
+        );
         Ok(result.return_value)
     }
 
     /// Runs one frame and checks its action and that exactly the counter of `reason` moved
     /// by one packet and the frame's length in bytes.
     fn expect(&mut self, frame: &[u8], action: u32, reason: Reason, what: &str) {
-        let got = self.run(frame).unwrap_or_else(|e| panic!("{what}: test run failed: {e}"));
+        let got = self
+            .run(frame)
+            .unwrap_or_else(|e| panic!("{what}: test run failed: {e}"));
         assert_eq!(got, action, "{what}: wrong action (1 drop, 2 pass)");
         let now = self.totals();
         for (r, (packets, bytes)) in &now {
             let (p0, b0) = self.seen[r];
             if *r == reason {
-                assert_eq!((packets - p0, bytes - b0), (1, frame.len() as u64), "{what}: counter {}", r.name());
+                assert_eq!(
+                    (packets - p0, bytes - b0),
+                    (1, frame.len() as u64),
+                    "{what}: counter {}",
+                    r.name()
+                );
             } else {
-                assert_eq!((*packets, *bytes), (p0, b0), "{what}: counter {} moved", r.name());
+                assert_eq!(
+                    (*packets, *bytes),
+                    (p0, b0),
+                    "{what}: counter {} moved",
+                    r.name()
+                );
             }
         }
         self.seen = now;
@@ -98,24 +120,88 @@ const UNLIMITED: &str = "limits: {default: {pps: 0}}\n";
 fn non_ip_frames_pass_untouched_and_are_counted() {
     let mut h = Harness::new(UNLIMITED);
     h.expect(&arp(), XDP_PASS, Reason::NonIp, "ARP");
-    h.expect(&eth(&[], ETH_P_LLDP, &[0u8; 46]), XDP_PASS, Reason::NonIp, "LLDP");
-    h.expect(&eth(&[ETH_P_8021Q], ETH_P_ARP, &[0u8; 28]), XDP_PASS, Reason::NonIp, "ARP in a VLAN");
+    h.expect(
+        &eth(&[], ETH_P_LLDP, &[0u8; 46]),
+        XDP_PASS,
+        Reason::NonIp,
+        "LLDP",
+    );
+    h.expect(
+        &eth(&[ETH_P_8021Q], ETH_P_ARP, &[0u8; 28]),
+        XDP_PASS,
+        Reason::NonIp,
+        "ARP in a VLAN",
+    );
 }
 
 #[test]
 fn vlan_and_qinq_frames_are_parsed_to_the_source() {
     let mut h = Harness::new("blocklist: [192.0.2.0/24]\nlimits: {default: {pps: 0}}\n");
-    let ip = |src| ipv4(v4(src), v4("198.18.0.1"), IPPROTO_UDP, &[], Frag::default(), &udp(1, 9000, 10));
-    h.expect(&eth(&[ETH_P_8021Q], ETH_P_IP, &ip("192.0.2.9")), XDP_DROP, Reason::Blocklisted, "802.1Q blocked");
-    h.expect(&eth(&[ETH_P_8021Q], ETH_P_IP, &ip("198.18.0.9")), XDP_PASS, Reason::Passed, "802.1Q clean");
-    h.expect(&eth(&[ETH_P_8021AD, ETH_P_8021Q], ETH_P_IP, &ip("192.0.2.9")), XDP_DROP, Reason::Blocklisted, "QinQ blocked");
-    h.expect(&eth(&[ETH_P_8021AD, ETH_P_8021Q], ETH_P_IP, &ip("198.18.0.9")), XDP_PASS, Reason::Passed, "QinQ clean");
-    let v6frame = ipv6(v6("2001:db8:ffff::9"), v6("2001:db8:ffff::1"), &[], IPPROTO_UDP, &udp(1, 9000, 10));
-    h.expect(&eth(&[ETH_P_8021AD, ETH_P_8021Q], ETH_P_IPV6, &v6frame), XDP_PASS, Reason::Passed, "QinQ IPv6");
+    let ip = |src| {
+        ipv4(
+            v4(src),
+            v4("198.18.0.1"),
+            IPPROTO_UDP,
+            &[],
+            Frag::default(),
+            &udp(1, 9000, 10),
+        )
+    };
+    h.expect(
+        &eth(&[ETH_P_8021Q], ETH_P_IP, &ip("192.0.2.9")),
+        XDP_DROP,
+        Reason::Blocklisted,
+        "802.1Q blocked",
+    );
+    h.expect(
+        &eth(&[ETH_P_8021Q], ETH_P_IP, &ip("198.18.0.9")),
+        XDP_PASS,
+        Reason::Passed,
+        "802.1Q clean",
+    );
+    h.expect(
+        &eth(&[ETH_P_8021AD, ETH_P_8021Q], ETH_P_IP, &ip("192.0.2.9")),
+        XDP_DROP,
+        Reason::Blocklisted,
+        "QinQ blocked",
+    );
+    h.expect(
+        &eth(&[ETH_P_8021AD, ETH_P_8021Q], ETH_P_IP, &ip("198.18.0.9")),
+        XDP_PASS,
+        Reason::Passed,
+        "QinQ clean",
+    );
+    let v6frame = ipv6(
+        v6("2001:db8:ffff::9"),
+        v6("2001:db8:ffff::1"),
+        &[],
+        IPPROTO_UDP,
+        &udp(1, 9000, 10),
+    );
+    h.expect(
+        &eth(&[ETH_P_8021AD, ETH_P_8021Q], ETH_P_IPV6, &v6frame),
+        XDP_PASS,
+        Reason::Passed,
+        "QinQ IPv6",
+    );
     // A third tag is more than we skip: malformed, not a way around the blocklist.
-    h.expect(&eth(&[ETH_P_8021AD, ETH_P_8021Q, ETH_P_8021Q], ETH_P_IP, &ip("192.0.2.9")), XDP_PASS, Reason::Malformed, "three tags");
+    h.expect(
+        &eth(
+            &[ETH_P_8021AD, ETH_P_8021Q, ETH_P_8021Q],
+            ETH_P_IP,
+            &ip("192.0.2.9"),
+        ),
+        XDP_PASS,
+        Reason::Malformed,
+        "three tags",
+    );
     // A tag cut short.
-    h.expect(&eth(&[], ETH_P_8021Q, &[0, 100]), XDP_PASS, Reason::Malformed, "truncated tag");
+    h.expect(
+        &eth(&[], ETH_P_8021Q, &[0, 100]),
+        XDP_PASS,
+        Reason::Malformed,
+        "truncated tag",
+    );
 }
 
 #[test]
@@ -123,40 +209,123 @@ fn ipv4_options_of_every_length_are_skipped() {
     let mut h = Harness::new("blocklist: [192.0.2.0/24]\nlimits: {default: {pps: 0}}\n");
     for words in 0..=10usize {
         let options = vec![1u8; words * 4]; // NOPs
-        let blocked = eth(&[], ETH_P_IP, &ipv4(v4("192.0.2.1"), v4("198.18.0.1"), IPPROTO_UDP, &options, Frag::default(), &udp(1, 9000, 4)));
-        h.expect(&blocked, XDP_DROP, Reason::Blocklisted, &format!("IHL {} blocked", 5 + words));
-        let clean = eth(&[], ETH_P_IP, &ipv4(v4("198.18.0.7"), v4("198.18.0.1"), IPPROTO_TCP, &options, Frag::default(), &tcp(1, 443, TCP_SYN)));
-        h.expect(&clean, XDP_PASS, Reason::Passed, &format!("IHL {} clean", 5 + words));
+        let blocked = eth(
+            &[],
+            ETH_P_IP,
+            &ipv4(
+                v4("192.0.2.1"),
+                v4("198.18.0.1"),
+                IPPROTO_UDP,
+                &options,
+                Frag::default(),
+                &udp(1, 9000, 4),
+            ),
+        );
+        h.expect(
+            &blocked,
+            XDP_DROP,
+            Reason::Blocklisted,
+            &format!("IHL {} blocked", 5 + words),
+        );
+        let clean = eth(
+            &[],
+            ETH_P_IP,
+            &ipv4(
+                v4("198.18.0.7"),
+                v4("198.18.0.1"),
+                IPPROTO_TCP,
+                &options,
+                Frag::default(),
+                &tcp(1, 443, TCP_SYN),
+            ),
+        );
+        h.expect(
+            &clean,
+            XDP_PASS,
+            Reason::Passed,
+            &format!("IHL {} clean", 5 + words),
+        );
     }
 }
 
 #[test]
 fn bogus_ipv4_headers_are_malformed() {
     for (on_malformed, action) in [("pass", XDP_PASS), ("drop", XDP_DROP)] {
-        let mut h = Harness::new(&format!("on_malformed: {on_malformed}\nlimits: {{default: {{pps: 0}}}}\n"));
-        let good = ipv4(v4("198.18.0.7"), v4("198.18.0.1"), IPPROTO_UDP, &[], Frag::default(), &udp(1, 9000, 20));
+        let mut h = Harness::new(&format!(
+            "on_malformed: {on_malformed}\nlimits: {{default: {{pps: 0}}}}\n"
+        ));
+        let good = ipv4(
+            v4("198.18.0.7"),
+            v4("198.18.0.1"),
+            IPPROTO_UDP,
+            &[],
+            Frag::default(),
+            &udp(1, 9000, 20),
+        );
         for ihl in 0..5u8 {
             let mut bad = good.clone();
             bad[0] = 0x40 | ihl;
-            h.expect(&eth(&[], ETH_P_IP, &bad), action, Reason::Malformed, &format!("IHL {ihl}"));
+            h.expect(
+                &eth(&[], ETH_P_IP, &bad),
+                action,
+                Reason::Malformed,
+                &format!("IHL {ihl}"),
+            );
         }
         let mut bad = good.clone();
         bad[0] = 0x4f; // IHL 15: 60 bytes of header, more than the packet has
         bad[2..4].copy_from_slice(&40u16.to_be_bytes());
-        h.expect(&eth(&[], ETH_P_IP, &bad), action, Reason::Malformed, "IHL 15 beyond total length");
+        h.expect(
+            &eth(&[], ETH_P_IP, &bad),
+            action,
+            Reason::Malformed,
+            "IHL 15 beyond total length",
+        );
         let mut bad = good.clone();
         bad[2..4].copy_from_slice(&19u16.to_be_bytes());
-        h.expect(&eth(&[], ETH_P_IP, &bad), action, Reason::Malformed, "total length shorter than the header");
+        h.expect(
+            &eth(&[], ETH_P_IP, &bad),
+            action,
+            Reason::Malformed,
+            "total length shorter than the header",
+        );
         let mut bad = good.clone();
         bad[2..4].copy_from_slice(&(good.len() as u16 + 1).to_be_bytes());
-        h.expect(&eth(&[], ETH_P_IP, &bad), action, Reason::Malformed, "total length beyond the frame");
+        h.expect(
+            &eth(&[], ETH_P_IP, &bad),
+            action,
+            Reason::Malformed,
+            "total length beyond the frame",
+        );
         let mut bad = good.clone();
         bad[0] = 0x65;
-        h.expect(&eth(&[], ETH_P_IP, &bad), action, Reason::Malformed, "version 6 in an IPv4 frame");
+        h.expect(
+            &eth(&[], ETH_P_IP, &bad),
+            action,
+            Reason::Malformed,
+            "version 6 in an IPv4 frame",
+        );
         // TCP header cut short in a first fragment (or an unfragmented packet).
-        let short_tcp = ipv4(v4("198.18.0.7"), v4("198.18.0.1"), IPPROTO_TCP, &[], Frag::default(), &tcp(1, 443, TCP_SYN)[..12]);
-        h.expect(&eth(&[], ETH_P_IP, &short_tcp), action, Reason::Malformed, "truncated TCP header");
-        h.expect(&eth(&[], ETH_P_IP, &good), XDP_PASS, Reason::Passed, "the unmangled packet");
+        let short_tcp = ipv4(
+            v4("198.18.0.7"),
+            v4("198.18.0.1"),
+            IPPROTO_TCP,
+            &[],
+            Frag::default(),
+            &tcp(1, 443, TCP_SYN)[..12],
+        );
+        h.expect(
+            &eth(&[], ETH_P_IP, &short_tcp),
+            action,
+            Reason::Malformed,
+            "truncated TCP header",
+        );
+        h.expect(
+            &eth(&[], ETH_P_IP, &good),
+            XDP_PASS,
+            Reason::Passed,
+            "the unmangled packet",
+        );
     }
 }
 
@@ -167,57 +336,253 @@ fn ipv6_extension_headers_are_walked() {
         vec![Ext::HopByHop],
         vec![Ext::Routing],
         vec![Ext::DestOpts],
-        vec![Ext::Fragment { offset: 0, more: true }],
+        vec![Ext::Fragment {
+            offset: 0,
+            more: true,
+        }],
         vec![Ext::Auth],
-        vec![Ext::HopByHop, Ext::DestOpts, Ext::Routing, Ext::Fragment { offset: 0, more: true }, Ext::Auth, Ext::DestOpts],
+        vec![
+            Ext::HopByHop,
+            Ext::DestOpts,
+            Ext::Routing,
+            Ext::Fragment {
+                offset: 0,
+                more: true,
+            },
+            Ext::Auth,
+            Ext::DestOpts,
+        ],
         vec![Ext::DestOpts; 8],
     ];
     for chain in &chains {
-        let clean = eth(&[], ETH_P_IPV6, &ipv6(v6("2001:db8:ffff::7"), v6("2001:db8:ffff::1"), chain, IPPROTO_UDP, &udp(1, 9000, 8)));
-        h.expect(&clean, XDP_PASS, Reason::Passed, &format!("{chain:?} clean"));
-        let blocked = eth(&[], ETH_P_IPV6, &ipv6(v6("2001:db8:bad::7"), v6("2001:db8:ffff::1"), chain, IPPROTO_TCP, &tcp(1, 443, TCP_SYN)));
-        h.expect(&blocked, XDP_DROP, Reason::Blocklisted, &format!("{chain:?} blocked"));
+        let clean = eth(
+            &[],
+            ETH_P_IPV6,
+            &ipv6(
+                v6("2001:db8:ffff::7"),
+                v6("2001:db8:ffff::1"),
+                chain,
+                IPPROTO_UDP,
+                &udp(1, 9000, 8),
+            ),
+        );
+        h.expect(
+            &clean,
+            XDP_PASS,
+            Reason::Passed,
+            &format!("{chain:?} clean"),
+        );
+        let blocked = eth(
+            &[],
+            ETH_P_IPV6,
+            &ipv6(
+                v6("2001:db8:bad::7"),
+                v6("2001:db8:ffff::1"),
+                chain,
+                IPPROTO_TCP,
+                &tcp(1, 443, TCP_SYN),
+            ),
+        );
+        h.expect(
+            &blocked,
+            XDP_DROP,
+            Reason::Blocklisted,
+            &format!("{chain:?} blocked"),
+        );
     }
     // No next header after the chain: nothing to parse, not malformed.
-    let none = eth(&[], ETH_P_IPV6, &ipv6(v6("2001:db8:ffff::7"), v6("2001:db8:ffff::1"), &[Ext::HopByHop], IPPROTO_NONE, &[]));
+    let none = eth(
+        &[],
+        ETH_P_IPV6,
+        &ipv6(
+            v6("2001:db8:ffff::7"),
+            v6("2001:db8:ffff::1"),
+            &[Ext::HopByHop],
+            IPPROTO_NONE,
+            &[],
+        ),
+    );
     h.expect(&none, XDP_PASS, Reason::Passed, "no next header");
     // More extension headers than we walk: malformed, yet a blocked source is still dropped.
     let nine = vec![Ext::DestOpts; 9];
-    let clean = eth(&[], ETH_P_IPV6, &ipv6(v6("2001:db8:ffff::7"), v6("2001:db8:ffff::1"), &nine, IPPROTO_UDP, &udp(1, 9000, 8)));
-    h.expect(&clean, XDP_PASS, Reason::Malformed, "nine extension headers");
-    let blocked = eth(&[], ETH_P_IPV6, &ipv6(v6("2001:db8:bad::7"), v6("2001:db8:ffff::1"), &nine, IPPROTO_UDP, &udp(1, 9000, 8)));
-    h.expect(&blocked, XDP_DROP, Reason::Blocklisted, "nine extension headers, blocked source");
+    let clean = eth(
+        &[],
+        ETH_P_IPV6,
+        &ipv6(
+            v6("2001:db8:ffff::7"),
+            v6("2001:db8:ffff::1"),
+            &nine,
+            IPPROTO_UDP,
+            &udp(1, 9000, 8),
+        ),
+    );
+    h.expect(
+        &clean,
+        XDP_PASS,
+        Reason::Malformed,
+        "nine extension headers",
+    );
+    let blocked = eth(
+        &[],
+        ETH_P_IPV6,
+        &ipv6(
+            v6("2001:db8:bad::7"),
+            v6("2001:db8:ffff::1"),
+            &nine,
+            IPPROTO_UDP,
+            &udp(1, 9000, 8),
+        ),
+    );
+    h.expect(
+        &blocked,
+        XDP_DROP,
+        Reason::Blocklisted,
+        "nine extension headers, blocked source",
+    );
     // An extension header cut short.
-    let mut cut = ipv6(v6("2001:db8:ffff::7"), v6("2001:db8:ffff::1"), &[Ext::HopByHop], IPPROTO_UDP, &[]);
+    let mut cut = ipv6(
+        v6("2001:db8:ffff::7"),
+        v6("2001:db8:ffff::1"),
+        &[Ext::HopByHop],
+        IPPROTO_UDP,
+        &[],
+    );
     cut.truncate(40 + 8);
     cut[4..6].copy_from_slice(&8u16.to_be_bytes());
-    h.expect(&eth(&[], ETH_P_IPV6, &cut), XDP_PASS, Reason::Malformed, "truncated hop-by-hop header");
+    h.expect(
+        &eth(&[], ETH_P_IPV6, &cut),
+        XDP_PASS,
+        Reason::Malformed,
+        "truncated hop-by-hop header",
+    );
 }
 
 #[test]
 fn fragments_first_and_non_first() {
-    let mut h = Harness::new("blocklist: [192.0.2.0/24, \"2001:db8:bad::/48\"]\nlimits: {default: {pps: 0}}\n");
-    let first = |src| eth(&[], ETH_P_IP, &ipv4(v4(src), v4("198.18.0.1"), IPPROTO_UDP, &[], Frag { more: true, offset: 0 }, &udp(1, 9000, 32)));
+    let mut h = Harness::new(
+        "blocklist: [192.0.2.0/24, \"2001:db8:bad::/48\"]\nlimits: {default: {pps: 0}}\n",
+    );
+    let first = |src| {
+        eth(
+            &[],
+            ETH_P_IP,
+            &ipv4(
+                v4(src),
+                v4("198.18.0.1"),
+                IPPROTO_UDP,
+                &[],
+                Frag {
+                    more: true,
+                    offset: 0,
+                },
+                &udp(1, 9000, 32),
+            ),
+        )
+    };
     // A non-first fragment carries no UDP header: its payload is arbitrary bytes.
-    let later = |src| eth(&[], ETH_P_IP, &ipv4(v4(src), v4("198.18.0.1"), IPPROTO_UDP, &[], Frag { more: false, offset: 5 }, &[0xee; 3]));
-    h.expect(&first("198.18.0.7"), XDP_PASS, Reason::Passed, "first fragment");
-    h.expect(&later("198.18.0.7"), XDP_PASS, Reason::Passed, "non-first fragment (no L4 header, not malformed)");
-    h.expect(&first("192.0.2.7"), XDP_DROP, Reason::Blocklisted, "first fragment, blocked");
-    h.expect(&later("192.0.2.7"), XDP_DROP, Reason::Blocklisted, "non-first fragment, blocked");
-    let later6 = |src| eth(&[], ETH_P_IPV6, &ipv6(v6(src), v6("2001:db8:ffff::1"), &[Ext::Fragment { offset: 9, more: true }], IPPROTO_TCP, &[0xee; 5]));
-    h.expect(&later6("2001:db8:ffff::7"), XDP_PASS, Reason::Passed, "IPv6 non-first fragment");
-    h.expect(&later6("2001:db8:bad::7"), XDP_DROP, Reason::Blocklisted, "IPv6 non-first fragment, blocked");
+    let later = |src| {
+        eth(
+            &[],
+            ETH_P_IP,
+            &ipv4(
+                v4(src),
+                v4("198.18.0.1"),
+                IPPROTO_UDP,
+                &[],
+                Frag {
+                    more: false,
+                    offset: 5,
+                },
+                &[0xee; 3],
+            ),
+        )
+    };
+    h.expect(
+        &first("198.18.0.7"),
+        XDP_PASS,
+        Reason::Passed,
+        "first fragment",
+    );
+    h.expect(
+        &later("198.18.0.7"),
+        XDP_PASS,
+        Reason::Passed,
+        "non-first fragment (no L4 header, not malformed)",
+    );
+    h.expect(
+        &first("192.0.2.7"),
+        XDP_DROP,
+        Reason::Blocklisted,
+        "first fragment, blocked",
+    );
+    h.expect(
+        &later("192.0.2.7"),
+        XDP_DROP,
+        Reason::Blocklisted,
+        "non-first fragment, blocked",
+    );
+    let later6 = |src| {
+        eth(
+            &[],
+            ETH_P_IPV6,
+            &ipv6(
+                v6(src),
+                v6("2001:db8:ffff::1"),
+                &[Ext::Fragment {
+                    offset: 9,
+                    more: true,
+                }],
+                IPPROTO_TCP,
+                &[0xee; 5],
+            ),
+        )
+    };
+    h.expect(
+        &later6("2001:db8:ffff::7"),
+        XDP_PASS,
+        Reason::Passed,
+        "IPv6 non-first fragment",
+    );
+    h.expect(
+        &later6("2001:db8:bad::7"),
+        XDP_DROP,
+        Reason::Blocklisted,
+        "IPv6 non-first fragment, blocked",
+    );
 }
 
 #[test]
 fn truncation_at_every_length_never_aborts() {
     for on_malformed in ["pass", "drop"] {
-        let mut h = Harness::new(&format!("on_malformed: {on_malformed}\nlimits: {{default: {{pps: 0}}}}\n"));
+        let mut h = Harness::new(&format!(
+            "on_malformed: {on_malformed}\nlimits: {{default: {{pps: 0}}}}\n"
+        ));
         let frames = [
             udp4(v4("198.18.0.7"), 60),
-            eth(&[ETH_P_8021Q], ETH_P_IP, &ipv4(v4("198.18.0.7"), v4("198.18.0.1"), IPPROTO_UDP, &[1; 8], Frag::default(), &udp(1, 9000, 40))),
+            eth(
+                &[ETH_P_8021Q],
+                ETH_P_IP,
+                &ipv4(
+                    v4("198.18.0.7"),
+                    v4("198.18.0.1"),
+                    IPPROTO_UDP,
+                    &[1; 8],
+                    Frag::default(),
+                    &udp(1, 9000, 40),
+                ),
+            ),
             udp6(v6("2001:db8:ffff::7"), 40),
-            eth(&[], ETH_P_IPV6, &ipv6(v6("2001:db8:ffff::7"), v6("2001:db8:ffff::1"), &[Ext::HopByHop], IPPROTO_UDP, &udp(1, 9000, 20))),
+            eth(
+                &[],
+                ETH_P_IPV6,
+                &ipv6(
+                    v6("2001:db8:ffff::7"),
+                    v6("2001:db8:ffff::1"),
+                    &[Ext::HopByHop],
+                    IPPROTO_UDP,
+                    &udp(1, 9000, 20),
+                ),
+            ),
         ];
         for full in &frames {
             assert!(full.len() > 80);
@@ -229,9 +594,17 @@ fn truncation_at_every_length_never_aborts() {
                     Err(_) if len < 14 => continue,
                     Err(e) => panic!("test run of {len} bytes failed: {e}"),
                     Ok(action) => {
-                        let want = if on_malformed == "drop" { XDP_DROP } else { XDP_PASS };
+                        let want = if on_malformed == "drop" {
+                            XDP_DROP
+                        } else {
+                            XDP_PASS
+                        };
                         assert_eq!(action, want, "{len} of {} bytes", full.len());
-                        assert_eq!(h.counted(Reason::Malformed), 1, "{len} bytes counted as malformed");
+                        assert_eq!(
+                            h.counted(Reason::Malformed),
+                            1,
+                            "{len} bytes counted as malformed"
+                        );
                     }
                 }
             }
@@ -242,7 +615,9 @@ fn truncation_at_every_length_never_aborts() {
 
 #[test]
 fn blocklist_cidr_edges_v4_and_v6() {
-    let mut h = Harness::new("blocklist: [192.0.2.0/24, \"2001:db8:bad::/48\"]\nlimits: {default: {pps: 0}}\n");
+    let mut h = Harness::new(
+        "blocklist: [192.0.2.0/24, \"2001:db8:bad::/48\"]\nlimits: {default: {pps: 0}}\n",
+    );
     for (src, action, reason) in [
         ("192.0.2.0", XDP_DROP, Reason::Blocklisted),
         ("192.0.2.255", XDP_DROP, Reason::Blocklisted),
@@ -253,17 +628,56 @@ fn blocklist_cidr_edges_v4_and_v6() {
     }
     for (src, action, reason) in [
         ("2001:db8:bad::", XDP_DROP, Reason::Blocklisted),
-        ("2001:db8:bad:ffff:ffff:ffff:ffff:ffff", XDP_DROP, Reason::Blocklisted),
-        ("2001:db8:bac:ffff:ffff:ffff:ffff:ffff", XDP_PASS, Reason::Passed),
+        (
+            "2001:db8:bad:ffff:ffff:ffff:ffff:ffff",
+            XDP_DROP,
+            Reason::Blocklisted,
+        ),
+        (
+            "2001:db8:bac:ffff:ffff:ffff:ffff:ffff",
+            XDP_PASS,
+            Reason::Passed,
+        ),
         ("2001:db8:bae::", XDP_PASS, Reason::Passed),
     ] {
         h.expect(&udp6(v6(src), 20), action, reason, src);
     }
     // Protocols other than UDP from a blocked source: dropped all the same.
-    let icmp = eth(&[], ETH_P_IP, &ipv4(v4("192.0.2.3"), v4("198.18.0.1"), IPPROTO_ICMP, &[], Frag::default(), &[8, 0, 0, 0, 0, 1, 0, 1]));
-    h.expect(&icmp, XDP_DROP, Reason::Blocklisted, "ICMP from a blocked source");
-    let icmp6 = eth(&[], ETH_P_IPV6, &ipv6(v6("2001:db8:bad::3"), v6("2001:db8:ffff::1"), &[], IPPROTO_ICMPV6, &[128, 0, 0, 0, 0, 1, 0, 1]));
-    h.expect(&icmp6, XDP_DROP, Reason::Blocklisted, "ICMPv6 from a blocked source");
+    let icmp = eth(
+        &[],
+        ETH_P_IP,
+        &ipv4(
+            v4("192.0.2.3"),
+            v4("198.18.0.1"),
+            IPPROTO_ICMP,
+            &[],
+            Frag::default(),
+            &[8, 0, 0, 0, 0, 1, 0, 1],
+        ),
+    );
+    h.expect(
+        &icmp,
+        XDP_DROP,
+        Reason::Blocklisted,
+        "ICMP from a blocked source",
+    );
+    let icmp6 = eth(
+        &[],
+        ETH_P_IPV6,
+        &ipv6(
+            v6("2001:db8:bad::3"),
+            v6("2001:db8:ffff::1"),
+            &[],
+            IPPROTO_ICMPV6,
+            &[128, 0, 0, 0, 0, 1, 0, 1],
+        ),
+    );
+    h.expect(
+        &icmp6,
+        XDP_DROP,
+        Reason::Blocklisted,
+        "ICMPv6 from a blocked source",
+    );
 }
 
 #[test]
@@ -271,39 +685,90 @@ fn allowlist_wins_over_blocklist_and_is_never_limited() {
     let mut h = Harness::new(
         "allowlist: [192.0.2.128/25, \"2001:db8:bad:1::/64\"]\nblocklist: [192.0.2.0/24, 192.0.2.200/32, \"2001:db8:bad::/48\"]\nlimits: {default: {pps: 1, burst_packets: 1}}\n",
     );
-    h.expect(&udp4(v4("192.0.2.200"), 20), XDP_PASS, Reason::Allowlisted, "allowed inside blocked /24, and blocked as /32");
-    h.expect(&udp4(v4("192.0.2.5"), 20), XDP_DROP, Reason::Blocklisted, "blocked, outside the allowed /25");
-    h.expect(&udp6(v6("2001:db8:bad:1::5"), 20), XDP_PASS, Reason::Allowlisted, "allowed /64 inside blocked /48");
-    h.expect(&udp6(v6("2001:db8:bad:2::5"), 20), XDP_DROP, Reason::Blocklisted, "blocked /48");
+    h.expect(
+        &udp4(v4("192.0.2.200"), 20),
+        XDP_PASS,
+        Reason::Allowlisted,
+        "allowed inside blocked /24, and blocked as /32",
+    );
+    h.expect(
+        &udp4(v4("192.0.2.5"), 20),
+        XDP_DROP,
+        Reason::Blocklisted,
+        "blocked, outside the allowed /25",
+    );
+    h.expect(
+        &udp6(v6("2001:db8:bad:1::5"), 20),
+        XDP_PASS,
+        Reason::Allowlisted,
+        "allowed /64 inside blocked /48",
+    );
+    h.expect(
+        &udp6(v6("2001:db8:bad:2::5"), 20),
+        XDP_DROP,
+        Reason::Blocklisted,
+        "blocked /48",
+    );
     for i in 0..20 {
-        h.expect(&udp4(v4("192.0.2.130"), 20), XDP_PASS, Reason::Allowlisted, &format!("allowed packet {i} beyond a burst of 1"));
+        h.expect(
+            &udp4(v4("192.0.2.130"), 20),
+            XDP_PASS,
+            Reason::Allowlisted,
+            &format!("allowed packet {i} beyond a burst of 1"),
+        );
     }
 }
 
 #[test]
 fn exactly_the_burst_passes_back_to_back_then_drops() {
     let mut h = Harness::new("limits: {default: {pps: 1, burst_packets: 5}}\n");
-    for (src, family) in [(udp4(v4("198.18.0.7"), 20), "IPv4"), (udp6(v6("2001:db8:ffff::7"), 20), "IPv6")] {
+    for (src, family) in [
+        (udp4(v4("198.18.0.7"), 20), "IPv4"),
+        (udp6(v6("2001:db8:ffff::7"), 20), "IPv6"),
+    ] {
         for i in 0..5 {
-            h.expect(&src, XDP_PASS, Reason::Passed, &format!("{family} packet {} of a burst of 5", i + 1));
+            h.expect(
+                &src,
+                XDP_PASS,
+                Reason::Passed,
+                &format!("{family} packet {} of a burst of 5", i + 1),
+            );
         }
         for i in 0..3 {
-            h.expect(&src, XDP_DROP, Reason::RateLimited, &format!("{family} packet {} past the burst", 6 + i));
+            h.expect(
+                &src,
+                XDP_DROP,
+                Reason::RateLimited,
+                &format!("{family} packet {} past the burst", 6 + i),
+            );
         }
     }
     // Another source has its own bucket.
-    h.expect(&udp4(v4("198.18.0.8"), 20), XDP_PASS, Reason::Passed, "a second source");
+    h.expect(
+        &udp4(v4("198.18.0.8"), 20),
+        XDP_PASS,
+        Reason::Passed,
+        "a second source",
+    );
 }
 
 #[test]
 fn buckets_refill_after_a_pause() {
     let mut h = Harness::new("limits: {default: {pps: 10, burst_packets: 3}}\n");
     let frame = udp4(v4("198.18.0.7"), 20);
-    let passes = |h: &mut Harness, n: usize| -> usize { (0..n).filter(|_| h.run(&frame).unwrap() == XDP_PASS).count() };
+    let passes = |h: &mut Harness, n: usize| -> usize {
+        (0..n)
+            .filter(|_| h.run(&frame).unwrap() == XDP_PASS)
+            .count()
+    };
     assert_eq!(passes(&mut h, 10), 3, "the burst");
     // A long pause refills the bucket up to its burst, not beyond.
     thread::sleep(Duration::from_millis(1050));
-    assert_eq!(passes(&mut h, 10), 3, "after 1.05 s at 10 pps: full burst again, capped at 3");
+    assert_eq!(
+        passes(&mut h, 10),
+        3,
+        "after 1.05 s at 10 pps: full burst again, capped at 3"
+    );
     // 150 ms at 10 pps is 1.5 packets' worth: one passes.
     thread::sleep(Duration::from_millis(150));
     assert_eq!(passes(&mut h, 5), 1, "after 150 ms at 10 pps");
@@ -315,33 +780,69 @@ fn byte_limit_with_large_frames() {
     let big = udp4(v4("198.18.0.7"), 1500 - 42); // 1500-byte frames
     assert_eq!(big.len(), 1500);
     for i in 0..3 {
-        h.expect(&big, XDP_PASS, Reason::Passed, &format!("1500-byte frame {}", i + 1));
+        h.expect(
+            &big,
+            XDP_PASS,
+            Reason::Passed,
+            &format!("1500-byte frame {}", i + 1),
+        );
     }
-    h.expect(&big, XDP_DROP, Reason::RateLimited, "the 4th 1500-byte frame exceeds 4600 bytes");
+    h.expect(
+        &big,
+        XDP_DROP,
+        Reason::RateLimited,
+        "the 4th 1500-byte frame exceeds 4600 bytes",
+    );
     // The same source still has 100 bytes of burst: a 64-byte frame fits, a second does not.
     let small = udp4(v4("198.18.0.7"), 22);
     assert_eq!(small.len(), 64);
-    h.expect(&small, XDP_PASS, Reason::Passed, "64 bytes into the remaining 100");
+    h.expect(
+        &small,
+        XDP_PASS,
+        Reason::Passed,
+        "64 bytes into the remaining 100",
+    );
     h.expect(&small, XDP_DROP, Reason::RateLimited, "and no more");
     // A fresh source with small frames gets 4600 / 64 = 71 of them.
     let other = udp4(v4("198.18.0.8"), 22);
-    let passed = (0..100).filter(|_| h.run(&other).unwrap() == XDP_PASS).count();
+    let passed = (0..100)
+        .filter(|_| h.run(&other).unwrap() == XDP_PASS)
+        .count();
     assert_eq!(passed, 71);
 }
 
 #[test]
 fn both_cpus_on_one_source_do_not_lose_updates() {
     require_root();
-    assert!(thread::available_parallelism().map_or(1, |n| n.get()) >= 2, "this test needs 2 CPUs");
+    assert!(
+        thread::available_parallelism().map_or(1, |n| n.get()) >= 2,
+        "this test needs 2 CPUs"
+    );
     const PPS: u64 = 2_000_000;
     const BURST: u64 = 1000;
-    let mut h = Harness::new(&format!("limits: {{default: {{pps: {PPS}, burst_packets: {BURST}}}}}\n"));
+    let mut h = Harness::new(&format!(
+        "limits: {{default: {{pps: {PPS}, burst_packets: {BURST}}}}}\n"
+    ));
     let frame = udp4(v4("198.18.0.7"), 20);
-    let key = LimiterKey { addr: "::ffff:198.18.0.7".parse::<Ipv6Addr>().unwrap().octets(), limit: DEFAULT_LIMIT };
-    let cost = rate_limit(&Limit { pps: PPS, burst_packets: BURST, bps: 0, burst_bytes: 0 }).packet_cost;
+    let key = LimiterKey {
+        addr: "::ffff:198.18.0.7".parse::<Ipv6Addr>().unwrap().octets(),
+        limit: DEFAULT_LIMIT,
+    };
+    let cost = rate_limit(&Limit {
+        pps: PPS,
+        burst_packets: BURST,
+        bps: 0,
+        burst_bytes: 0,
+    })
+    .packet_cost;
     // One packet creates the bucket; its TAT is where the chain of takes starts.
     assert_eq!(h.run(&frame).unwrap(), XDP_PASS);
-    let tat_start = h.shield.limiter_state(&key).unwrap().expect("bucket created").packet_tat;
+    let tat_start = h
+        .shield
+        .limiter_state(&key)
+        .unwrap()
+        .expect("bucket created")
+        .packet_tat;
     let before = h.totals();
     let fd = {
         use std::os::fd::AsFd;
@@ -369,7 +870,12 @@ fn both_cpus_on_one_source_do_not_lose_updates() {
     }
     let elapsed = start.elapsed().as_secs_f64();
     let after = h.totals();
-    let tat_end = h.shield.limiter_state(&key).unwrap().expect("bucket still tracked").packet_tat;
+    let tat_end = h
+        .shield
+        .limiter_state(&key)
+        .unwrap()
+        .expect("bucket still tracked")
+        .packet_tat;
     let passed = after[&Reason::Passed].0 - before[&Reason::Passed].0;
     let limited = after[&Reason::RateLimited].0 - before[&Reason::RateLimited].0;
     assert_eq!(passed + limited, 4_000_000, "every run counted");
@@ -399,7 +905,11 @@ fn pin_to_cpu(cpu: usize) {
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
-        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0, "pinning to CPU {cpu}");
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pinning to CPU {cpu}"
+        );
     }
 }
 
@@ -435,7 +945,19 @@ fn raw_test_run(fd: &std::os::fd::OwnedFd, frame: &[u8], repeat: u32) {
     };
     const BPF_PROG_TEST_RUN: libc::c_long = 10;
     // SAFETY: attr is a valid bpf_attr prefix for BPF_PROG_TEST_RUN; frame outlives the call.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &raw mut attr, std::mem::size_of::<TestAttr>()) };
-    assert_eq!(rc, 0, "BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &raw mut attr,
+            std::mem::size_of::<TestAttr>(),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "BPF_PROG_TEST_RUN: {}",
+        std::io::Error::last_os_error()
+    );
     assert_ne!(attr.retval, XDP_ABORTED);
 }

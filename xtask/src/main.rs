@@ -1,6 +1,7 @@
 //! Developer and operator tasks: `cargo xtask <setup|demo|test>`.
 
 mod setup;
+mod tasks;
 mod util;
 
 use anyhow::Result;
@@ -17,10 +18,16 @@ struct Cli {
 enum Task {
     /// Install rust-src, bpf-linker and the Debian packages the tests use (idempotent).
     Setup,
+    /// Setup if needed, build, and show the shield working in a throwaway network sandbox.
+    Demo,
+    /// Setup if needed, then run every test: lints, unit, kernel and network tests (root).
+    Test,
 }
 
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::setup(),
+        Task::Demo => tasks::demo(),
+        Task::Test => tasks::test(),
     }
 }

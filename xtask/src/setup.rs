@@ -17,7 +17,10 @@ pub(crate) const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "network namespaces and veth pairs (ip)"),
     ("util-linux", "nsenter and setpriv"),
     ("procps", "sysctl and pgrep"),
-    ("bpftool", "inspecting loaded programs; running peers by BPF_PROG_TEST_RUN"),
+    (
+        "bpftool",
+        "inspecting loaded programs; running peers by BPF_PROG_TEST_RUN",
+    ),
     ("xdp-tools", "xdp-filter, a peer in the benchmarks"),
     ("nftables", "nftables, a peer in the benchmarks"),
     ("iptables", "iptables + hashlimit, a peer in the benchmarks"),
@@ -104,7 +107,9 @@ fn bpf_linker() -> Result<()> {
         ])
         .env("LLVM_PREFIX", &prefix))?;
     if !bpf_linker_works() {
-        bail!("bpf-linker was installed but `bpf-linker --version` fails; is ~/.cargo/bin on PATH?");
+        bail!(
+            "bpf-linker was installed but `bpf-linker --version` fails; is ~/.cargo/bin on PATH?"
+        );
     }
     println!("setup: bpf-linker: installed");
     Ok(())
@@ -134,7 +139,10 @@ fn link_nightly_llvm(nightly_lib: &Path, prefix: &Path) -> Result<()> {
         replace_symlink(&path, &lib.join(name))?;
     }
     let versioned = versioned.with_context(|| {
-        format!("no libLLVM.so.* in {}; is the nightly toolchain complete?", nightly_lib.display())
+        format!(
+            "no libLLVM.so.* in {}; is the nightly toolchain complete?",
+            nightly_lib.display()
+        )
     })?;
     replace_symlink(&versioned, &lib.join("libLLVM.so"))
 }
@@ -163,7 +171,10 @@ fn missing_debian_packages() -> Result<Vec<&'static str>> {
 fn debian_packages() -> Result<()> {
     let missing = missing_debian_packages()?;
     if missing.is_empty() {
-        println!("setup: Debian packages: all {} installed", DEBIAN_PACKAGES.len());
+        println!(
+            "setup: Debian packages: all {} installed",
+            DEBIAN_PACKAGES.len()
+        );
         return Ok(());
     }
     println!("setup: Debian packages: installing {}", missing.join(" "));
@@ -175,7 +186,10 @@ fn debian_packages() -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"));
     if let Err(e) = install {
         let still = missing_debian_packages()?;
-        bail!("could not install Debian packages {}: {e:#}", still.join(" "));
+        bail!(
+            "could not install Debian packages {}: {e:#}",
+            still.join(" ")
+        );
     }
     println!("setup: Debian packages: installed");
     Ok(())

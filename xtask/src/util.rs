@@ -4,7 +4,9 @@ use anyhow::{Context as _, Result, bail};
 
 /// Runs a command with inherited stdio; fails with the command line on a non-zero exit.
 pub(crate) fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("failed to start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -13,7 +15,9 @@ pub(crate) fn run(cmd: &mut Command) -> Result<()> {
 
 /// Runs a command and returns its stdout; fails with its stderr on a non-zero exit.
 pub(crate) fn command_output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("failed to start {cmd:?}"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
     if !out.status.success() {
         bail!(
             "{cmd:?} failed: {}: {}",

@@ -1,0 +1,173 @@
+//! `cargo xtask demo` and `cargo xtask test`.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    setup,
+    util::{is_root, run},
+};
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+fn require_root(task: &str) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "`cargo xtask {task}` loads eBPF programs and creates network namespaces: run it as root"
+        );
+    }
+    Ok(())
+}
+
+fn setup_if_needed() -> Result<()> {
+    if setup::is_complete() {
+        println!("setup: everything is installed");
+        return Ok(());
+    }
+    setup::setup()
+}
+
+/// bpffs, for tools that pin (bpftool, xdp-filter); harmless when already mounted.
+fn mount_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
+
+pub(crate) fn demo() -> Result<()> {
+    require_root("demo")?;
+    setup_if_needed()?;
+    mount_bpffs()?;
+    println!("build: api-shield and the demo");
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "-p",
+        "api-shield",
+        "-p",
+        "api-shield-tests",
+        "--bins",
+    ]))?;
+    run(&mut Command::new(
+        workspace_root().join("target/debug/demo"),
+    ))
+}
+
+pub(crate) fn test() -> Result<()> {
+    require_root("test")?;
+    setup_if_needed()?;
+    mount_bpffs()?;
+    println!("test: formatting");
+    run(cargo().args(["fmt", "--all", "--", "--check"]))
+        .context("`cargo fmt --all` would change files: run it")?;
+    println!("test: clippy");
+    run(cargo().args(["clippy", "--quiet", "--all-targets", "--", "-D", "warnings"]))?;
+    println!("test: build");
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "-p",
+        "api-shield",
+        "-p",
+        "api-shield-tests",
+        "--bins",
+    ]))?;
+    let mut tally = Tally::default();
+    println!("test: unit tests (no kernel)");
+    tally.run(cargo().args([
+        "test",
+        "-p",
+        "api-shield",
+        "-p",
+        "api-shield-common",
+        "-p",
+        "xtask",
+    ]))?;
+    // Kernel tests share CPUs and time: one at a time, so rate checks are not disturbed.
+    println!("test: kernel and network tests (BPF_PROG_TEST_RUN, namespaces + veth)");
+    tally.run(
+        cargo()
+            .args(["test", "-p", "api-shield-tests", "--", "--test-threads=1"])
+            .env(
+                "API_SHIELD_BIN",
+                workspace_root().join("target/debug/api-shield"),
+            ),
+    )?;
+    // One closing line for every test binary together.
+    println!("{} passed, {} failed", tally.passed, tally.failed);
+    Ok(())
+}
+
+/// Adds up cargo test's "test result:" lines while passing its output through.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+}
+
+impl Tally {
+    fn run(&mut self, cmd: &mut Command) -> Result<()> {
+        use std::io::{BufRead as _, BufReader};
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("failed to start {cmd:?}"))?;
+        let stdout = child.stdout.take().context("cargo test stdout")?;
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                self.passed += count_before(rest, "passed");
+                self.failed += count_before(rest, "failed");
+            }
+        }
+        let status = child.wait()?;
+        if !status.success() {
+            println!("{} passed, {} failed", self.passed, self.failed.max(1));
+            bail!("{cmd:?} failed: {status}");
+        }
+        Ok(())
+    }
+}
+
+/// In "ok. 13 passed; 0 failed; ...", the number before `word`.
+fn count_before(text: &str, word: &str) -> u64 {
+    text.split(';')
+        .find_map(|part| {
+            let mut words = part.split_whitespace().rev();
+            (words.next() == Some(word)).then(|| words.next()).flatten()
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_before;
+
+    #[test]
+    fn reads_cargo_test_result_lines() {
+        let line =
+            "ok. 13 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 4.59s";
+        assert_eq!(count_before(line, "passed"), 13);
+        assert_eq!(count_before(line, "failed"), 2);
+        assert_eq!(count_before("FAILED. 0 passed; 1 failed;", "failed"), 1);
+    }
+}
