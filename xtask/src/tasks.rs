@@ -51,10 +51,8 @@ fn mount_bpffs() -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn demo() -> Result<()> {
-    require_root("demo")?;
-    setup_if_needed()?;
-    mount_bpffs()?;
+/// The daemon, the demo and the test helpers' binaries, which demo and test run.
+fn build_binaries() -> Result<()> {
     println!("build: api-shield and the demo");
     run(cargo().args([
         "build",
@@ -64,7 +62,14 @@ pub(crate) fn demo() -> Result<()> {
         "-p",
         "api-shield-tests",
         "--bins",
-    ]))?;
+    ]))
+}
+
+pub(crate) fn demo() -> Result<()> {
+    require_root("demo")?;
+    setup_if_needed()?;
+    mount_bpffs()?;
+    build_binaries()?;
     run(&mut Command::new(
         workspace_root().join("target/debug/demo"),
     ))
@@ -79,16 +84,7 @@ pub(crate) fn test() -> Result<()> {
         .context("`cargo fmt --all` would change files: run it")?;
     println!("test: clippy");
     run(cargo().args(["clippy", "--quiet", "--all-targets", "--", "-D", "warnings"]))?;
-    println!("test: build");
-    run(cargo().args([
-        "build",
-        "--quiet",
-        "-p",
-        "api-shield",
-        "-p",
-        "api-shield-tests",
-        "--bins",
-    ]))?;
+    build_binaries()?;
     let mut tally = Tally::default();
     println!("test: unit tests (no kernel)");
     tally.run(cargo().args([
