@@ -1,6 +1,7 @@
-//! `api-shield run`: load, fill, attach, log counters, detach on SIGINT/SIGTERM.
+//! `api-shield run`: load, fill, attach, log counters, reload on SIGHUP, detach on
+//! SIGINT/SIGTERM.
 
-use std::{collections::HashMap, time::Instant};
+use std::{collections::HashMap, path::PathBuf, time::Instant};
 
 use anyhow::{Context as _, Result};
 use api_shield_common::counters::{Counter, Reason};
@@ -8,7 +9,9 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{config::Config, shield::Shield};
 
-pub async fn run(config: Config) -> Result<()> {
+/// Runs until SIGINT/SIGTERM. `config_path` is re-read on SIGHUP (None: the built-in
+/// default, which has nothing to reload).
+pub async fn run(mut config: Config, config_path: Option<PathBuf>) -> Result<()> {
     // Maps are full before the first attach, so the first packet already meets the config.
     let mut shield = Shield::from_config(&config)?;
     let (v4, v6) = shield.lists().counts();
@@ -29,6 +32,7 @@ pub async fn run(config: Config) -> Result<()> {
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut stats = StatsLog::new(&shield)?;
     let period = if config.stats_interval.is_zero() {
         std::time::Duration::from_secs(24 * 3600)
@@ -41,6 +45,13 @@ pub async fn run(config: Config) -> Result<()> {
         tokio::select! {
             _ = sigint.recv() => { log::info!("SIGINT: detaching"); break; }
             _ = sigterm.recv() => { log::info!("SIGTERM: detaching"); break; }
+            _ = sighup.recv() => match reload(&mut shield, &config, config_path.as_deref()) {
+                Ok(next) => {
+                    log::info!("reloaded config");
+                    config = next;
+                }
+                Err(e) => log::error!("reload refused, the previous config stays in force: {e:#}"),
+            },
             _ = tick.tick(), if !config.stats_interval.is_zero() => {
                 match stats.line(&shield) {
                     Ok(line) => log::info!("{line}"),
@@ -53,6 +64,26 @@ pub async fn run(config: Config) -> Result<()> {
     shield.detach_all()?;
     log::info!("detached; exiting");
     Ok(())
+}
+
+/// Validates the config file again and applies it as a diff; on any error nothing changes.
+fn reload(shield: &mut Shield, current: &Config, path: Option<&std::path::Path>) -> Result<Config> {
+    let Some(path) = path else {
+        anyhow::bail!("running the built-in default config (no --config): nothing to reload");
+    };
+    let next =
+        Config::from_file(path).with_context(|| format!("invalid config {}", path.display()))?;
+    if next.capacity != current.capacity {
+        anyhow::bail!(
+            "capacity changed: map sizes are fixed at load, restart api-shield to apply it"
+        );
+    }
+    if next.interfaces != current.interfaces {
+        anyhow::bail!("interfaces changed: restart api-shield to attach to a different set");
+    }
+    // Lists change adds-before-removes, limits and settings in place: no gap, no bucket reset.
+    shield.apply_config(&next)?;
+    Ok(next)
 }
 
 /// Formats counter totals and rates since the previous line.

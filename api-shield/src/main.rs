@@ -18,7 +18,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the XDP program, attach it to the configured interfaces and enforce the config.
+    /// Load the XDP program, attach it to the configured interfaces and enforce the config
+    /// (SIGHUP reloads the config file; SIGINT/SIGTERM detach and exit).
     Run {
         /// YAML config file; without it, the built-in default config (see the README).
         #[arg(long, short)]
@@ -45,7 +46,8 @@ fn main() -> ExitCode {
 fn execute(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run { config } => {
-            let config = match &config {
+            let config_path = config;
+            let config = match &config_path {
                 Some(path) => Config::from_file(path)
                     .with_context(|| format!("invalid config {}", path.display()))?,
                 None => Config::parse(api_shield::config::DEFAULT_CONFIG)
@@ -55,7 +57,7 @@ fn execute(cli: Cli) -> Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(daemon::run(config))
+            runtime.block_on(daemon::run(config, config_path))
         }
         Command::CheckConfig { path } => {
             Config::from_file(&path)

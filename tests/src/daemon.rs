@@ -39,6 +39,7 @@ pub fn binary() -> PathBuf {
 pub struct Daemon {
     child: Option<Child>,
     log_path: PathBuf,
+    config_path: Option<PathBuf>,
     _dir: tempdir::TempDir,
 }
 
@@ -61,10 +62,12 @@ impl Daemon {
         let ns = File::open(netns.path())?;
         let mut cmd = Command::new(binary());
         cmd.arg("run");
+        let mut config_path = None;
         if let Some(yaml) = config_yaml {
             let config = dir.path().join("config.yaml");
             fs::write(&config, yaml)?;
             cmd.arg("--config").arg(&config);
+            config_path = Some(config);
         }
         cmd.env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -78,6 +81,7 @@ impl Daemon {
         let mut daemon = Daemon {
             child: Some(child),
             log_path,
+            config_path,
             _dir: dir,
         };
         daemon.wait_for_log("attached to", expect_attached, Duration::from_secs(30))?;
@@ -86,6 +90,26 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Replaces the config file the daemon was started with (it reads it on SIGHUP).
+    pub fn write_config(&self, yaml: &str) -> Result<()> {
+        let path = self
+            .config_path
+            .as_ref()
+            .context("started without --config")?;
+        fs::write(path, yaml)?;
+        Ok(())
+    }
+
+    /// Sends `signal` to the daemon, by its PID.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        let child = self.child.as_ref().context("daemon stopped")?;
+        // SAFETY: signalling the child we started, by its PID.
+        if unsafe { libc::kill(child.id() as i32, signal) } != 0 {
+            bail!("kill: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     pub fn log(&self) -> String {
