@@ -3,7 +3,12 @@
 //! Scalar errors (bad CIDR, negative rate, unknown key) are located by serde_yaml itself;
 //! the few checks that span several entries locate their key with [`locate`].
 
-use std::{fmt, fs, path::Path, str::FromStr, time::Duration};
+use std::{
+    fmt, fs,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, de};
@@ -36,7 +41,34 @@ pub struct Config {
     pub capacity: Capacity,
     /// How often the daemon logs its counters; zero: never.
     pub stats_interval: Duration,
+    pub admin: Admin,
+    /// Where CLI-added entries (and later feed lists and penalties) persist.
+    pub state_dir: PathBuf,
+    /// Where maps and XDP links are pinned, one folder per interface.
+    pub pin_dir: PathBuf,
 }
+
+/// The admin API: a Unix socket only (nothing admin listens on TCP).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    pub socket: PathBuf,
+    /// Members of this group may use the socket too; otherwise only root.
+    pub group: Option<String>,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            group: None,
+        }
+    }
+}
+
+pub const DEFAULT_SOCKET: &str = "/run/api-shield/api.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/api-shield";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/api-shield";
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -280,6 +312,26 @@ struct RawConfig {
     #[serde(default)]
     capacity: Capacity,
     stats_interval: Option<HumanDuration>,
+    #[serde(default)]
+    admin: Admin,
+    state_dir: Option<AbsolutePath>,
+    pin_dir: Option<AbsolutePath>,
+}
+
+/// An absolute path (relative ones would depend on where the daemon was started).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct AbsolutePath(PathBuf);
+
+impl<'de> Deserialize<'de> for AbsolutePath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked_str(d, |s| {
+            if s.starts_with('/') {
+                Ok(AbsolutePath(PathBuf::from(s)))
+            } else {
+                Err(format!("`{s}` is not an absolute path"))
+            }
+        })
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -338,6 +390,13 @@ impl Config {
             on_malformed: raw.on_malformed,
             capacity: raw.capacity,
             stats_interval: raw.stats_interval.map_or(Duration::from_secs(10), |d| d.0),
+            admin: raw.admin,
+            state_dir: raw
+                .state_dir
+                .map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), |p| p.0),
+            pin_dir: raw
+                .pin_dir
+                .map_or_else(|| PathBuf::from(DEFAULT_PIN_DIR), |p| p.0),
         };
         let problems = config.problems(text);
         if problems.is_empty() {

@@ -1,11 +1,14 @@
 //! api-shield: an XDP rate limiter and firewall. This library is the controller's core;
 //! `main.rs` is the daemon and CLI on top of it.
 
+pub mod api;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod limits;
 pub mod lists;
 pub mod prefix;
+pub mod registry;
 pub mod shield;
 
 /// The compiled data plane, built from `api-shield-ebpf` by build.rs.

@@ -1,43 +1,39 @@
 //! The api-shield daemon and CLI.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
-use api_shield::{config::Config, daemon};
-use clap::{Parser, Subcommand};
-
-#[derive(Parser)]
-#[command(
-    version,
-    about = "Kernel-level (XDP) rate limiter and firewall for API hosts"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Load the XDP program, attach it to the configured interfaces and enforce the config
-    /// (SIGHUP reloads the config file; SIGINT/SIGTERM detach and exit).
-    Run {
-        /// YAML config file; without it, the built-in default config (see the README).
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-    },
-    /// Validate a config file without loading anything.
-    CheckConfig {
-        /// YAML config file.
-        path: PathBuf,
-    },
-}
+use api_shield::{
+    cli::{Cli, Command, execute_client},
+    config::{Config, DEFAULT_CONFIG},
+    daemon::{self, Overrides},
+};
+use clap::{Parser as _, error::ErrorKind};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match execute(Cli::parse()) {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line, exit 1, like every other error (clap's own would be several lines, exit 2).
+            let first = e.to_string();
+            let first = first
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("error: {first} (see api-shield --help)");
+            return ExitCode::FAILURE;
+        }
+    };
+    match execute(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
             ExitCode::FAILURE
         }
     }
@@ -45,19 +41,28 @@ fn main() -> ExitCode {
 
 fn execute(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run { config } => {
+        Command::Run {
+            config,
+            state_dir,
+            pin_dir,
+        } => {
             let config_path = config;
             let config = match &config_path {
                 Some(path) => Config::from_file(path)
                     .with_context(|| format!("invalid config {}", path.display()))?,
-                None => Config::parse(api_shield::config::DEFAULT_CONFIG)
+                None => Config::parse(DEFAULT_CONFIG)
                     .context("the built-in default config is invalid")?,
+            };
+            let overrides = Overrides {
+                socket: cli.socket,
+                state_dir,
+                pin_dir,
             };
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(daemon::run(config, config_path))
+            runtime.block_on(daemon::run(config, config_path, overrides))
         }
         Command::CheckConfig { path } => {
             Config::from_file(&path)
@@ -65,5 +70,6 @@ fn execute(cli: Cli) -> Result<()> {
             println!("{}: ok", path.display());
             Ok(())
         }
+        command => execute_client(cli.socket, command),
     }
 }

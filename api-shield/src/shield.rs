@@ -1,6 +1,10 @@
 //! The loaded data plane: loading with capacities, attaching, and typed access to its maps.
 
-use std::net::IpAddr;
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use api_shield_common::{
@@ -12,8 +16,12 @@ use api_shield_common::{
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
-    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+    maps::{Array, HashMap, LpmTrie, MapData, MapInfo, MapType, PerCpuArray, lpm_trie::Key},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use ipnet::IpNet;
 
@@ -23,6 +31,141 @@ use crate::{
     limits::rate_limit,
     lists::{ListTable, fold},
 };
+
+/// The shape a map must have; a pinned map of another shape is never reused silently.
+struct MapShape {
+    name: &'static str,
+    map_type: MapType,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+}
+
+fn map_shapes(capacity: &Capacity) -> Result<Vec<MapShape>> {
+    use std::mem::size_of;
+    let list_entries = u32::try_from(capacity.blocklist.0 + capacity.allowlist.0)
+        .context("capacity.blocklist + capacity.allowlist exceeds 2^32")?;
+    let sources = u32::try_from(capacity.sources.0).context("capacity.sources exceeds 2^32")?;
+    Ok(vec![
+        MapShape {
+            name: names::MAP_LIST_V4,
+            map_type: MapType::LpmTrie,
+            key_size: 8,
+            value_size: 4,
+            max_entries: list_entries,
+        },
+        MapShape {
+            name: names::MAP_LIST_V6,
+            map_type: MapType::LpmTrie,
+            key_size: 20,
+            value_size: 4,
+            max_entries: list_entries,
+        },
+        MapShape {
+            name: names::MAP_LIMITER,
+            map_type: MapType::LruHash,
+            key_size: size_of::<LimiterKey>() as u32,
+            value_size: size_of::<LimiterState>() as u32,
+            max_entries: sources,
+        },
+        MapShape {
+            name: names::MAP_LIMITS,
+            map_type: MapType::Array,
+            key_size: 4,
+            value_size: size_of::<RateLimit>() as u32,
+            max_entries: api_shield_common::limiter::LIMIT_SLOTS,
+        },
+        MapShape {
+            name: names::MAP_COUNTERS,
+            map_type: MapType::PerCpuArray,
+            key_size: 4,
+            value_size: size_of::<Counter>() as u32,
+            max_entries: COUNTER_SLOTS,
+        },
+        MapShape {
+            name: names::MAP_SETTINGS,
+            map_type: MapType::Array,
+            key_size: 4,
+            value_size: size_of::<Settings>() as u32,
+            max_entries: 1,
+        },
+    ])
+}
+
+/// Fails if the map pinned at `path` exists with another shape than `want`.
+fn check_pinned_shape(path: &Path, want: &MapShape) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let info = MapInfo::from_pin(path)
+        .with_context(|| format!("reading pinned map {}", path.display()))?;
+    let map_type = info.map_type()?;
+    if map_type != want.map_type
+        || info.key_size() != want.key_size
+        || info.value_size() != want.value_size
+        || info.max_entries() != want.max_entries
+    {
+        bail!(
+            "pinned map {} has another shape ({map_type:?}, key {} B, value {} B, {} entries) than this \
+             version and config need ({:?}, key {} B, value {} B, {} entries): a capacity change or an \
+             incompatible upgrade; run `api-shield detach` to start afresh (this drops dynamic state)",
+            path.display(),
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+            want.map_type,
+            want.key_size,
+            want.value_size,
+            want.max_entries
+        );
+    }
+    Ok(())
+}
+
+/// The pinned link's name records the mode it was attached in (bpffs forbids dots in names).
+fn link_pin_name(mode: AttachedMode) -> &'static str {
+    match mode {
+        AttachedMode::Native => "xdp_link_native",
+        AttachedMode::Generic => "xdp_link_generic",
+    }
+}
+
+/// The XDP link pinned in `dir`, if any, with the mode it was attached in.
+fn pinned_link(dir: &Path) -> Option<(PathBuf, AttachedMode)> {
+    [AttachedMode::Native, AttachedMode::Generic]
+        .into_iter()
+        .map(|m| (dir.join(link_pin_name(m)), m))
+        .find(|(p, _)| p.exists())
+}
+
+/// Detaches the program pinned in `dir` and removes the pins: `api-shield detach`.
+/// Returns what was removed. The daemon must not be running (it would re-pin).
+pub fn detach_pinned(dir: &Path) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    if let Some((path, mode)) = pinned_link(dir) {
+        let link =
+            PinnedLink::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+        let fd_link = link
+            .unpin()
+            .with_context(|| format!("unpinning {}", path.display()))?;
+        // Dropping the last reference to a BPF link detaches its program.
+        drop(fd_link);
+        removed.push(format!("XDP link ({} mode)", mode.name()));
+    }
+    if dir.exists() {
+        for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            removed.push(
+                path.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            );
+        }
+        fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    Ok(removed)
+}
 
 /// How the program ended up attached to an interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,18 +197,39 @@ pub struct Shield {
     attached: Vec<(String, AttachedMode, XdpLinkId)>,
     /// What the list tries hold now, so updates can be applied as diffs.
     lists: ListTable,
+    /// Where maps and the link are pinned, if they are.
+    pin_dir: Option<PathBuf>,
+    shapes: Vec<MapShape>,
 }
 
 impl Shield {
     /// Loads the program with map capacities from the config; nothing is attached yet.
     pub fn load(capacity: &Capacity) -> Result<Shield> {
-        let list_entries = u32::try_from(capacity.blocklist.0 + capacity.allowlist.0)
-            .context("capacity.blocklist + capacity.allowlist exceeds 2^32")?;
-        let sources = u32::try_from(capacity.sources.0).context("capacity.sources exceeds 2^32")?;
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::MAP_LIST_V4, list_entries)
-            .map_max_entries(names::MAP_LIST_V6, list_entries)
-            .map_max_entries(names::MAP_LIMITER, sources)
+        Shield::load_at(capacity, None)
+    }
+
+    /// As [`Shield::load`], with every map pinned in `dir`: maps already pinned there (by
+    /// an earlier daemon) are reused after a shape check, so state and counters continue.
+    pub fn load_pinned(capacity: &Capacity, dir: &Path) -> Result<Shield> {
+        Shield::load_at(capacity, Some(dir))
+    }
+
+    fn load_at(capacity: &Capacity, pin_dir: Option<&Path>) -> Result<Shield> {
+        let shapes = map_shapes(capacity)?;
+        let mut loader = EbpfLoader::new();
+        for shape in &shapes {
+            loader.map_max_entries(shape.name, shape.max_entries);
+        }
+        if let Some(dir) = pin_dir {
+            fs::create_dir_all(dir)
+                .with_context(|| format!("creating pin directory {}", dir.display()))?;
+            for shape in &shapes {
+                let path = dir.join(shape.name);
+                check_pinned_shape(&path, shape)?;
+                loader.map_pin_path(shape.name, path);
+            }
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (are you root, with CAP_BPF and CAP_NET_ADMIN?)")?;
         let program: &mut Xdp = ebpf
@@ -75,11 +239,136 @@ impl Shield {
         program
             .load()
             .context("the kernel refused the XDP program")?;
-        Ok(Shield {
+        let mut shield = Shield {
             ebpf,
             attached: Vec::new(),
             lists: ListTable::default(),
-        })
+            pin_dir: pin_dir.map(Path::to_path_buf),
+            shapes,
+        };
+        // Reused tries already hold entries: learn them, so the first update is a diff.
+        shield.lists = shield.read_lists()?;
+        Ok(shield)
+    }
+
+    fn read_lists(&mut self) -> Result<ListTable> {
+        let mut table = ListTable::default();
+        for item in self.trie_v4()?.iter() {
+            let (key, verdict) = item?;
+            let net = IpNet::new(
+                IpAddr::V4(Ipv4Addr::from(key.data())),
+                key.prefix_len() as u8,
+            )?;
+            table.entries.insert(net, verdict);
+        }
+        for item in self.trie_v6()?.iter() {
+            let (key, verdict) = item?;
+            let net = IpNet::new(
+                IpAddr::V6(Ipv6Addr::from(key.data())),
+                key.prefix_len() as u8,
+            )?;
+            table.entries.insert(net, verdict);
+        }
+        Ok(table)
+    }
+
+    /// Attaches to `interface` through a link pinned in the pin directory. If an earlier
+    /// daemon left one there, the new program replaces the old in that link atomically
+    /// (no moment without a program); else a new link is made and pinned. Returns the mode
+    /// and whether an existing link was taken over.
+    pub fn attach_pinned(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+    ) -> Result<(AttachedMode, bool)> {
+        let dir = self
+            .pin_dir
+            .clone()
+            .context("this Shield was loaded without a pin directory")?;
+        if let Some((path, pinned_mode)) = pinned_link(&dir) {
+            let wanted = match mode {
+                AttachMode::Auto => true,
+                AttachMode::Native => pinned_mode == AttachedMode::Native,
+                AttachMode::Generic => pinned_mode == AttachedMode::Generic,
+            };
+            match self.take_over_link(&path) {
+                Ok(id) if wanted => {
+                    self.attached.push((interface.to_owned(), pinned_mode, id));
+                    return Ok((pinned_mode, true));
+                }
+                Ok(id) => {
+                    // The config asks for the other mode: the old link must go first.
+                    log::info!(
+                        "{interface}: re-attaching in {mode:?} mode (was {})",
+                        pinned_mode.name()
+                    );
+                    self.program()?.detach(id)?;
+                    fs::remove_file(&path).ok();
+                }
+                Err(e) => {
+                    log::warn!(
+                        "{interface}: the pinned link is unusable ({e:#}); attaching afresh"
+                    );
+                    fs::remove_file(&path).ok();
+                }
+            }
+        }
+        let chosen = self.attach(interface, mode)?;
+        let (_, _, id) = self.attached.pop().context("attach recorded no link")?;
+        let link: XdpLink = self.program()?.take_link(id)?;
+        let fd_link =
+            FdLink::try_from(link).context("XDP attached without a BPF link (kernel < 5.9?)")?;
+        let path = dir.join(link_pin_name(chosen));
+        let pinned = fd_link
+            .pin(&path)
+            .with_context(|| format!("pinning the link at {}", path.display()))?;
+        let id = self
+            .program()?
+            .attach_to_link(XdpLink::try_from(FdLink::from(pinned))?)?;
+        self.attached.push((interface.to_owned(), chosen, id));
+        Ok((chosen, false))
+    }
+
+    fn take_over_link(&mut self, path: &Path) -> Result<XdpLinkId> {
+        let link =
+            PinnedLink::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
+        let link = XdpLink::try_from(FdLink::from(link))?;
+        Ok(self.program()?.attach_to_link(link)?)
+    }
+
+    /// The kernel's id of the loaded program.
+    pub fn program_id(&mut self) -> Result<u32> {
+        Ok(self.program()?.info()?.id())
+    }
+
+    /// Entries and capacity of each map (the counters and settings arrays are always full).
+    pub fn map_fill(&self) -> Result<Vec<(&'static str, usize, u32)>> {
+        let mut out = Vec::new();
+        for shape in &self.shapes {
+            let map = self
+                .ebpf
+                .map(shape.name)
+                .with_context(|| format!("map {} missing", shape.name))?;
+            let entries = match shape.map_type {
+                MapType::LpmTrie if shape.key_size == 8 => {
+                    LpmTrie::<_, [u8; 4], ListVerdict>::try_from(map)?
+                        .keys()
+                        .filter(Result::is_ok)
+                        .count()
+                }
+                MapType::LpmTrie => LpmTrie::<_, [u8; 16], ListVerdict>::try_from(map)?
+                    .keys()
+                    .filter(Result::is_ok)
+                    .count(),
+                MapType::LruHash => HashMap::<_, LimiterKey, LimiterState>::try_from(map)?
+                    .keys()
+                    .filter(Result::is_ok)
+                    .count(),
+                _ => shape.max_entries as usize,
+            };
+            out.push((shape.name, entries, shape.max_entries));
+        }
+        Ok(out)
     }
 
     /// Loads and fills every map from the config; still nothing attached.
@@ -91,11 +380,7 @@ impl Shield {
 
     /// Brings limits, settings and lists in line with `config`; lists change as a diff.
     pub fn apply_config(&mut self, config: &Config) -> Result<()> {
-        self.set_limit(DEFAULT_LIMIT, rate_limit(&config.limits.default))?;
-        self.set_settings(Settings {
-            drop_malformed: u32::from(config.on_malformed == OnMalformed::Drop),
-            _reserved: 0,
-        })?;
+        self.apply_settings(config)?;
         let folded = fold(&config.allowlist, &config.blocklist);
         for net in &folded.shadowed {
             log::warn!(
@@ -103,6 +388,15 @@ impl Shield {
             );
         }
         self.apply_lists(&folded.table)
+    }
+
+    /// Limits and settings from `config`; buckets keep their state.
+    pub fn apply_settings(&mut self, config: &Config) -> Result<()> {
+        self.set_limit(DEFAULT_LIMIT, rate_limit(&config.limits.default))?;
+        self.set_settings(Settings {
+            drop_malformed: u32::from(config.on_malformed == OnMalformed::Drop),
+            _reserved: 0,
+        })
     }
 
     /// Attaches to `interface`; `auto` tries native XDP, then generic.

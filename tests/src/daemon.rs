@@ -35,11 +35,80 @@ pub fn binary() -> PathBuf {
     bin
 }
 
+/// A daemon's own socket, state directory and pin directory, shared by successive daemons
+/// of one test (restarts). On drop, `api-shield detach` removes the pins, then the files go.
+pub struct DaemonDirs {
+    tmp: tempdir::TempDir,
+    pin_dir: PathBuf,
+}
+
+impl DaemonDirs {
+    pub fn new() -> Result<std::sync::Arc<DaemonDirs>> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let tmp = tempdir::TempDir::new()?;
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/{}{}-{}",
+            crate::netns::NETNS_PREFIX,
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        Ok(std::sync::Arc::new(DaemonDirs { tmp, pin_dir }))
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.tmp.path().join("run/api.sock")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.tmp.path().join("state")
+    }
+
+    pub fn pin_dir(&self) -> &std::path::Path {
+        &self.pin_dir
+    }
+
+    /// Runs `api-shield --socket <ours> ARGS` and returns (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(binary())
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .expect("running the api-shield CLI");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// As [`DaemonDirs::cli`], but fails the test unless it exits 0; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.cli(args);
+        assert_eq!(code, 0, "api-shield {args:?} failed: {err}");
+        out
+    }
+}
+
+impl Drop for DaemonDirs {
+    fn drop(&mut self) {
+        if self.pin_dir.exists() {
+            let (code, _, err) =
+                self.cli(&["detach", "--pin-dir", &self.pin_dir.display().to_string()]);
+            if code != 0 {
+                eprintln!("warning: detach {}: {err}", self.pin_dir.display());
+            }
+        }
+    }
+}
+
 /// A running daemon; SIGTERM then wait on drop (SIGKILL if it does not exit).
 pub struct Daemon {
     child: Option<Child>,
     log_path: PathBuf,
     config_path: Option<PathBuf>,
+    pub dirs: std::sync::Arc<DaemonDirs>,
     _dir: tempdir::TempDir,
 }
 
@@ -47,21 +116,32 @@ impl Daemon {
     /// Starts `api-shield run --config <yaml>` in `netns` (only the network namespace is
     /// entered, as under systemd) and waits until it has attached to every interface.
     pub fn start(netns: &NetNs, config_yaml: &str, expect_attached: usize) -> Result<Daemon> {
-        Daemon::start_with(netns, Some(config_yaml), expect_attached)
+        Daemon::start_with(
+            netns,
+            Some(config_yaml),
+            expect_attached,
+            DaemonDirs::new()?,
+        )
     }
 
-    /// As [`Daemon::start`]; `None` runs the built-in default config (no `--config`).
+    /// As [`Daemon::start`]; `None` runs the built-in default config (no `--config`);
+    /// `dirs` lets a restarted daemon find its predecessor's state and pins.
     pub fn start_with(
         netns: &NetNs,
         config_yaml: Option<&str>,
         expect_attached: usize,
+        dirs: std::sync::Arc<DaemonDirs>,
     ) -> Result<Daemon> {
         let dir = tempdir::TempDir::new()?;
         let log_path = dir.path().join("daemon.log");
         let log = File::create(&log_path)?;
         let ns = File::open(netns.path())?;
         let mut cmd = Command::new(binary());
-        cmd.arg("run");
+        cmd.arg("--socket").arg(dirs.socket()).arg("run");
+        cmd.arg("--state-dir")
+            .arg(dirs.state_dir())
+            .arg("--pin-dir")
+            .arg(dirs.pin_dir());
         let mut config_path = None;
         if let Some(yaml) = config_yaml {
             let config = dir.path().join("config.yaml");
@@ -82,6 +162,7 @@ impl Daemon {
             child: Some(child),
             log_path,
             config_path,
+            dirs,
             _dir: dir,
         };
         daemon.wait_for_log("attached to", expect_attached, Duration::from_secs(30))?;
@@ -143,6 +224,14 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// SIGKILL: the daemon dies without any cleanup (the program stays attached).
+    pub fn kill(mut self) -> Result<String> {
+        let mut child = self.child.take().context("daemon already stopped")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(self.log())
     }
 
     /// SIGTERM, wait for a clean exit, and return the whole log.

@@ -5,7 +5,7 @@ use std::{net::IpAddr, time::Duration};
 
 use anyhow::{Context as _, Result};
 use api_shield_tests::{
-    daemon::{Daemon, last_counters},
+    daemon::{Daemon, DaemonDirs, last_counters},
     netns::{SERVER_V4, Sandbox},
     require_root,
     traffic::{Receiver, SERVER_PORT, send_udp},
@@ -29,7 +29,9 @@ fn main() -> Result<()> {
     for addr in [LEGIT, FLOODER, BLOCKED] {
         sb.add_client_address(addr)?;
     }
-    let daemon = Daemon::start_with(&sb.server, None, 1).context("starting api-shield")?;
+    let dirs = DaemonDirs::new()?;
+    let daemon =
+        Daemon::start_with(&sb.server, None, 1, dirs.clone()).context("starting api-shield")?;
     for line in daemon
         .log()
         .lines()
@@ -37,6 +39,8 @@ fn main() -> Result<()> {
     {
         println!("daemon: {}", line.split("] ").nth(1).unwrap_or(line));
     }
+    println!("\n$ api-shield status");
+    print!("{}", dirs.cli_ok(&["status"]));
     let rx = Receiver::start(&sb.server, &format!("[::]:{SERVER_PORT}"))?;
     let dest = format!("{SERVER_V4}:{SERVER_PORT}");
     println!(
@@ -97,7 +101,12 @@ fn main() -> Result<()> {
             "result: UNEXPECTED - see the table above"
         }
     );
-    println!("sandbox removed; api-shield stopped (detached cleanly).");
+    println!("\napi-shield stopped; its program stays attached until `api-shield detach`:");
+    print!(
+        "{}",
+        dirs.cli_ok(&["detach", "--pin-dir", &dirs.pin_dir().display().to_string()])
+    );
+    println!("sandbox removed.");
     anyhow::ensure!(ok, "the demo did not show the expected verdicts");
     Ok(())
 }

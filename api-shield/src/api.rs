@@ -1,0 +1,332 @@
+//! The admin API: one JSON object per line over a Unix socket, one response line per request.
+//! Only root (or members of the configured group, checked with SO_PEERCRED) are served.
+
+use std::{
+    ffi::CString,
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _},
+    net::{UnixListener, UnixStream},
+    sync::{mpsc, oneshot},
+};
+
+use crate::registry::ListKind;
+
+/// Requests longer than this are refused (and the connection closed).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Adds a CLI entry; `ttl_secs` makes it expire.
+    Add {
+        list: ListKind,
+        cidr: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ttl_secs: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// Removes the CLI's claim on an entry.
+    Del {
+        list: ListKind,
+        cidr: String,
+    },
+    List {
+        list: ListKind,
+    },
+    Stats {},
+    Status {},
+    Reload {},
+}
+
+/// Parses a request line strictly: serde does not refuse unknown keys on every variant of
+/// an internally tagged enum, so keys the parsed request does not use are refused here.
+pub fn parse_request(text: &str) -> Result<Request, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("bad request: {e}"))?;
+    let request: Request =
+        serde_json::from_value(value.clone()).map_err(|e| format!("bad request: {e}"))?;
+    let known = serde_json::to_value(&request).map_err(|e| format!("bad request: {e}"))?;
+    if let (Some(given), Some(known)) = (value.as_object(), known.as_object()) {
+        // Optional fields are left out of `known` when they are absent or null.
+        let optional = ["ttl_secs", "reason"];
+        let allowed = |k: &str| {
+            known.contains_key(k)
+                || (optional.contains(&k) && matches!(request, Request::Add { .. }))
+        };
+        if let Some(extra) = given.keys().find(|k| !allowed(k)) {
+            return Err(format!("bad request: unknown field `{extra}`"));
+        }
+    }
+    Ok(request)
+}
+
+/// A response line: `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    pub fn ok(result: impl Serialize) -> Response {
+        Response {
+            ok: true,
+            result: Some(serde_json::to_value(result).unwrap_or_default()),
+            error: None,
+        }
+    }
+
+    pub fn err(message: impl std::fmt::Display) -> Response {
+        Response {
+            ok: false,
+            result: None,
+            error: Some(message.to_string()),
+        }
+    }
+}
+
+/// A request on its way to the daemon's main loop, with where to send the answer.
+pub type Call = (Request, oneshot::Sender<Response>);
+
+/// Who may use the socket.
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub group: Option<(String, u32)>,
+}
+
+impl Access {
+    pub fn new(group: Option<&str>) -> Result<Access> {
+        let group = match group {
+            None => None,
+            Some(name) => Some((name.to_owned(), group_id(name)?)),
+        };
+        Ok(Access { group })
+    }
+
+    /// Root, or a member of the admin group (primary or supplementary).
+    fn check(&self, uid: u32, gid: u32, pid: Option<i32>) -> Result<(), String> {
+        if uid == 0 {
+            return Ok(());
+        }
+        if let Some((name, admin_gid)) = &self.group {
+            if gid == *admin_gid || pid.is_some_and(|p| supplementary_groups(p).contains(admin_gid))
+            {
+                return Ok(());
+            }
+            return Err(format!(
+                "permission denied: uid {uid} is neither root nor in group {name}"
+            ));
+        }
+        Err(format!("permission denied: uid {uid} is not root"))
+    }
+}
+
+fn group_id(name: &str) -> Result<u32> {
+    let c = CString::new(name).context("group name")?;
+    // SAFETY: getgrnam returns a pointer into static storage or null; we read gr_gid only.
+    let gr = unsafe { libc::getgrnam(c.as_ptr()) };
+    if gr.is_null() {
+        bail!("admin.group: no group named `{name}`");
+    }
+    // SAFETY: non-null result of getgrnam.
+    Ok(unsafe { (*gr).gr_gid })
+}
+
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// Binds the socket: directory 0750, socket 0600 (0660 and group-owned with a group).
+/// A leftover socket nobody answers on is replaced; a live daemon's is never taken over.
+pub fn bind(path: &Path, access: &Access) -> Result<UnixListener> {
+    let dir = path.parent().context("socket path has no directory")?;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let gid = access.group.as_ref().map(|(_, g)| *g);
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o750))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(dir, Some(0), Some(gid))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "another api-shield daemon is serving {}; stop it first",
+                path.display()
+            );
+        }
+        fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let mode = if gid.is_some() { 0o660 } else { 0o600 };
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, Some(0), Some(gid))?;
+    }
+    Ok(listener)
+}
+
+/// Accepts connections and forwards their requests to `calls` until the channel closes.
+pub async fn serve(listener: UnixListener, access: Access, calls: mpsc::Sender<Call>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (access, calls) = (access.clone(), calls.clone());
+        tokio::spawn(async move {
+            if let Err(e) = connection(stream, &access, &calls).await {
+                log::debug!("admin connection: {e:#}");
+            }
+        });
+    }
+}
+
+async fn connection(stream: UnixStream, access: &Access, calls: &mpsc::Sender<Call>) -> Result<()> {
+    let cred = stream.peer_cred().context("SO_PEERCRED")?;
+    let (read, mut write) = stream.into_split();
+    if let Err(refusal) = access.check(cred.uid(), cred.gid(), cred.pid()) {
+        log::warn!(
+            "admin socket: refused uid {} (pid {:?})",
+            cred.uid(),
+            cred.pid()
+        );
+        write.write_all(&line(&Response::err(refusal))).await?;
+        return Ok(());
+    }
+    let mut reader = tokio::io::BufReader::new(read);
+    let mut buf = String::new();
+    loop {
+        buf.clear();
+        let n = (&mut reader)
+            .take(MAX_REQUEST_BYTES as u64)
+            .read_line(&mut buf)
+            .await?;
+        if n == 0 {
+            return Ok(());
+        }
+        if !buf.ends_with('\n') {
+            write
+                .write_all(&line(&Response::err(format!(
+                    "request longer than {MAX_REQUEST_BYTES} bytes or not newline-terminated"
+                ))))
+                .await?;
+            return Ok(());
+        }
+        let response = match parse_request(buf.trim_end()) {
+            Err(e) => Response::err(e),
+            Ok(request) => {
+                let (tx, rx) = oneshot::channel();
+                calls
+                    .send((request, tx))
+                    .await
+                    .context("daemon shutting down")?;
+                rx.await
+                    .unwrap_or_else(|_| Response::err("daemon shutting down"))
+            }
+        };
+        write.write_all(&line(&response)).await?;
+    }
+}
+
+fn line(response: &Response) -> Vec<u8> {
+    let mut v = serde_json::to_vec(response).unwrap_or_default();
+    v.push(b'\n');
+    v
+}
+
+/// The client side: sends one request and returns the daemon's answer.
+pub fn call(socket: &PathBuf, request: &Request) -> Result<Response> {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach the api-shield daemon at {} (is it running? are you root?)",
+            socket.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut req = serde_json::to_vec(request)?;
+    req.push(b'\n');
+    stream.write_all(&req).context("sending the request")?;
+    let mut reply = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut reply)
+        .context("reading the daemon's answer")?;
+    if reply.is_empty() {
+        bail!("the daemon closed the connection without answering");
+    }
+    serde_json::from_str(&reply)
+        .with_context(|| format!("the daemon's answer is not valid: {reply}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_unknown_ones_are_refused() {
+        let r = Request::Add {
+            list: ListKind::Block,
+            cidr: "192.0.2.0/24".into(),
+            ttl_secs: Some(600),
+            reason: Some("abuse".into()),
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            text,
+            r#"{"op":"add","list":"block","cidr":"192.0.2.0/24","ttl_secs":600,"reason":"abuse"}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
+        for bad in [
+            r#"{"op":"explode"}"#,
+            r#"{"op":"add","list":"block"}"#,
+            r#"{"op":"stats","x":1}"#,
+            r#"{"op":"add","list":"grey","cidr":"1.2.3.4"}"#,
+            "not json",
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_root_or_the_admin_group_passes() {
+        let root_only = Access { group: None };
+        assert!(root_only.check(0, 0, None).is_ok());
+        assert!(
+            root_only
+                .check(65534, 65534, None)
+                .unwrap_err()
+                .contains("not root")
+        );
+        let with_group = Access {
+            group: Some(("shield".into(), 4242)),
+        };
+        assert!(with_group.check(1000, 4242, None).is_ok());
+        assert!(
+            with_group
+                .check(1000, 1000, None)
+                .unwrap_err()
+                .contains("group shield")
+        );
+    }
+}

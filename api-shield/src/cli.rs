@@ -1,0 +1,373 @@
+//! The command line: argument parsing (clap) and the client side of every admin verb.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+
+use crate::{
+    api::{self, Request},
+    config::{Config, DEFAULT_SOCKET},
+    prefix::parse_prefix,
+    registry::{ListKind, unix_now},
+    shield::detach_pinned,
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Kernel-level (XDP) rate limiter and firewall for API hosts"
+)]
+pub struct Cli {
+    /// The daemon's admin socket [default: /run/api-shield/api.sock; for `run`: the config's].
+    #[arg(long, global = true, env = "API_SHIELD_SOCKET")]
+    pub socket: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon: load, attach and enforce the config (SIGHUP reloads it; on
+    /// SIGINT/SIGTERM it exits and the program stays attached, enforcing).
+    Run {
+        /// YAML config file; without it, the built-in default config (see the README).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Override the config's state_dir.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Override the config's pin_dir.
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+    },
+    /// Validate a config file without loading anything.
+    CheckConfig {
+        /// YAML config file.
+        path: PathBuf,
+    },
+    /// Blocklist entries added by operators.
+    #[command(subcommand)]
+    Block(ListCommand),
+    /// Allowlist entries added by operators.
+    #[command(subcommand)]
+    Allow(ListCommand),
+    /// Counters per reason (packets, bytes) and rates since the previous `stats`.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Interfaces, XDP mode, program id, uptime and map fill.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read the daemon's config file (like SIGHUP); refused with its errors if invalid.
+    Reload,
+    /// With the daemon stopped: remove the program from every interface and delete the pins.
+    Detach {
+        /// Config whose pin_dir to clear (default: the built-in default's).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The pin directory to clear (overrides --config).
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ListCommand {
+    /// Add a CIDR or address.
+    Add(AddArgs),
+    /// Remove what the CLI added (config and feed entries stay).
+    Del {
+        /// CIDR or address.
+        cidr: String,
+    },
+    /// Every entry, with its origins, reasons and expiry.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct AddArgs {
+    /// CIDR or address, IPv4 or IPv6.
+    pub cidr: String,
+    /// Remove the entry after this long (e.g. 90s, 10m, 2h, 7d).
+    #[arg(long, value_parser = parse_ttl)]
+    pub ttl: Option<Duration>,
+    /// Why (shown in `list`).
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("invalid TTL `{s}`: {e} (write it like 90s, 10m, 2h or 7d)"))?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("invalid TTL `{s}`: at least 1s"));
+    }
+    Ok(d)
+}
+
+/// Runs a client verb against the daemon.
+pub fn execute_client(socket: Option<PathBuf>, command: Command) -> Result<()> {
+    let socket = &socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    match command {
+        Command::Block(cmd) => list_command(socket, ListKind::Block, cmd),
+        Command::Allow(cmd) => list_command(socket, ListKind::Allow, cmd),
+        Command::Stats { json } => {
+            let v = request(socket, &Request::Stats {})?;
+            if json {
+                println!("{v}");
+            } else {
+                print_stats(&v);
+            }
+            Ok(())
+        }
+        Command::Status { json } => {
+            let v = request(socket, &Request::Status {})?;
+            if json {
+                println!("{v}");
+            } else {
+                print_status(&v);
+            }
+            Ok(())
+        }
+        Command::Reload => {
+            request(socket, &Request::Reload {})?;
+            println!("reloaded");
+            Ok(())
+        }
+        Command::Detach { config, pin_dir } => detach(socket, config, pin_dir),
+        Command::Run { .. } | Command::CheckConfig { .. } => unreachable!("handled by main"),
+    }
+}
+
+/// Sends a request; the daemon's refusal becomes this command's error.
+fn request(socket: &PathBuf, req: &Request) -> Result<Value> {
+    let resp = api::call(socket, req)?;
+    if !resp.ok {
+        bail!(
+            "{}",
+            resp.error
+                .unwrap_or_else(|| "the daemon refused without a reason".into())
+        );
+    }
+    Ok(resp.result.unwrap_or(Value::Null))
+}
+
+fn list_command(socket: &PathBuf, list: ListKind, cmd: ListCommand) -> Result<()> {
+    match cmd {
+        ListCommand::Add(args) => {
+            // Checked here too, so a typo never even reaches the daemon.
+            parse_prefix(&args.cidr)?;
+            let v = request(
+                socket,
+                &Request::Add {
+                    list,
+                    cidr: args.cidr,
+                    ttl_secs: args.ttl.map(|d| d.as_secs()),
+                    reason: args.reason,
+                },
+            )?;
+            let expiry = v["expires_at"]
+                .as_u64()
+                .map(|t| format!(", expires in {}", human_secs(t.saturating_sub(unix_now()))))
+                .unwrap_or_default();
+            println!(
+                "{} {} added{expiry}",
+                list.name(),
+                v["cidr"].as_str().unwrap_or_default()
+            );
+            for key in ["note", "warning"] {
+                if let Some(s) = v[key].as_str() {
+                    println!("{key}: {s}");
+                }
+            }
+            Ok(())
+        }
+        ListCommand::Del { cidr } => {
+            parse_prefix(&cidr)?;
+            let v = request(socket, &Request::Del { list, cidr })?;
+            let still: Vec<&str> = v["still_listed_by"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            if still.is_empty() {
+                println!(
+                    "{} {} removed",
+                    list.name(),
+                    v["cidr"].as_str().unwrap_or_default()
+                );
+            } else {
+                println!(
+                    "{} {}: the cli entry was removed; still listed by {}",
+                    list.name(),
+                    v["cidr"].as_str().unwrap_or_default(),
+                    still.join(", ")
+                );
+            }
+            Ok(())
+        }
+        ListCommand::List { json } => {
+            let v = request(socket, &Request::List { list })?;
+            if json {
+                println!("{v}");
+            } else {
+                print_list(&v);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn human_secs(secs: u64) -> String {
+    humantime::format_duration(Duration::from_secs(secs))
+        .to_string()
+        .replace(' ', "")
+}
+
+fn print_list(v: &Value) {
+    println!("{:<44} {:<24} {:<24} EXPIRES", "CIDR", "ORIGINS", "REASON");
+    let now = unix_now();
+    for entry in v.as_array().into_iter().flatten() {
+        let claims = entry["claims"].as_array().cloned().unwrap_or_default();
+        let origins: Vec<&str> = claims.iter().filter_map(|c| c["origin"].as_str()).collect();
+        let reasons: Vec<&str> = claims.iter().filter_map(|c| c["reason"].as_str()).collect();
+        // The entry lasts as long as its longest-lived claim.
+        let expiry = if claims.iter().any(|c| c["expires_at"].is_null()) {
+            "never".to_owned()
+        } else {
+            let t = claims
+                .iter()
+                .filter_map(|c| c["expires_at"].as_u64())
+                .max()
+                .unwrap_or(now);
+            format!("in {}", human_secs(t.saturating_sub(now)))
+        };
+        let reason = if reasons.is_empty() {
+            "-".to_owned()
+        } else {
+            reasons.join("; ")
+        };
+        println!(
+            "{:<44} {:<24} {:<24} {expiry}",
+            entry["cidr"].as_str().unwrap_or_default(),
+            origins.join(","),
+            reason
+        );
+    }
+}
+
+fn print_stats(v: &Value) {
+    println!(
+        "{:<14} {:>14} {:>16} {:>12} {:>14}",
+        "REASON", "PACKETS", "BYTES", "PKT/S", "BYTES/S"
+    );
+    for r in v["reasons"].as_array().into_iter().flatten() {
+        println!(
+            "{:<14} {:>14} {:>16} {:>12.1} {:>14.1}",
+            r["reason"].as_str().unwrap_or_default(),
+            r["packets"].as_u64().unwrap_or(0),
+            r["bytes"].as_u64().unwrap_or(0),
+            r["pps"].as_f64().unwrap_or(0.0),
+            r["bytes_per_sec"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!(
+        "(rates over the {:.1} s since the previous `stats`)",
+        v["interval_secs"].as_f64().unwrap_or(0.0)
+    );
+}
+
+fn print_status(v: &Value) {
+    println!(
+        "api-shield {} up {}",
+        v["version"].as_str().unwrap_or_default(),
+        human_secs(v["uptime_secs"].as_u64().unwrap_or(0))
+    );
+    println!(
+        "config: {}",
+        v["config"].as_str().unwrap_or("(built-in default)")
+    );
+    println!(
+        "pins: {}   state: {}",
+        v["pin_dir"].as_str().unwrap_or_default(),
+        v["state_dir"].as_str().unwrap_or_default()
+    );
+    for i in v["interfaces"].as_array().into_iter().flatten() {
+        println!(
+            "interface {}: {} XDP, program id {}",
+            i["name"].as_str().unwrap_or_default(),
+            i["xdp_mode"].as_str().unwrap_or_default(),
+            i["program_id"]
+        );
+    }
+    println!(
+        "{:<16} {:<10} {:>10} {:>12} {:>7}",
+        "INTERFACE", "MAP", "ENTRIES", "CAPACITY", "FILL"
+    );
+    for m in v["maps"].as_array().into_iter().flatten() {
+        let (e, c) = (
+            m["entries"].as_u64().unwrap_or(0),
+            m["capacity"].as_u64().unwrap_or(1).max(1),
+        );
+        println!(
+            "{:<16} {:<10} {:>10} {:>12} {:>6.1}%",
+            m["interface"].as_str().unwrap_or_default(),
+            m["map"].as_str().unwrap_or_default(),
+            e,
+            c,
+            e as f64 * 100.0 / c as f64
+        );
+    }
+    if let Some(counts) = v["list_entries"].as_object() {
+        let parts: Vec<String> = counts.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        println!(
+            "list entries: {}",
+            if parts.is_empty() {
+                "none".into()
+            } else {
+                parts.join(", ")
+            }
+        );
+    }
+}
+
+fn detach(socket: &PathBuf, config: Option<PathBuf>, pin_dir: Option<PathBuf>) -> Result<()> {
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        bail!(
+            "a daemon is running (it answers on {}): stop it first, then detach",
+            socket.display()
+        );
+    }
+    let pin_dir = match (pin_dir, config) {
+        (Some(p), _) => p,
+        (None, Some(path)) => {
+            Config::from_file(&path)
+                .with_context(|| format!("invalid config {}", path.display()))?
+                .pin_dir
+        }
+        (None, None) => Config::parse(crate::config::DEFAULT_CONFIG)?.pin_dir,
+    };
+    if !pin_dir.exists() {
+        println!("nothing pinned under {}", pin_dir.display());
+        return Ok(());
+    }
+    for entry in
+        std::fs::read_dir(&pin_dir).with_context(|| format!("reading {}", pin_dir.display()))?
+    {
+        let dir = entry?.path();
+        if dir.is_dir() {
+            let removed = detach_pinned(&dir)?;
+            println!("{}: removed {}", dir.display(), removed.join(", "));
+        }
+    }
+    std::fs::remove_dir(&pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+    println!("detached; {} removed", pin_dir.display());
+    Ok(())
+}

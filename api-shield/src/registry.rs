@@ -1,0 +1,482 @@
+//! Every list entry and who put it there. A prefix can be listed by several origins (the
+//! config, the CLI, later feeds and the penalty box); it stays listed until the last one
+//! lets go. Entries from origins other than the config persist in the state directory.
+
+use std::{
+    collections::BTreeMap,
+    fmt, fs,
+    io::Write as _,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListKind {
+    Allow,
+    Block,
+}
+
+impl ListKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ListKind::Allow => "allowlist",
+            ListKind::Block => "blocklist",
+        }
+    }
+}
+
+/// Who listed an entry. Shown as `config`, `cli`, `feed:NAME`, `penalty`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Origin {
+    Config,
+    Cli,
+    Feed(String),
+    Penalty,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Config => f.write_str("config"),
+            Origin::Cli => f.write_str("cli"),
+            Origin::Feed(name) => write!(f, "feed:{name}"),
+            Origin::Penalty => f.write_str("penalty"),
+        }
+    }
+}
+
+impl FromStr for Origin {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "config" => Ok(Origin::Config),
+            "cli" => Ok(Origin::Cli),
+            "penalty" => Ok(Origin::Penalty),
+            _ => match s.strip_prefix("feed:") {
+                Some(name) if !name.is_empty() => Ok(Origin::Feed(name.to_owned())),
+                _ => Err(format!("unknown origin `{s}`")),
+            },
+        }
+    }
+}
+
+impl Serialize for Origin {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Origin {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// What one origin says about an entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    pub origin: Origin,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Unix seconds after which this claim lapses; None: until removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+}
+
+/// One listed prefix with all its claims, as `block list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listed {
+    pub cidr: IpNet,
+    pub claims: Vec<Claim>,
+}
+
+/// Why a removal did nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RemoveError {
+    #[error("{cidr} is not in the {list}")]
+    NotListed { list: &'static str, cidr: IpNet },
+    #[error(
+        "{cidr} was not added by {origin}; it is listed by {others} (edit the config and reload to change config entries)"
+    )]
+    OtherOrigins {
+        cidr: IpNet,
+        origin: Origin,
+        others: String,
+    },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Registry {
+    entries: BTreeMap<(ListKind, IpNet), BTreeMap<Origin, Claim>>,
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Registry {
+    /// Replaces every config claim with these lists; other origins are untouched.
+    pub fn set_config(&mut self, allow: &[IpNet], block: &[IpNet]) {
+        self.entries.retain(|_, claims| {
+            claims.remove(&Origin::Config);
+            !claims.is_empty()
+        });
+        for (kind, nets) in [(ListKind::Allow, allow), (ListKind::Block, block)] {
+            for net in nets {
+                self.add(
+                    kind,
+                    net.trunc(),
+                    Claim {
+                        origin: Origin::Config,
+                        reason: None,
+                        expires_at: None,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Adds (or refreshes) `claim` on `cidr`. Returns true if the prefix was not listed before.
+    pub fn add(&mut self, kind: ListKind, cidr: IpNet, claim: Claim) -> bool {
+        let claims = self.entries.entry((kind, cidr.trunc())).or_default();
+        let new = claims.is_empty();
+        claims.insert(claim.origin.clone(), claim);
+        new
+    }
+
+    /// Removes `origin`'s claim; returns the origins that still list the prefix.
+    pub fn remove(
+        &mut self,
+        kind: ListKind,
+        cidr: IpNet,
+        origin: &Origin,
+    ) -> Result<Vec<Origin>, RemoveError> {
+        let key = (kind, cidr.trunc());
+        let Some(claims) = self.entries.get_mut(&key) else {
+            return Err(RemoveError::NotListed {
+                list: kind.name(),
+                cidr,
+            });
+        };
+        if claims.remove(origin).is_none() {
+            let others = claims
+                .keys()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(RemoveError::OtherOrigins {
+                cidr,
+                origin: origin.clone(),
+                others,
+            });
+        }
+        let left: Vec<Origin> = claims.keys().cloned().collect();
+        if left.is_empty() {
+            self.entries.remove(&key);
+        }
+        Ok(left)
+    }
+
+    /// Drops claims that expired at or before `now`; returns the (prefix, origin) dropped.
+    pub fn expire(&mut self, now: u64) -> Vec<(ListKind, IpNet, Origin)> {
+        let mut gone = Vec::new();
+        self.entries.retain(|(kind, cidr), claims| {
+            claims.retain(|origin, claim| {
+                let live = claim.expires_at.is_none_or(|t| t > now);
+                if !live {
+                    gone.push((*kind, *cidr, origin.clone()));
+                }
+                live
+            });
+            !claims.is_empty()
+        });
+        gone
+    }
+
+    /// The prefixes of one list, whatever their origins.
+    pub fn prefixes(&self, kind: ListKind) -> Vec<IpNet> {
+        self.entries
+            .keys()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, n)| *n)
+            .collect()
+    }
+
+    pub fn list(&self, kind: ListKind) -> Vec<Listed> {
+        self.entries
+            .iter()
+            .filter(|((k, _), _)| *k == kind)
+            .map(|((_, cidr), claims)| Listed {
+                cidr: *cidr,
+                claims: claims.values().cloned().collect(),
+            })
+            .collect()
+    }
+
+    /// Counts per list and origin, e.g. for metrics: (list, origin) -> entries.
+    pub fn counts(&self) -> BTreeMap<(ListKind, String), usize> {
+        let mut out = BTreeMap::new();
+        for ((kind, _), claims) in &self.entries {
+            for origin in claims.keys() {
+                *out.entry((*kind, origin.to_string())).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+
+    /// Claims that persist across restarts: everything but the config's (which the config
+    /// file restores) and feeds' (whose last good lists are kept by the feed code).
+    fn persistent(&self) -> Vec<PersistedEntry> {
+        let mut out = Vec::new();
+        for ((list, cidr), claims) in &self.entries {
+            for claim in claims.values() {
+                if matches!(claim.origin, Origin::Cli | Origin::Penalty) {
+                    out.push(PersistedEntry {
+                        list: *list,
+                        cidr: *cidr,
+                        claim: claim.clone(),
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct PersistedEntry {
+    list: ListKind,
+    cidr: IpNet,
+    #[serde(flatten)]
+    claim: Claim,
+}
+
+/// The state directory: CLI and penalty entries, written atomically, files 0600.
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+const ENTRIES_FILE: &str = "entries.json";
+
+impl StateDir {
+    /// Creates the directory (0700) if needed.
+    pub fn open(dir: &Path) -> Result<StateDir> {
+        fs::create_dir_all(dir)
+            .with_context(|| format!("creating state directory {}", dir.display()))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("setting permissions of {}", dir.display()))?;
+        Ok(StateDir {
+            dir: dir.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes `name` atomically (temporary file, fsync, rename), mode 0600.
+    pub fn write(&self, name: &str, contents: &[u8]) -> Result<()> {
+        let path = self.dir.join(name);
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        file.write_all(contents)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        file.sync_all()
+            .with_context(|| format!("syncing {}", tmp.display()))?;
+        fs::rename(&tmp, &path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    }
+
+    pub fn save_entries(&self, registry: &Registry) -> Result<()> {
+        let json = serde_json::to_vec_pretty(&registry.persistent())?;
+        self.write(ENTRIES_FILE, &json)
+    }
+
+    /// Restores persisted entries into `registry`, dropping those already expired.
+    /// Returns how many were restored.
+    pub fn load_entries(&self, registry: &mut Registry, now: u64) -> Result<usize> {
+        let path = self.dir.join(ENTRIES_FILE);
+        let data = match fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let entries: Vec<PersistedEntry> =
+            serde_json::from_slice(&data).with_context(|| format!("parsing {}", path.display()))?;
+        let mut restored = 0;
+        for e in entries {
+            if e.claim.expires_at.is_none_or(|t| t > now) {
+                registry.add(e.list, e.cidr, e.claim);
+                restored += 1;
+            }
+        }
+        Ok(restored)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn cli(reason: &str, expires_at: Option<u64>) -> Claim {
+        Claim {
+            origin: Origin::Cli,
+            reason: Some(reason.into()),
+            expires_at,
+        }
+    }
+
+    #[test]
+    fn a_prefix_stays_listed_until_its_last_origin_lets_go() {
+        let mut r = Registry::default();
+        r.set_config(&[], &[net("192.0.2.0/24")]);
+        assert!(!r.add(ListKind::Block, net("192.0.2.0/24"), cli("abuse", None)));
+        r.add(
+            ListKind::Block,
+            net("192.0.2.0/24"),
+            Claim {
+                origin: Origin::Feed("drop".into()),
+                reason: None,
+                expires_at: None,
+            },
+        );
+        assert_eq!(
+            r.remove(ListKind::Block, net("192.0.2.0/24"), &Origin::Cli)
+                .unwrap(),
+            vec![Origin::Config, Origin::Feed("drop".into())]
+        );
+        r.set_config(&[], &[]);
+        assert_eq!(
+            r.prefixes(ListKind::Block),
+            vec![net("192.0.2.0/24")],
+            "the feed still lists it"
+        );
+        assert_eq!(
+            r.remove(
+                ListKind::Block,
+                net("192.0.2.0/24"),
+                &Origin::Feed("drop".into())
+            )
+            .unwrap(),
+            vec![]
+        );
+        assert!(r.prefixes(ListKind::Block).is_empty());
+    }
+
+    #[test]
+    fn removing_what_another_origin_listed_is_refused() {
+        let mut r = Registry::default();
+        r.set_config(&[], &[net("192.0.2.0/24")]);
+        let e = r
+            .remove(ListKind::Block, net("192.0.2.0/24"), &Origin::Cli)
+            .unwrap_err();
+        assert!(e.to_string().contains("listed by config"), "{e}");
+        let e = r
+            .remove(ListKind::Block, net("198.51.100.0/24"), &Origin::Cli)
+            .unwrap_err();
+        assert_eq!(e.to_string(), "198.51.100.0/24 is not in the blocklist");
+        assert_eq!(r.prefixes(ListKind::Block), vec![net("192.0.2.0/24")]);
+    }
+
+    #[test]
+    fn config_reload_leaves_other_origins_alone() {
+        let mut r = Registry::default();
+        r.set_config(&[net("10.0.0.0/8")], &[net("192.0.2.0/24")]);
+        r.add(ListKind::Block, net("203.0.113.7/32"), cli("x", None));
+        r.set_config(&[], &[net("198.51.100.0/24")]);
+        assert_eq!(
+            r.prefixes(ListKind::Block),
+            vec![net("198.51.100.0/24"), net("203.0.113.7/32")]
+        );
+        assert!(r.prefixes(ListKind::Allow).is_empty());
+    }
+
+    #[test]
+    fn claims_expire_at_their_time() {
+        let mut r = Registry::default();
+        r.add(
+            ListKind::Block,
+            net("192.0.2.1/32"),
+            cli("short", Some(100)),
+        );
+        r.add(ListKind::Block, net("192.0.2.2/32"), cli("long", Some(200)));
+        r.set_config(&[], &[net("192.0.2.1/32")]);
+        assert!(r.expire(99).is_empty());
+        assert_eq!(
+            r.expire(100),
+            vec![(ListKind::Block, net("192.0.2.1/32"), Origin::Cli)]
+        );
+        assert_eq!(
+            r.prefixes(ListKind::Block).len(),
+            2,
+            "the config claim keeps 192.0.2.1"
+        );
+        r.expire(200);
+        assert_eq!(r.prefixes(ListKind::Block), vec![net("192.0.2.1/32")]);
+    }
+
+    #[test]
+    fn state_round_trips_with_0600_files_and_skips_expired() {
+        let dir = std::env::temp_dir().join(format!("api-shield-registry-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let state = StateDir::open(&dir).unwrap();
+        let mut r = Registry::default();
+        r.set_config(&[], &[net("198.51.100.0/24")]);
+        r.add(ListKind::Block, net("192.0.2.1/32"), cli("a", Some(1000)));
+        r.add(ListKind::Block, net("192.0.2.2/32"), cli("b", Some(10)));
+        r.add(ListKind::Allow, net("2001:db8::/32"), cli("c", None));
+        state.save_entries(&r).unwrap();
+        let mode = fs::metadata(dir.join(ENTRIES_FILE))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(
+            fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        let mut back = Registry::default();
+        assert_eq!(state.load_entries(&mut back, 500).unwrap(), 2);
+        assert_eq!(
+            back.prefixes(ListKind::Block),
+            vec![net("192.0.2.1/32")],
+            "config entries are not persisted; expired ones are not restored"
+        );
+        assert_eq!(
+            back.list(ListKind::Allow)[0].claims[0].reason.as_deref(),
+            Some("c")
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn origins_print_and_parse() {
+        for o in ["config", "cli", "penalty", "feed:spamhaus-drop"] {
+            assert_eq!(o.parse::<Origin>().unwrap().to_string(), o);
+        }
+        assert!("feed:".parse::<Origin>().is_err());
+        assert!("bogus".parse::<Origin>().is_err());
+    }
+}
