@@ -355,7 +355,8 @@ impl Controller {
             bail!("invalid reason: at most {MAX_REASON_CHARS} characters, no control characters");
         }
         let net = parsed.net;
-        let expires_at = ttl_secs.map(|t| unix_now() + t);
+        // Rounded up: an entry may outlive its TTL by under a second, never fall short of it.
+        let expires_at = ttl_secs.map(|t| unix_now() + t + 1);
         let before = self.registry.clone();
         let new = self.registry.add(
             list,
