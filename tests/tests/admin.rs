@@ -51,10 +51,6 @@ impl Setup {
         }
     }
 
-    fn daemon(&mut self) -> &mut Daemon {
-        self.daemon.as_mut().expect("daemon running")
-    }
-
     /// A new daemon on the same state and pin directories.
     fn start_again(&self) -> Daemon {
         Daemon::start_with(

@@ -89,3 +89,31 @@ fn a_missing_file_or_unknown_verb_is_a_clear_error() {
     );
     assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
 }
+
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(format!(
+        "{}/../config/api-shield.service",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    // The unit names the installed path; verify it against the binary just built.
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("api-shield.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/api-shield", &binary().display().to_string()),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian package systemd)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.trim().is_empty(),
+        "systemd-analyze verify: {stderr}"
+    );
+}

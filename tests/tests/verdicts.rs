@@ -961,3 +961,30 @@ fn raw_test_run(fd: &std::os::fd::OwnedFd, frame: &[u8], repeat: u32) {
     );
     assert_ne!(attr.retval, XDP_ABORTED);
 }
+
+#[test]
+fn a_new_limit_applies_to_existing_sources_without_resetting_their_buckets() {
+    let mut h = Harness::new("limits: {default: {pps: 1, burst_packets: 5}}\n");
+    let frame = udp4(v4("198.18.0.7"), 20);
+    let passes = |h: &mut Harness, n: usize| -> usize {
+        (0..n)
+            .filter(|_| h.run(&frame).unwrap() == XDP_PASS)
+            .count()
+    };
+    assert_eq!(passes(&mut h, 20), 5, "the first limit's burst");
+    // Double the burst: the source's bucket keeps what it used, so it gets the 5 extra
+    // packets of room, not a fresh burst of 10.
+    h.shield
+        .apply_settings(&config("limits: {default: {pps: 1, burst_packets: 10}}\n"))
+        .unwrap();
+    assert_eq!(
+        passes(&mut h, 20),
+        5,
+        "the new limit, on the existing bucket"
+    );
+    // Lower it again: the same source is over the new limit at once.
+    h.shield
+        .apply_settings(&config("limits: {default: {pps: 1, burst_packets: 2}}\n"))
+        .unwrap();
+    assert_eq!(passes(&mut h, 5), 0);
+}

@@ -17,6 +17,7 @@ pub(crate) const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "network namespaces and veth pairs (ip)"),
     ("util-linux", "nsenter and setpriv"),
     ("procps", "sysctl and pgrep"),
+    ("systemd", "systemd-analyze, which checks the shipped unit"),
     (
         "bpftool",
         "inspecting loaded programs; running peers by BPF_PROG_TEST_RUN",
