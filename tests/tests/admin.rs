@@ -333,6 +333,9 @@ fn an_unprivileged_cli_is_refused_and_changes_nothing() {
         )
     };
     // The socket's directory (0750) and the socket (0600) keep nobody out...
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&s.dirs.socket()), 0o600);
+    assert_eq!(mode(s.dirs.socket().parent().unwrap()), 0o750);
     let (code, err) = as_nobody(&["block", "add", SOURCE]);
     assert_eq!(code, Some(1));
     assert!(err.contains("Permission denied"), "{err}");
