@@ -46,6 +46,109 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Where maps and XDP links are pinned, one folder per interface.
     pub pin_dir: PathBuf,
+    /// Reputation feeds: lists of networks to block, refreshed on a schedule.
+    pub feeds: Vec<FeedConfig>,
+}
+
+/// One reputation feed.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedConfig {
+    pub name: FeedName,
+    /// http:// or https:// URL (exactly one of `url` and `path`).
+    pub url: Option<FeedUrl>,
+    /// A local file (exactly one of `url` and `path`).
+    pub path: Option<PathBuf>,
+    #[serde(default)]
+    pub format: FeedFormat,
+    #[serde(default = "default_refresh")]
+    pub refresh: HumanDuration,
+    /// A fetch yielding more entries is refused (the last good version stays).
+    #[serde(default = "default_max_entries")]
+    pub max_entries: Bounded<1, 16_777_216>,
+    /// A fetch yielding fewer entries is treated as a failure.
+    #[serde(default = "default_min_entries")]
+    pub min_entries: Bounded<0, 16_777_216>,
+    /// Whole download, connection included.
+    #[serde(default = "default_feed_timeout")]
+    pub timeout: HumanDuration,
+    /// A body larger than this is refused.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: Bounded<1024, { 1 << 34 }>,
+}
+
+fn default_refresh() -> HumanDuration {
+    HumanDuration(Duration::from_secs(3600))
+}
+fn default_max_entries() -> Bounded<1, 16_777_216> {
+    Bounded(1_000_000)
+}
+fn default_min_entries() -> Bounded<0, 16_777_216> {
+    Bounded(1)
+}
+fn default_feed_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_max_bytes() -> Bounded<1024, { 1 << 34 }> {
+    Bounded(64 << 20)
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FeedFormat {
+    /// Detected from the content: JSON lines, else one prefix per line.
+    #[default]
+    Auto,
+    Plain,
+    SpamhausDrop,
+    SpamhausDropJson,
+    FireholNetset,
+}
+
+/// A feed name: 1 to 64 of a-z, 0-9, '-', '_' (it names files and metric labels).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FeedName(pub String);
+
+impl<'de> Deserialize<'de> for FeedName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked_str(d, |s| {
+            if s.is_empty()
+                || s.len() > 64
+                || !s
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+            {
+                return Err(format!(
+                    "invalid feed name `{s}`: 1 to 64 of a-z, 0-9, '-' and '_'"
+                ));
+            }
+            Ok(FeedName(s.to_owned()))
+        })
+    }
+}
+
+/// An http:// or https:// URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedUrl(pub String);
+
+impl<'de> Deserialize<'de> for FeedUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked_str(d, |s| {
+            let rest = s
+                .strip_prefix("https://")
+                .or_else(|| s.strip_prefix("http://"));
+            match rest {
+                Some(r)
+                    if !r.is_empty() && !r.starts_with('/') && !s.contains(char::is_whitespace) =>
+                {
+                    Ok(FeedUrl(s.to_owned()))
+                }
+                _ => Err(format!(
+                    "invalid feed URL `{s}`: expected http://host/... or https://host/..."
+                )),
+            }
+        })
+    }
 }
 
 /// The admin API: a Unix socket only (nothing admin listens on TCP).
@@ -316,6 +419,8 @@ struct RawConfig {
     admin: Admin,
     state_dir: Option<AbsolutePath>,
     pin_dir: Option<AbsolutePath>,
+    #[serde(default)]
+    feeds: Vec<FeedConfig>,
 }
 
 /// An absolute path (relative ones would depend on where the daemon was started).
@@ -397,6 +502,7 @@ impl Config {
             pin_dir: raw
                 .pin_dir
                 .map_or_else(|| PathBuf::from(DEFAULT_PIN_DIR), |p| p.0),
+            feeds: raw.feeds,
         };
         let problems = config.problems(text);
         if problems.is_empty() {
@@ -454,6 +560,48 @@ impl Config {
                         ),
                     );
                 }
+            }
+        }
+        for (i, feed) in self.feeds.iter().enumerate() {
+            let path = |key| [Seg::Key("feeds"), Seg::Index(i), Seg::Key(key)];
+            if let Some(first) = self.feeds[..i].iter().position(|o| o.name == feed.name) {
+                at(
+                    &path("name"),
+                    format!(
+                        "duplicate feed `{}` (already listed as feeds[{first}])",
+                        feed.name.0
+                    ),
+                );
+            }
+            match (&feed.url, &feed.path) {
+                (Some(_), Some(_)) => at(
+                    &path("path"),
+                    "a feed has either `url` or `path`, not both".into(),
+                ),
+                (None, None) => at(
+                    &[Seg::Key("feeds"), Seg::Index(i)],
+                    "a feed needs `url` or `path`".into(),
+                ),
+                (None, Some(p)) if !p.is_absolute() => at(
+                    &path("path"),
+                    format!("`{}` is not an absolute path", p.display()),
+                ),
+                _ => {}
+            }
+            if feed.refresh.0 < Duration::from_secs(1) {
+                at(&path("refresh"), "must be at least 1s".into());
+            }
+            if feed.timeout.0 < Duration::from_secs(1) {
+                at(&path("timeout"), "must be at least 1s".into());
+            }
+            if feed.min_entries.0 > feed.max_entries.0 {
+                at(
+                    &path("min_entries"),
+                    format!(
+                        "{} is more than max_entries ({})",
+                        feed.min_entries.0, feed.max_entries.0
+                    ),
+                );
             }
         }
         problems

@@ -3,7 +3,7 @@
 //! lets go. Entries from origins other than the config persist in the state directory.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet, HashSet},
     fmt, fs,
     io::Write as _,
     os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
@@ -117,6 +117,16 @@ pub enum RemoveError {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Registry {
     entries: BTreeMap<(ListKind, IpNet), BTreeMap<Origin, Claim>>,
+    /// Feed name -> the prefixes of its version in force (they block). Kept apart from
+    /// `entries`: a feed can hold a million prefixes, with no reason or expiry each.
+    feeds: BTreeMap<String, HashSet<IpNet>>,
+}
+
+/// What replacing a feed's version changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FeedChange {
+    pub added: usize,
+    pub removed: usize,
 }
 
 pub fn unix_now() -> u64 {
@@ -163,28 +173,49 @@ impl Registry {
         origin: &Origin,
     ) -> Result<Vec<Origin>, RemoveError> {
         let key = (kind, cidr.trunc());
+        let feeds: Vec<Origin> = match kind {
+            ListKind::Block => self
+                .feeds
+                .iter()
+                .filter(|(_, s)| s.contains(&key.1))
+                .map(|(n, _)| Origin::Feed(n.clone()))
+                .collect(),
+            ListKind::Allow => Vec::new(),
+        };
+        let others = |claims: Option<&BTreeMap<Origin, Claim>>| -> String {
+            let mut all: Vec<String> = claims
+                .into_iter()
+                .flat_map(|c| c.keys().map(ToString::to_string))
+                .collect();
+            all.extend(feeds.iter().map(ToString::to_string));
+            all.join(", ")
+        };
         let Some(claims) = self.entries.get_mut(&key) else {
-            return Err(RemoveError::NotListed {
-                list: kind.name(),
+            if feeds.is_empty() {
+                return Err(RemoveError::NotListed {
+                    list: kind.name(),
+                    cidr,
+                });
+            }
+            return Err(RemoveError::OtherOrigins {
                 cidr,
+                origin: origin.clone(),
+                others: others(None),
             });
         };
         if claims.remove(origin).is_none() {
-            let others = claims
-                .keys()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ");
+            let others = others(Some(claims));
             return Err(RemoveError::OtherOrigins {
                 cidr,
                 origin: origin.clone(),
                 others,
             });
         }
-        let left: Vec<Origin> = claims.keys().cloned().collect();
+        let mut left: Vec<Origin> = claims.keys().cloned().collect();
         if left.is_empty() {
             self.entries.remove(&key);
         }
+        left.extend(feeds);
         Ok(left)
     }
 
@@ -204,23 +235,71 @@ impl Registry {
         gone
     }
 
-    /// The prefixes of one list, whatever their origins.
+    /// Puts `entries` in force as feed `name`'s version (they block); returns what changed.
+    pub fn set_feed(&mut self, name: &str, entries: HashSet<IpNet>) -> FeedChange {
+        let old = self.feeds.remove(name).unwrap_or_default();
+        let change = FeedChange {
+            added: entries.difference(&old).count(),
+            removed: old.difference(&entries).count(),
+        };
+        if !entries.is_empty() {
+            self.feeds.insert(name.to_owned(), entries);
+        }
+        change
+    }
+
+    /// The version of feed `name` in force.
+    pub fn feed(&self, name: &str) -> Option<&HashSet<IpNet>> {
+        self.feeds.get(name)
+    }
+
+    /// Forgets feeds no longer configured.
+    pub fn retain_feeds(&mut self, keep: impl Fn(&str) -> bool) {
+        self.feeds.retain(|name, _| keep(name));
+    }
+
+    /// The prefixes of one list, whatever their origins, sorted and distinct.
     pub fn prefixes(&self, kind: ListKind) -> Vec<IpNet> {
-        self.entries
+        let mut out: BTreeSet<IpNet> = self
+            .entries
             .keys()
             .filter(|(k, _)| *k == kind)
             .map(|(_, n)| *n)
-            .collect()
+            .collect();
+        if kind == ListKind::Block {
+            for set in self.feeds.values() {
+                out.extend(set.iter().copied());
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    /// Whether `cidr` is listed in `kind` by any origin.
+    pub fn contains(&self, kind: ListKind, cidr: IpNet) -> bool {
+        self.entries.contains_key(&(kind, cidr))
+            || (kind == ListKind::Block && self.feeds.values().any(|s| s.contains(&cidr)))
     }
 
     pub fn list(&self, kind: ListKind) -> Vec<Listed> {
-        self.entries
+        let mut out: BTreeMap<IpNet, Vec<Claim>> = self
+            .entries
             .iter()
             .filter(|((k, _), _)| *k == kind)
-            .map(|((_, cidr), claims)| Listed {
-                cidr: *cidr,
-                claims: claims.values().cloned().collect(),
-            })
+            .map(|((_, cidr), claims)| (*cidr, claims.values().cloned().collect()))
+            .collect();
+        if kind == ListKind::Block {
+            for (name, set) in &self.feeds {
+                for cidr in set {
+                    out.entry(*cidr).or_default().push(Claim {
+                        origin: Origin::Feed(name.clone()),
+                        reason: None,
+                        expires_at: None,
+                    });
+                }
+            }
+        }
+        out.into_iter()
+            .map(|(cidr, claims)| Listed { cidr, claims })
             .collect()
     }
 
@@ -231,6 +310,9 @@ impl Registry {
             for origin in claims.keys() {
                 *out.entry((*kind, origin.to_string())).or_insert(0) += 1;
             }
+        }
+        for (name, set) in &self.feeds {
+            out.insert((ListKind::Block, format!("feed:{name}")), set.len());
         }
         out
     }
@@ -288,7 +370,17 @@ impl StateDir {
     /// Writes `name` atomically (temporary file, fsync, rename), mode 0600.
     pub fn write(&self, name: &str, contents: &[u8]) -> Result<()> {
         let path = self.dir.join(name);
-        let tmp = self.dir.join(format!(".{name}.tmp"));
+        let parent = path.parent().unwrap_or(&self.dir).to_path_buf();
+        if parent != self.dir {
+            fs::create_dir_all(&parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+            fs::set_permissions(&parent, fs::Permissions::from_mode(0o700))?;
+        }
+        let file_name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = parent.join(format!(".{file_name}.tmp"));
         let mut file = fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -469,6 +561,66 @@ mod tests {
             Some("c")
         );
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn feeds_overlap_with_each_other_the_config_and_the_cli() {
+        let mut r = Registry::default();
+        r.set_config(&[], &[net("192.0.2.0/24")]);
+        r.add(ListKind::Block, net("198.51.100.0/24"), cli("x", None));
+        let a: HashSet<IpNet> = [
+            net("192.0.2.0/24"),
+            net("198.51.100.0/24"),
+            net("203.0.113.0/24"),
+        ]
+        .into();
+        let b: HashSet<IpNet> = [net("203.0.113.0/24")].into();
+        assert_eq!(
+            r.set_feed("a", a.clone()),
+            FeedChange {
+                added: 3,
+                removed: 0
+            }
+        );
+        r.set_feed("b", b);
+        let listed = r.list(ListKind::Block);
+        let origins = |cidr: &str| -> Vec<String> {
+            listed
+                .iter()
+                .find(|l| l.cidr == net(cidr))
+                .unwrap()
+                .claims
+                .iter()
+                .map(|c| c.origin.to_string())
+                .collect()
+        };
+        assert_eq!(origins("192.0.2.0/24"), ["config", "feed:a"]);
+        assert_eq!(origins("198.51.100.0/24"), ["cli", "feed:a"]);
+        assert_eq!(origins("203.0.113.0/24"), ["feed:a", "feed:b"]);
+        // The CLI lets go: the feed still lists it.
+        assert_eq!(
+            r.remove(ListKind::Block, net("198.51.100.0/24"), &Origin::Cli)
+                .unwrap(),
+            vec![Origin::Feed("a".into())]
+        );
+        assert!(r.contains(ListKind::Block, net("198.51.100.0/24")));
+        // Feed a drops everything: 203.0.113.0/24 stays for feed b, 192.0.2.0/24 for the config.
+        assert_eq!(
+            r.set_feed("a", HashSet::new()),
+            FeedChange {
+                added: 0,
+                removed: 3
+            }
+        );
+        assert_eq!(
+            r.prefixes(ListKind::Block),
+            vec![net("192.0.2.0/24"), net("203.0.113.0/24")]
+        );
+        let e = r
+            .remove(ListKind::Block, net("203.0.113.0/24"), &Origin::Cli)
+            .unwrap_err();
+        assert!(e.to_string().contains("feed:b"), "{e}");
+        assert_eq!(r.counts()[&(ListKind::Block, "feed:b".to_owned())], 1);
     }
 
     #[test]

@@ -122,6 +122,22 @@ fn check_pinned_shape(path: &Path, want: &MapShape) -> Result<()> {
     Ok(())
 }
 
+/// Whether a map update failed because the map is at capacity.
+fn is_map_full(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        let io = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error);
+        let syscall = cause
+            .downcast_ref::<aya::maps::MapError>()
+            .and_then(|m| match m {
+                aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error(),
+                _ => None,
+            });
+        matches!(io.or(syscall), Some(libc::ENOSPC | libc::E2BIG))
+    })
+}
+
 /// The pinned link's name records the mode it was attached in (bpffs forbids dots in names).
 fn link_pin_name(mode: AttachedMode) -> &'static str {
     match mode {
@@ -387,7 +403,14 @@ impl Shield {
                 "blocklist entry {net} lies inside an allowlisted prefix: the allowlist wins"
             );
         }
-        self.apply_lists(&folded.table)
+        let refused = self.apply_lists(&folded.table)?;
+        if !refused.is_empty() {
+            bail!(
+                "{} list entries refused: the list maps are full (raise capacity)",
+                refused.len()
+            );
+        }
+        Ok(())
     }
 
     /// Limits and settings from `config`; buckets keep their state.
@@ -462,20 +485,46 @@ impl Shield {
             .try_into()?)
     }
 
-    /// Takes the list tries to `next` without a gap: upserts first, then removals.
-    pub fn apply_lists(&mut self, next: &ListTable) -> Result<()> {
+    /// Takes the list tries to `next` without a gap: upserts first, then removals. A trie
+    /// that is full refuses entries; they are retried once the removals made room, and
+    /// those still refused are returned (and not recorded, so the next update retries them).
+    pub fn apply_lists(&mut self, next: &ListTable) -> Result<Vec<IpNet>> {
         let diff = self.lists.diff_to(next);
+        let mut refused = Vec::new();
         for (net, verdict) in &diff.upserts {
-            self.list_insert(*net, *verdict)
-                .with_context(|| format!("adding {net} to the lists"))?;
-            self.lists.entries.insert(*net, *verdict);
+            self.upsert_or_refuse(*net, *verdict, &mut refused)?;
         }
         for net in &diff.removals {
             self.list_remove(*net)
                 .with_context(|| format!("removing {net} from the lists"))?;
             self.lists.entries.remove(net);
         }
-        Ok(())
+        if !refused.is_empty() && !diff.removals.is_empty() {
+            let retry = std::mem::take(&mut refused);
+            for net in retry {
+                self.upsert_or_refuse(net, next.entries[&net], &mut refused)?;
+            }
+        }
+        Ok(refused)
+    }
+
+    fn upsert_or_refuse(
+        &mut self,
+        net: IpNet,
+        verdict: ListVerdict,
+        refused: &mut Vec<IpNet>,
+    ) -> Result<()> {
+        match self.list_insert(net, verdict) {
+            Ok(()) => {
+                self.lists.entries.insert(net, verdict);
+                Ok(())
+            }
+            Err(e) if is_map_full(&e) => {
+                refused.push(net);
+                Ok(())
+            }
+            Err(e) => Err(e.context(format!("adding {net} to the lists"))),
+        }
     }
 
     pub fn lists(&self) -> &ListTable {
