@@ -46,6 +46,12 @@ pub enum Request {
     Stats {},
     Status {},
     Reload {},
+    Feeds {},
+    /// Fetch now (all feeds, or one); answered when the fetches are done.
+    FeedsRefresh {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
 }
 
 /// Parses a request line strictly: serde does not refuse unknown keys on every variant of
@@ -58,10 +64,10 @@ pub fn parse_request(text: &str) -> Result<Request, String> {
     let known = serde_json::to_value(&request).map_err(|e| format!("bad request: {e}"))?;
     if let (Some(given), Some(known)) = (value.as_object(), known.as_object()) {
         // Optional fields are left out of `known` when they are absent or null.
-        let optional = ["ttl_secs", "reason"];
         let allowed = |k: &str| {
             known.contains_key(k)
-                || (optional.contains(&k) && matches!(request, Request::Add { .. }))
+                || (matches!(k, "ttl_secs" | "reason") && matches!(request, Request::Add { .. }))
+                || (k == "name" && matches!(request, Request::FeedsRefresh { .. }))
         };
         if let Some(extra) = given.keys().find(|k| !allowed(k)) {
             return Err(format!("bad request: unknown field `{extra}`"));

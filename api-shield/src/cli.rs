@@ -63,6 +63,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Reputation feeds: entries in force, last success and error, next refresh, rejected lines.
+    Feeds {
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<FeedsAction>,
+    },
     /// Re-read the daemon's config file (like SIGHUP); refused with its errors if invalid.
     Reload,
     /// With the daemon stopped: remove the program from every interface and delete the pins.
@@ -73,6 +80,15 @@ pub enum Command {
         /// The pin directory to clear (overrides --config).
         #[arg(long)]
         pin_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FeedsAction {
+    /// Fetch now (every feed, or NAME) and wait for the result.
+    Refresh {
+        /// The feed to fetch (default: all).
+        name: Option<String>,
     },
 }
 
@@ -134,6 +150,25 @@ pub fn execute_client(socket: Option<PathBuf>, command: Command) -> Result<()> {
                 println!("{v}");
             } else {
                 print_status(&v);
+            }
+            Ok(())
+        }
+        Command::Feeds {
+            action: Some(FeedsAction::Refresh { name }),
+            ..
+        } => {
+            let v = request(socket, &Request::FeedsRefresh { name })?;
+            for line in v.as_array().into_iter().flatten() {
+                println!("{}", line.as_str().unwrap_or_default());
+            }
+            Ok(())
+        }
+        Command::Feeds { json, action: None } => {
+            let v = request(socket, &Request::Feeds {})?;
+            if json {
+                println!("{v}");
+            } else {
+                print_feeds(&v);
             }
             Ok(())
         }
@@ -260,6 +295,42 @@ fn print_list(v: &Value) {
             origins.join(","),
             reason
         );
+    }
+}
+
+fn print_feeds(v: &Value) {
+    let now = unix_now();
+    println!(
+        "{:<20} {:>9} {:<16} {:<10} {:>8} {:>11} {:>8}  LAST ERROR",
+        "FEED", "ENTRIES", "LAST SUCCESS", "NEXT", "REJECTED", "ALLOWLISTED", "REFUSED"
+    );
+    for f in v.as_array().into_iter().flatten() {
+        let ago = |t: Option<u64>| {
+            t.map_or("never".to_owned(), |t| {
+                format!("{} ago", human_secs(now.saturating_sub(t)))
+            })
+        };
+        println!(
+            "{:<20} {:>9} {:<16} {:<10} {:>8} {:>11} {:>8}  {}",
+            f["name"].as_str().unwrap_or_default(),
+            f["entries"].as_u64().unwrap_or(0),
+            ago(f["last_success"].as_u64()),
+            format!(
+                "in {}",
+                human_secs(f["next_refresh_in_secs"].as_u64().unwrap_or(0))
+            ),
+            f["rejected_lines"].as_u64().unwrap_or(0),
+            f["allowlisted"].as_u64().unwrap_or(0),
+            f["refused_map_full"].as_u64().unwrap_or(0),
+            f["last_error"].as_str().unwrap_or("-"),
+        );
+        for example in f["rejected_examples"].as_array().into_iter().flatten() {
+            println!(
+                "{:<20} rejected {}",
+                "",
+                example.as_str().unwrap_or_default()
+            );
+        }
     }
 }
 

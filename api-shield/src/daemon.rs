@@ -4,22 +4,27 @@
 //! reloads on SIGHUP, and exits on SIGINT/SIGTERM leaving the program enforcing.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::PathBuf,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use api_shield_common::counters::{Counter, Reason};
+use ipnet::IpNet;
 use serde::Serialize;
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::mpsc,
+    sync::{mpsc, oneshot},
 };
 
 use crate::{
     api::{self, Access, Call, Request, Response},
     config::Config,
+    feeds::{
+        Feed, FeedStatus,
+        fetch::{self, Outcome},
+    },
     lists::{Folded, fold},
     prefix::parse_prefix,
     registry::{Claim, ListKind, Origin, Registry, StateDir, unix_now},
@@ -71,6 +76,19 @@ struct Controller {
     started: Instant,
     /// Counter totals at the last `stats` call, for rates since then.
     last_stats: (Instant, BTreeMap<Reason, Counter>),
+    feeds: BTreeMap<String, Feed>,
+    http: reqwest::Client,
+    feed_results: mpsc::Sender<(String, Outcome)>,
+    /// `feeds refresh` calls waiting for their fetches to finish.
+    pending_refreshes: Vec<PendingRefresh>,
+    /// List entries the full maps refused at the last update (retried on every update).
+    refused: Vec<IpNet>,
+}
+
+struct PendingRefresh {
+    waiting_for: BTreeSet<String>,
+    results: BTreeMap<String, String>,
+    reply: oneshot::Sender<Response>,
 }
 
 pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overrides) -> Result<()> {
@@ -86,6 +104,28 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
     let restored = state
         .load_entries(&mut registry, unix_now())
         .context("restoring CLI entries from the state directory")?;
+    // Each feed's last good version is in force from the start, whether or not its
+    // source is reachable now.
+    let mut feeds = BTreeMap::new();
+    for feed_config in &config.feeds {
+        let mut feed = Feed::new(feed_config.clone());
+        match feed.load_good(&state) {
+            Ok(Some(entries)) => {
+                log::info!(
+                    "feed {}: {} entries from its last good version",
+                    feed_config.name.0,
+                    entries.len()
+                );
+                registry.set_feed(&feed_config.name.0, entries);
+            }
+            Ok(None) => {}
+            Err(e) => log::error!(
+                "feed {}: its saved version is unusable, ignoring it: {e:#}",
+                feed_config.name.0
+            ),
+        }
+        feeds.insert(feed_config.name.0.clone(), feed);
+    }
     let folded = fold_registry(&registry);
 
     let mut instances = Vec::new();
@@ -96,7 +136,14 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
         // Maps are in step before the program sees a packet (or, on a restart, before the
         // new program takes over the link from the old one).
         shield.apply_settings(&config)?;
-        shield.apply_lists(&folded.table)?;
+        let refused = shield.apply_lists(&folded.table)?;
+        if !refused.is_empty() {
+            log::error!(
+                "{}: {} list entries refused, the list maps are full (raise capacity)",
+                iface.name,
+                refused.len()
+            );
+        }
         let (mode, reused) = shield
             .attach_pinned(&iface.name.0, iface.mode)
             .with_context(|| format!("attaching to interface {}", iface.name))?;
@@ -130,6 +177,12 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
     );
 
     let first_totals = totals(&instances)?;
+    let (feed_results, mut feed_outcomes) = mpsc::channel::<(String, Outcome)>(16);
+    let http = reqwest::Client::builder()
+        .user_agent(concat!("api-shield/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .context("creating the HTTP client for feeds")?;
     let mut ctl = Controller {
         config,
         config_path,
@@ -139,6 +192,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
         state,
         started: Instant::now(),
         last_stats: (Instant::now(), first_totals.clone()),
+        feeds,
+        http,
+        feed_results,
+        pending_refreshes: Vec::new(),
+        refused: Vec::new(),
     };
     let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
     let server = tokio::spawn(api::serve(listener, access, calls_tx));
@@ -165,11 +223,19 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
             _ = sigint.recv() => { log::info!("SIGINT"); break; }
             _ = sigterm.recv() => { log::info!("SIGTERM"); break; }
             _ = sighup.recv() => { let _ = ctl.reload(); }
-            Some((request, reply)) = calls.recv() => {
-                let response = ctl.handle(request);
-                let _ = reply.send(response);
+            Some((request, reply)) = calls.recv() => match request {
+                // Answered once the fetches are done.
+                Request::FeedsRefresh { name } => ctl.refresh_feeds(name, reply),
+                request => {
+                    let response = ctl.handle(request);
+                    let _ = reply.send(response);
+                }
+            },
+            Some((name, outcome)) = feed_outcomes.recv() => ctl.feed_outcome(&name, outcome),
+            _ = expiry_tick.tick() => {
+                ctl.expire();
+                ctl.start_due_feeds();
             }
-            _ = expiry_tick.tick() => ctl.expire(),
             _ = stats_tick.tick(), if !ctl.config.stats_interval.is_zero() => {
                 match stats_log.line(&ctl.instances) {
                     Ok(line) => log::info!("{line}"),
@@ -305,6 +371,10 @@ impl Controller {
             Request::List { list } => {
                 Ok(serde_json::to_value(self.registry.list(list)).unwrap_or_default())
             }
+            Request::Feeds {} => Ok(serde_json::to_value(self.feeds_status()).unwrap_or_default()),
+            Request::FeedsRefresh { .. } => {
+                Err(anyhow::anyhow!("feeds refresh is answered asynchronously"))
+            }
             Request::Stats {} => self.stats(),
             Request::Status {} => self.status(),
             Request::Reload {} => self
@@ -320,12 +390,182 @@ impl Controller {
     /// Makes every instance's lists match the registry (adds before removes).
     fn sync(&mut self) -> Result<Folded> {
         let folded = fold_registry(&self.registry);
+        let mut refused = BTreeSet::new();
         for inst in &mut self.instances {
-            inst.shield
+            let refused_here = inst
+                .shield
                 .apply_lists(&folded.table)
                 .with_context(|| format!("updating the lists of {}", inst.interface))?;
+            refused.extend(refused_here);
+        }
+        if refused.len() != self.refused.len() && !refused.is_empty() {
+            log::error!(
+                "{} list entries refused: the list maps are full (raise capacity); retried on every update",
+                refused.len()
+            );
+        }
+        self.refused = refused.into_iter().collect();
+        // What each feed lost to the allowlist and to full maps, for `feeds` and metrics.
+        for (name, feed) in &mut self.feeds {
+            let set = self.registry.feed(name);
+            let count =
+                |nets: &[IpNet]| set.map_or(0, |s| nets.iter().filter(|n| s.contains(n)).count());
+            feed.status.allowlisted = count(&folded.shadowed);
+            feed.status.refused_map_full = count(&self.refused);
         }
         Ok(folded)
+    }
+
+    /// Starts a fetch for every feed whose refresh is due and that has none running.
+    fn start_due_feeds(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .feeds
+            .iter()
+            .filter(|(_, f)| !f.in_flight && f.next_refresh <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            self.start_fetch(&name);
+        }
+    }
+
+    fn start_fetch(&mut self, name: &str) {
+        let Some(feed) = self.feeds.get_mut(name) else {
+            return;
+        };
+        if feed.in_flight {
+            return;
+        }
+        feed.in_flight = true;
+        let job = feed.job();
+        let (client, results, name) = (
+            self.http.clone(),
+            self.feed_results.clone(),
+            name.to_owned(),
+        );
+        tokio::spawn(async move {
+            let outcome = fetch::run(&client, &job).await;
+            let _ = results.send((name, outcome)).await;
+        });
+    }
+
+    /// `feeds refresh [NAME]`: fetch now, answer when done.
+    fn refresh_feeds(&mut self, name: Option<String>, reply: oneshot::Sender<Response>) {
+        let targets: BTreeSet<String> = match name {
+            Some(n) if !self.feeds.contains_key(&n) => {
+                let _ = reply.send(Response::err(format!(
+                    "no feed named `{n}` (see `api-shield feeds`)"
+                )));
+                return;
+            }
+            Some(n) => [n].into(),
+            None => self.feeds.keys().cloned().collect(),
+        };
+        if targets.is_empty() {
+            let _ = reply.send(Response::err("no feeds are configured"));
+            return;
+        }
+        for t in &targets {
+            self.start_fetch(t);
+        }
+        self.pending_refreshes.push(PendingRefresh {
+            waiting_for: targets,
+            results: BTreeMap::new(),
+            reply,
+        });
+    }
+
+    /// Applies a fetch's outcome: a good version replaces the one in force as a diff
+    /// (adds before removes); anything else changes nothing.
+    fn feed_outcome(&mut self, name: &str, outcome: Outcome) {
+        let Some(feed) = self.feeds.get_mut(name) else {
+            return;
+        };
+        let summary = match outcome {
+            Outcome::NotModified => {
+                feed.not_modified();
+                log::info!(
+                    "feed {name}: not modified; {} entries stay in force",
+                    feed.status.entries
+                );
+                format!("not modified, {} entries in force", feed.status.entries)
+            }
+            Outcome::Failed(error) => {
+                let kept = feed.status.entries;
+                feed.failed(error.clone());
+                log::warn!(
+                    "feed {name}: fetch failed, the last good version ({kept} entries) stays in force: {error}"
+                );
+                format!("failed: {error}; the last good version ({kept} entries) stays in force")
+            }
+            Outcome::Good(good) => {
+                feed.succeeded(&good);
+                let entries = good.entries.clone();
+                let before = self.registry.clone();
+                let change = self.registry.set_feed(name, good.entries);
+                match self.sync() {
+                    Ok(_) => {
+                        let feed = &self.feeds[name];
+                        if let Err(e) = feed.save_good(&self.state, &entries) {
+                            log::error!("feed {name}: saving the last good version: {e:#}");
+                        }
+                        let s = &feed.status;
+                        let line = format!(
+                            "{} entries in force (+{} -{}), {} lines rejected, {} host bits cleared, {} allowlisted (not blocked), {} refused (map full)",
+                            s.entries,
+                            change.added,
+                            change.removed,
+                            s.rejected_lines,
+                            s.host_bits_cleared,
+                            s.allowlisted,
+                            s.refused_map_full
+                        );
+                        log::info!("feed {name}: {line}");
+                        if !s.rejected_examples.is_empty() {
+                            log::warn!(
+                                "feed {name}: rejected lines, e.g. {}",
+                                s.rejected_examples.join(" | ")
+                            );
+                        }
+                        line
+                    }
+                    Err(e) => {
+                        self.registry = before;
+                        let _ = self.sync();
+                        let feed = self.feeds.get_mut(name).expect("feed exists");
+                        feed.failed(format!("applying: {e:#}"));
+                        log::error!(
+                            "feed {name}: applying the new version failed, the previous one stays: {e:#}"
+                        );
+                        format!("failed to apply: {e:#}")
+                    }
+                }
+            }
+        };
+        let mut still_pending = Vec::new();
+        for mut p in self.pending_refreshes.drain(..) {
+            if p.waiting_for.remove(name) {
+                p.results.insert(name.to_owned(), summary.clone());
+            }
+            if p.waiting_for.is_empty() {
+                let failed = p.results.values().any(|r| r.starts_with("failed"));
+                let text: Vec<String> =
+                    p.results.iter().map(|(n, r)| format!("{n}: {r}")).collect();
+                let _ = p.reply.send(if failed {
+                    Response::err(text.join("; "))
+                } else {
+                    Response::ok(text)
+                });
+            } else {
+                still_pending.push(p);
+            }
+        }
+        self.pending_refreshes = still_pending;
+    }
+
+    fn feeds_status(&self) -> Vec<FeedStatus> {
+        self.feeds.values().map(Feed::status).collect()
     }
 
     /// Persists CLI entries; a failure is reported but enforcement goes on.
@@ -526,6 +766,20 @@ impl Controller {
         }
         let before = self.registry.clone();
         self.registry.set_config(&next.allowlist, &next.blocklist);
+        // Feeds no longer configured let go of their entries; new ones start from their
+        // last good version (if an earlier run saved one) and are fetched soon.
+        self.registry
+            .retain_feeds(|name| next.feeds.iter().any(|f| f.name.0 == name));
+        let mut new_feeds = Vec::new();
+        for fc in &next.feeds {
+            if !self.feeds.contains_key(&fc.name.0) {
+                let mut feed = Feed::new(fc.clone());
+                if let Ok(Some(entries)) = feed.load_good(&self.state) {
+                    self.registry.set_feed(&fc.name.0, entries);
+                }
+                new_feeds.push(feed);
+            }
+        }
         let applied = self
             .instances
             .iter_mut()
@@ -544,6 +798,27 @@ impl Controller {
             log::warn!(
                 "blocklist entry {net} lies inside an allowlisted prefix: the allowlist wins"
             );
+        }
+        self.feeds
+            .retain(|name, _| next.feeds.iter().any(|f| &f.name.0 == name));
+        for feed in new_feeds {
+            self.feeds.insert(feed.config.name.0.clone(), feed);
+        }
+        for fc in &next.feeds {
+            if let Some(feed) = self.feeds.get_mut(&fc.name.0)
+                && feed.config != *fc
+            {
+                // A changed source or format: fetch it anew, unconditionally.
+                let source_changed = feed.config.url != fc.url
+                    || feed.config.path != fc.path
+                    || feed.config.format != fc.format;
+                feed.config = fc.clone();
+                if source_changed {
+                    feed.etag = None;
+                    feed.last_modified = None;
+                    feed.next_refresh = Instant::now();
+                }
+            }
         }
         self.config = next;
         Ok(())

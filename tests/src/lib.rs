@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod frames;
+pub mod http;
 pub mod netns;
 pub mod traffic;
 
