@@ -22,6 +22,12 @@ enum Task {
     Demo,
     /// Setup if needed, then run every test: lints, unit, kernel and network tests (root).
     Test,
+    /// Run the benchmarks (release builds) and write docs/benchmarks.md (root).
+    Bench {
+        /// A small, fast run (a smoke test of the benchmarks themselves).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -29,5 +35,6 @@ fn main() -> Result<()> {
         Task::Setup => setup::setup(),
         Task::Demo => tasks::demo(),
         Task::Test => tasks::test(),
+        Task::Bench { quick } => tasks::bench(quick),
     }
 }

@@ -75,6 +75,33 @@ pub(crate) fn demo() -> Result<()> {
     ))
 }
 
+/// Measurements into docs/benchmarks.md, with release builds; timings are never asserted.
+pub(crate) fn bench(quick: bool) -> Result<()> {
+    require_root("bench")?;
+    setup_if_needed()?;
+    mount_bpffs()?;
+    println!("build: release binaries for the benchmarks");
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "api-shield",
+        "-p",
+        "api-shield-tests",
+        "--bins",
+    ]))?;
+    let root = workspace_root();
+    let mut cmd = Command::new(root.join("target/release/bench"));
+    cmd.current_dir(&root)
+        .env("API_SHIELD_BIN", root.join("target/release/api-shield"))
+        .args(["--out", "docs/benchmarks.md"]);
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(&mut cmd)
+}
+
 pub(crate) fn test() -> Result<()> {
     require_root("test")?;
     setup_if_needed()?;
