@@ -905,6 +905,64 @@ mod tests {
     }
 
     #[test]
+    fn feeds_parse_with_defaults_and_bad_ones_are_located() {
+        let c = Config::parse("interfaces: [{name: a}]\nfeeds:\n  - name: drop\n    url: https://www.spamhaus.org/drop/drop.txt\n  - name: local\n    path: /etc/x.txt\n    format: firehol-netset\n    refresh: 5m\n").unwrap();
+        assert_eq!(c.feeds[0].refresh.0, Duration::from_secs(3600));
+        assert_eq!(
+            (c.feeds[0].max_entries.0, c.feeds[0].min_entries.0),
+            (1_000_000, 1)
+        );
+        assert_eq!(c.feeds[1].format, FeedFormat::FireholNetset);
+        let base = "interfaces: [{name: a}]\nfeeds:\n";
+        for (feed, key, line) in [
+            (
+                "  - name: a\n    url: https://x/a\n  - name: a\n    path: /b\n",
+                "feeds[1].name",
+                "line 5",
+            ),
+            (
+                "  - name: a\n    url: https://x/a\n    path: /b\n",
+                "feeds[0].path",
+                "line 5",
+            ),
+            ("  - name: a\n    refresh: 1h\n", "feeds[0]", "line 3"),
+            (
+                "  - name: a\n    url: ftp://x/a\n",
+                "feeds[0].url",
+                "line 4",
+            ),
+            (
+                "  - name: a\n    path: relative.txt\n",
+                "feeds[0].path",
+                "line 4",
+            ),
+            (
+                "  - name: a\n    url: https://x/a\n    format: csv\n",
+                "feeds[0].format",
+                "line 5",
+            ),
+            (
+                "  - name: A B\n    url: https://x/a\n",
+                "feeds[0].name",
+                "line 3",
+            ),
+            (
+                "  - name: a\n    url: https://x/a\n    min_entries: 10\n    max_entries: 5\n",
+                "feeds[0].min_entries",
+                "line 5",
+            ),
+            (
+                "  - name: a\n    url: https://x/a\n    refresh: soon\n",
+                "feeds[0].refresh",
+                "line 5",
+            ),
+        ] {
+            let e = errors(&format!("{base}{feed}"));
+            assert!(e.contains(key) && e.contains(line), "{feed}: {e}");
+        }
+    }
+
+    #[test]
     fn broken_yaml_is_refused_with_its_line() {
         let e = errors("interfaces: [\n");
         assert!(e.contains("line"), "{e}");
