@@ -92,6 +92,11 @@ struct PendingRefresh {
 }
 
 pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overrides) -> Result<()> {
+    // Handlers first: a signal during start-up waits for the loop instead of killing us
+    // (SIGHUP's default action) half-way through attaching.
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut config = config;
     overrides.apply(&mut config);
     ensure_bpffs(&config.pin_dir)?;
@@ -200,11 +205,8 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
     };
     let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
     let server = tokio::spawn(api::serve(listener, access, calls_tx));
-    log::info!("admin socket {}", ctl.config.admin.socket.display());
+    log::info!("ready: admin socket {}", ctl.config.admin.socket.display());
 
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut stats_log = StatsLog {
         last: first_totals,
         at: Instant::now(),

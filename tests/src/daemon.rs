@@ -166,6 +166,8 @@ impl Daemon {
             _dir: dir,
         };
         daemon.wait_for_log("attached to", expect_attached, Duration::from_secs(30))?;
+        // Fully started (signal handlers, socket): what the tests act on next.
+        daemon.wait_for_log("ready: admin socket", 1, Duration::from_secs(30))?;
         Ok(daemon)
     }
 
