@@ -48,6 +48,56 @@ pub struct Config {
     pub pin_dir: PathBuf,
     /// Reputation feeds: lists of networks to block, refreshed on a schedule.
     pub feeds: Vec<FeedConfig>,
+    pub metrics: MetricsConfig,
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` to serve `/metrics` on, or `off`. Loopback unless the config says otherwise.
+    pub listen: Listen,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: Listen(Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9477)))),
+        }
+    }
+}
+
+/// A socket address, or `off` (None).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen(pub Option<std::net::SocketAddr>);
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = Listen;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("`off` or an address like 127.0.0.1:9477")
+            }
+            // YAML reads a bare `off` as the boolean false.
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Listen, E> {
+                if v {
+                    Err(E::custom(
+                        "expected `off` or an address like 127.0.0.1:9477",
+                    ))
+                } else {
+                    Ok(Listen(None))
+                }
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Listen, E> {
+                if s == "off" {
+                    return Ok(Listen(None));
+                }
+                s.parse().map(|a| Listen(Some(a))).map_err(|_| E::custom(format!("invalid listen address `{s}`: expected `off` or host:port, like 127.0.0.1:9477 or [::1]:9477")))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// One reputation feed.
@@ -421,6 +471,8 @@ struct RawConfig {
     pin_dir: Option<AbsolutePath>,
     #[serde(default)]
     feeds: Vec<FeedConfig>,
+    #[serde(default)]
+    metrics: MetricsConfig,
 }
 
 /// An absolute path (relative ones would depend on where the daemon was started).
@@ -503,6 +555,7 @@ impl Config {
                 .pin_dir
                 .map_or_else(|| PathBuf::from(DEFAULT_PIN_DIR), |p| p.0),
             feeds: raw.feeds,
+            metrics: raw.metrics,
         };
         let problems = config.problems(text);
         if problems.is_empty() {
@@ -960,6 +1013,24 @@ mod tests {
             let e = errors(&format!("{base}{feed}"));
             assert!(e.contains(key) && e.contains(line), "{feed}: {e}");
         }
+    }
+
+    #[test]
+    fn metrics_listen_defaults_to_loopback_and_can_be_off() {
+        let c = Config::parse("interfaces: [{name: a}]\n").unwrap();
+        assert_eq!(c.metrics.listen.0, Some("127.0.0.1:9477".parse().unwrap()));
+        for off in ["off", "\"off\""] {
+            let c = Config::parse(&format!(
+                "interfaces: [{{name: a}}]\nmetrics: {{listen: {off}}}\n"
+            ))
+            .unwrap();
+            assert_eq!(c.metrics.listen.0, None);
+        }
+        let c =
+            Config::parse("interfaces: [{name: a}]\nmetrics: {listen: \"[::1]:9100\"}\n").unwrap();
+        assert_eq!(c.metrics.listen.0, Some("[::1]:9100".parse().unwrap()));
+        let e = errors("interfaces: [{name: a}]\nmetrics:\n  listen: localhost\n");
+        assert!(e.contains("metrics.listen") && e.contains("line 3"), "{e}");
     }
 
     #[test]

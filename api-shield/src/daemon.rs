@@ -10,7 +10,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use api_shield_common::counters::{Counter, Reason};
+use api_shield_common::{
+    counters::{Counter, Reason},
+    names,
+};
 use ipnet::IpNet;
 use serde::Serialize;
 use tokio::{
@@ -26,6 +29,7 @@ use crate::{
         fetch::{self, Outcome},
     },
     lists::{Folded, fold},
+    metrics::{self, Exposition, Scrape},
     prefix::parse_prefix,
     registry::{Claim, ListKind, Origin, Registry, StateDir, unix_now},
     shield::{AttachedMode, Shield},
@@ -83,7 +87,14 @@ struct Controller {
     pending_refreshes: Vec<PendingRefresh>,
     /// List entries the full maps refused at the last update (retried on every update).
     refused: Vec<IpNet>,
+    /// Map updates that failed, per map (a refused entry counts at every retry).
+    update_failures: BTreeMap<&'static str, u64>,
+    /// Map fill is costly to count (a walk of each map): reused for a few seconds.
+    map_fill_cache: Option<(Instant, Vec<MapStatus>)>,
 }
+
+/// How long a map fill count is reused by metrics.
+const MAP_FILL_MAX_AGE: Duration = Duration::from_secs(10);
 
 struct PendingRefresh {
     waiting_for: BTreeSet<String>,
@@ -202,9 +213,20 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
         feed_results,
         pending_refreshes: Vec::new(),
         refused: Vec::new(),
+        update_failures: BTreeMap::new(),
+        map_fill_cache: None,
     };
     let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
     let server = tokio::spawn(api::serve(listener, access, calls_tx));
+    let (scrape_tx, mut scrapes) = mpsc::channel::<Scrape>(8);
+    let metrics_server = match ctl.config.metrics.listen.0 {
+        Some(addr) => {
+            let listener = metrics::bind(addr).await?;
+            log::info!("metrics at http://{addr}/metrics");
+            Some(tokio::spawn(metrics::serve(listener, scrape_tx)))
+        }
+        None => None,
+    };
     log::info!("ready: admin socket {}", ctl.config.admin.socket.display());
 
     let mut stats_log = StatsLog {
@@ -234,6 +256,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
                 }
             },
             Some((name, outcome)) = feed_outcomes.recv() => ctl.feed_outcome(&name, outcome),
+            Some(reply) = scrapes.recv() => { let _ = reply.send(ctl.render_metrics()); }
             _ = expiry_tick.tick() => {
                 ctl.expire();
                 ctl.start_due_feeds();
@@ -247,6 +270,9 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
         }
     }
     server.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     let _ = std::fs::remove_file(&ctl.config.admin.socket);
     log::info!("{}", stats_log.line(&ctl.instances).unwrap_or_default());
     if let Err(e) = ctl.state.save_entries(&ctl.registry) {
@@ -340,7 +366,7 @@ struct InterfaceStatus {
     program_id: u32,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Clone)]
 struct MapStatus {
     interface: String,
     map: &'static str,
@@ -407,6 +433,14 @@ impl Controller {
             );
         }
         self.refused = refused.into_iter().collect();
+        for net in &self.refused {
+            let map = if matches!(net, IpNet::V4(_)) {
+                names::MAP_LIST_V4
+            } else {
+                names::MAP_LIST_V6
+            };
+            *self.update_failures.entry(map).or_insert(0) += 1;
+        }
         // What each feed lost to the allowlist and to full maps, for `feeds` and metrics.
         for (name, feed) in &mut self.feeds {
             let set = self.registry.feed(name);
@@ -564,6 +598,192 @@ impl Controller {
             }
         }
         self.pending_refreshes = still_pending;
+    }
+
+    fn map_fill(&mut self) -> Result<Vec<MapStatus>> {
+        if let Some((at, fill)) = &self.map_fill_cache
+            && at.elapsed() < MAP_FILL_MAX_AGE
+        {
+            return Ok(fill.clone());
+        }
+        let mut maps = Vec::new();
+        for inst in &self.instances {
+            for (map, entries, capacity) in inst.shield.map_fill()? {
+                maps.push(MapStatus {
+                    interface: inst.interface.clone(),
+                    map,
+                    entries,
+                    capacity,
+                });
+            }
+        }
+        self.map_fill_cache = Some((Instant::now(), maps.clone()));
+        Ok(maps)
+    }
+
+    fn render_metrics(&mut self) -> String {
+        let mut e = Exposition::default();
+        let drop_malformed = self.config.on_malformed == crate::config::OnMalformed::Drop;
+        let mut packets = Vec::new();
+        let mut bytes = Vec::new();
+        for inst in &self.instances {
+            let Ok(counters) = inst.shield.counters() else {
+                continue;
+            };
+            for (reason, c) in counters {
+                let action = match reason {
+                    Reason::Blocklisted | Reason::RateLimited => "drop",
+                    Reason::Malformed if drop_malformed => "drop",
+                    _ => "pass",
+                };
+                let labels = || {
+                    vec![
+                        ("interface", inst.interface.clone()),
+                        ("action", action.to_owned()),
+                        ("reason", reason.name().to_owned()),
+                    ]
+                };
+                packets.push((labels(), c.packets as f64));
+                bytes.push((labels(), c.bytes as f64));
+            }
+        }
+        e.family(
+            "api_shield_packets_total",
+            "counter",
+            "Packets judged by the data plane, by interface, action and reason.",
+            packets,
+        );
+        e.family(
+            "api_shield_bytes_total",
+            "counter",
+            "Bytes (whole frames) judged by the data plane, by interface, action and reason.",
+            bytes,
+        );
+        let lists = self
+            .registry
+            .counts()
+            .into_iter()
+            .map(|((list, origin), n)| {
+                (
+                    vec![("list", list.name().to_owned()), ("origin", origin)],
+                    n as f64,
+                )
+            })
+            .collect();
+        e.family(
+            "api_shield_list_entries",
+            "gauge",
+            "List entries by list and origin (an entry listed by several origins counts for each).",
+            lists,
+        );
+        let fill = self.map_fill().unwrap_or_default();
+        let per_map = |f: fn(&MapStatus) -> f64| {
+            fill.iter()
+                .map(|m| {
+                    (
+                        vec![
+                            ("interface", m.interface.clone()),
+                            ("map", m.map.to_owned()),
+                        ],
+                        f(m),
+                    )
+                })
+                .collect()
+        };
+        e.family(
+            "api_shield_map_entries",
+            "gauge",
+            "Entries in each map (counted at most every 10 s).",
+            per_map(|m| m.entries as f64),
+        );
+        e.family(
+            "api_shield_map_capacity",
+            "gauge",
+            "Capacity of each map.",
+            per_map(|m| f64::from(m.capacity)),
+        );
+        let failures = [names::MAP_LIST_V4, names::MAP_LIST_V6]
+            .into_iter()
+            .map(|map| {
+                (
+                    vec![("map", map.to_owned())],
+                    self.update_failures.get(map).copied().unwrap_or(0) as f64,
+                )
+            })
+            .collect();
+        e.family(
+            "api_shield_map_update_failures_total",
+            "counter",
+            "Map updates refused, e.g. because the map was full (retried entries count again).",
+            failures,
+        );
+        let tracked: usize = fill
+            .iter()
+            .filter(|m| m.map == names::MAP_LIMITER)
+            .map(|m| m.entries)
+            .sum();
+        e.family(
+            "api_shield_tracked_sources",
+            "gauge",
+            "Sources the limiter tracks, over all interfaces.",
+            vec![(vec![], tracked as f64)],
+        );
+        let feeds = self.feeds_status();
+        let per_feed = |f: fn(&FeedStatus) -> Option<f64>| {
+            feeds
+                .iter()
+                .filter_map(|s| f(s).map(|v| (vec![("feed", s.name.clone())], v)))
+                .collect()
+        };
+        e.family(
+            "api_shield_feed_entries",
+            "gauge",
+            "Prefixes of the feed's version in force.",
+            per_feed(|s| Some(s.entries as f64)),
+        );
+        e.family(
+            "api_shield_feed_last_success_timestamp_seconds",
+            "gauge",
+            "When the feed was last fetched successfully (Unix time).",
+            per_feed(|s| s.last_success.map(|t| t as f64)),
+        );
+        e.family(
+            "api_shield_feed_fetch_failures_total",
+            "counter",
+            "Fetches of the feed that failed (the last good version stayed).",
+            per_feed(|s| Some(s.fetch_failures as f64)),
+        );
+        e.family(
+            "api_shield_feed_rejected_lines",
+            "gauge",
+            "Lines of the feed's version in force that were not prefixes.",
+            per_feed(|s| Some(s.rejected_lines as f64)),
+        );
+        e.family(
+            "api_shield_feed_allowlisted_entries",
+            "gauge",
+            "Feed entries inside allowlisted prefixes (listed, never blocked).",
+            per_feed(|s| Some(s.allowlisted as f64)),
+        );
+        e.family(
+            "api_shield_feed_refused_entries",
+            "gauge",
+            "Feed entries the full maps refused.",
+            per_feed(|s| Some(s.refused_map_full as f64)),
+        );
+        e.family(
+            "api_shield_uptime_seconds",
+            "gauge",
+            "Seconds since this daemon started.",
+            vec![(vec![], self.started.elapsed().as_secs_f64().floor())],
+        );
+        e.family(
+            "api_shield_build_info",
+            "gauge",
+            "Always 1; the version in a label.",
+            vec![(vec![("version", env!("CARGO_PKG_VERSION").to_owned())], 1.0)],
+        );
+        e.finish()
     }
 
     fn feeds_status(&self) -> Vec<FeedStatus> {

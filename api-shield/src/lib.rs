@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod feeds;
 pub mod limits;
 pub mod lists;
+pub mod metrics;
 pub mod prefix;
 pub mod registry;
 pub mod shield;
