@@ -19,6 +19,12 @@ pub mod names {
     pub const MAP_COUNTERS: &str = "COUNTERS";
     /// Array with one [`crate::settings::Settings`].
     pub const MAP_SETTINGS: &str = "SETTINGS";
+    /// Ring buffer of [`crate::events::DropEvent`].
+    pub const MAP_EVENTS: &str = "EVENTS";
+    /// Array of u64 bucket times, one per reason: the in-kernel rate limit on events.
+    pub const MAP_EVENT_LIMIT: &str = "EVENT_LIMIT";
+    /// Per-CPU array of u64, one per reason: events suppressed by that limit (or a full ring).
+    pub const MAP_EVENTS_SUPPRESSED: &str = "EVENTS_SUPPRESSED";
 }
 
 /// Allowlist and blocklist, folded by the controller into one trie per address family.
@@ -163,9 +169,46 @@ pub mod settings {
         /// Non-zero: drop malformed frames; zero: pass them (counted either way).
         pub drop_malformed: u32,
         pub _reserved: u32,
+        /// Bucket time one drop event costs (per reason); 0: no events.
+        pub event_cost: u64,
+        /// How far ahead the event bucket may run: the burst of events per reason.
+        pub event_capacity: u64,
     }
 
     #[cfg(feature = "user")]
-    // SAFETY: two u32, no padding.
+    // SAFETY: two u32 then two u64, no padding.
     unsafe impl aya::Pod for Settings {}
+}
+
+/// Drop events, sampled in the kernel so at most a configured number per second per reason
+/// reach userspace.
+pub mod events {
+    /// Bytes of the events ring buffer (a power of two, a multiple of the page size).
+    pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
+
+    /// `DropEvent::flags`: the source address is IPv6 (else IPv4, as ::ffff:a.b.c.d).
+    pub const EVENT_SOURCE_V6: u8 = 1;
+    /// `DropEvent::flags`: the frame had a parsed source address.
+    pub const EVENT_SOURCE_KNOWN: u8 = 2;
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct DropEvent {
+        /// bpf_ktime_get_ns() when dropped.
+        pub timestamp_ns: u64,
+        pub source: [u8; 16],
+        pub ifindex: u32,
+        /// A [`crate::counters::Reason`].
+        pub reason: u32,
+        /// The limit (rule) that applied; [`crate::limiter::DEFAULT_LIMIT`] for the default.
+        pub rule: u32,
+        /// Destination port (TCP/UDP), host order; 0 if none.
+        pub dst_port: u16,
+        pub protocol: u8,
+        pub flags: u8,
+    }
+
+    #[cfg(feature = "user")]
+    // SAFETY: 8 + 16 + 4 + 4 + 4 + 2 + 1 + 1 = 40 bytes, no padding.
+    unsafe impl aya::Pod for DropEvent {}
 }

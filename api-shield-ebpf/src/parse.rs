@@ -19,6 +19,8 @@ use network_types::{
 pub(crate) struct Frame {
     pub(crate) start: usize,
     pub(crate) end: usize,
+    /// The interface the frame arrived on (for drop events).
+    pub(crate) ifindex: u32,
 }
 
 impl Frame {

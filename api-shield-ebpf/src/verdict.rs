@@ -6,6 +6,7 @@ use core::intrinsics::{AtomicOrdering::Relaxed, atomic_cxchg, atomic_xsub};
 
 use api_shield_common::{
     counters::{COUNTER_SLOTS, Counter, Reason},
+    events::{DropEvent, EVENT_SOURCE_KNOWN, EVENT_SOURCE_V6, EVENTS_RING_BYTES},
     limiter::{
         BYTE_COST_FRAC_BITS, DEFAULT_LIMIT, LIMIT_SLOTS, LimiterKey, LimiterState, RateLimit,
         TIME_SHIFT,
@@ -17,10 +18,10 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 
-use crate::parse::{Frame, L3, parse_l3, parse_l4_v4, parse_l4_v6};
+use crate::parse::{Frame, Ipv4Info, L3, parse_l3, parse_l4_v4, parse_l4_v6};
 
 // Capacities here are placeholders: the controller sets each from the config at load.
 #[map(name = "LIST_V4")]
@@ -35,6 +36,12 @@ static LIMITS: Array<RateLimit> = Array::with_max_entries(LIMIT_SLOTS, 0);
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 #[map(name = "SETTINGS")]
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+#[map(name = "EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+#[map(name = "EVENT_LIMIT")]
+static EVENT_LIMIT: Array<u64> = Array::with_max_entries(COUNTER_SLOTS, 0);
+#[map(name = "EVENTS_SUPPRESSED")]
+static EVENTS_SUPPRESSED: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
 /// What to do with the frame.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -43,61 +50,211 @@ pub(crate) enum Action {
     Drop,
 }
 
-/// Decides and counts. Never fails: every path ends in a counted verdict.
+/// A verdict and what a drop event says about the frame.
+struct Verdict {
+    action: Action,
+    reason: Reason,
+    /// The source (IPv4 as ::ffff:a.b.c.d); all zero if the frame had none we could read.
+    source: [u8; 16],
+    flags: u8,
+    protocol: u8,
+    dst_port: u16,
+    /// For verdicts given before the transport header was read (the lists): where to read
+    /// it, should an event need it. Parsing it only then keeps the blocked path short.
+    unparsed: Unparsed,
+}
+
+#[derive(Clone, Copy)]
+enum Unparsed {
+    Nothing,
+    V4(Ipv4Info),
+    V6(usize),
+}
+
+impl Verdict {
+    #[inline(always)]
+    fn without_source(action: Action, reason: Reason) -> Verdict {
+        Verdict {
+            action,
+            reason,
+            source: [0; 16],
+            flags: 0,
+            protocol: 0,
+            dst_port: 0,
+            unparsed: Unparsed::Nothing,
+        }
+    }
+}
+
+/// Decides, counts, and reports drops. Never fails: every path ends in a counted verdict.
 #[inline(always)]
 pub(crate) fn judge(frame: &Frame) -> Action {
-    let (action, reason) = decide(frame);
-    count(reason, frame.len());
-    action
+    let v = decide(frame);
+    count(v.reason, frame.len());
+    if v.action == Action::Drop {
+        report(frame, &v);
+    }
+    v.action
 }
 
 #[inline(always)]
-fn decide(frame: &Frame) -> (Action, Reason) {
+fn decide(frame: &Frame) -> Verdict {
     let mut key = LimiterKey {
         addr: [0; 16],
         limit: DEFAULT_LIMIT,
     };
     // Lists first: a listed source gets its verdict whatever follows the IP header.
-    let l4 = match parse_l3(frame) {
-        L3::NonIp => return (Action::Pass, Reason::NonIp),
-        L3::Malformed => return malformed(),
+    let (l4, flags) = match parse_l3(frame) {
+        L3::NonIp => return Verdict::without_source(Action::Pass, Reason::NonIp),
+        L3::Malformed => return Verdict::without_source(malformed(), Reason::Malformed),
         L3::V4 { src, info } => {
-            match LIST_V4.get(Key::new(32, src)) {
-                Some(&LIST_ALLOW) => return (Action::Pass, Reason::Allowlisted),
-                Some(&LIST_BLOCK) => return (Action::Drop, Reason::Blocklisted),
-                _ => {}
-            }
             key.addr[10] = 0xff;
             key.addr[11] = 0xff;
             key.addr[12..].copy_from_slice(&src);
-            parse_l4_v4(frame, &info)
-        }
-        L3::V6 { src, offset } => {
-            match LIST_V6.get(Key::new(128, src)) {
-                Some(&LIST_ALLOW) => return (Action::Pass, Reason::Allowlisted),
-                Some(&LIST_BLOCK) => return (Action::Drop, Reason::Blocklisted),
+            match LIST_V4.get(Key::new(32, src)) {
+                Some(&LIST_ALLOW) => {
+                    return listed(
+                        Action::Pass,
+                        Reason::Allowlisted,
+                        &key,
+                        EVENT_SOURCE_KNOWN,
+                        Unparsed::V4(info),
+                    );
+                }
+                Some(&LIST_BLOCK) => {
+                    return listed(
+                        Action::Drop,
+                        Reason::Blocklisted,
+                        &key,
+                        EVENT_SOURCE_KNOWN,
+                        Unparsed::V4(info),
+                    );
+                }
                 _ => {}
             }
-            key.addr = src;
-            parse_l4_v6(frame, offset)
+            (parse_l4_v4(frame, &info), EVENT_SOURCE_KNOWN)
         }
+        L3::V6 { src, offset } => {
+            key.addr = src;
+            let flags = EVENT_SOURCE_KNOWN | EVENT_SOURCE_V6;
+            match LIST_V6.get(Key::new(128, src)) {
+                Some(&LIST_ALLOW) => {
+                    return listed(
+                        Action::Pass,
+                        Reason::Allowlisted,
+                        &key,
+                        flags,
+                        Unparsed::V6(offset),
+                    );
+                }
+                Some(&LIST_BLOCK) => {
+                    return listed(
+                        Action::Drop,
+                        Reason::Blocklisted,
+                        &key,
+                        flags,
+                        Unparsed::V6(offset),
+                    );
+                }
+                _ => {}
+            }
+            (parse_l4_v6(frame, offset), flags)
+        }
+    };
+    let (protocol, dst_port) = l4.map_or((0, 0), |l| (l.protocol, l.dst_port));
+    let verdict = |action, reason| Verdict {
+        action,
+        reason,
+        source: key.addr,
+        flags,
+        protocol,
+        dst_port,
+        unparsed: Unparsed::Nothing,
     };
     // The limiter applies even to frames malformed past the IP header, so that
     // mangling the transport header is no way around a source's limit.
     if !take_tokens(&key, frame.len()) {
-        return (Action::Drop, Reason::RateLimited);
+        return verdict(Action::Drop, Reason::RateLimited);
     }
     match l4 {
-        Some(_) => (Action::Pass, Reason::Passed),
-        None => malformed(),
+        Some(_) => verdict(Action::Pass, Reason::Passed),
+        None => verdict(malformed(), Reason::Malformed),
     }
 }
 
 #[inline(always)]
-fn malformed() -> (Action, Reason) {
+fn listed(
+    action: Action,
+    reason: Reason,
+    key: &LimiterKey,
+    flags: u8,
+    unparsed: Unparsed,
+) -> Verdict {
+    Verdict {
+        action,
+        reason,
+        source: key.addr,
+        flags,
+        protocol: 0,
+        dst_port: 0,
+        unparsed,
+    }
+}
+
+#[inline(always)]
+fn malformed() -> Action {
     let drop = SETTINGS.get(0).is_some_and(|s| s.drop_malformed != 0);
-    let action = if drop { Action::Drop } else { Action::Pass };
-    (action, Reason::Malformed)
+    if drop { Action::Drop } else { Action::Pass }
+}
+
+/// Sends a drop event, at most at the configured rate per reason (a GCRA bucket shared by
+/// all CPUs); events over that rate, or that find the ring full, are counted instead.
+#[inline(always)]
+fn report(frame: &Frame, v: &Verdict) {
+    let Some(settings) = SETTINGS.get(0) else {
+        return;
+    };
+    if settings.event_cost == 0 {
+        return;
+    }
+    let Some(tat) = EVENT_LIMIT.get_ptr_mut(v.reason as u32) else {
+        return;
+    };
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (protocol, dst_port) = match v.unparsed {
+        Unparsed::Nothing => (v.protocol, v.dst_port),
+        Unparsed::V4(info) => {
+            parse_l4_v4(frame, &info).map_or((info.protocol, 0), |l| (l.protocol, l.dst_port))
+        }
+        Unparsed::V6(offset) => {
+            parse_l4_v6(frame, offset).map_or((0, 0), |l| (l.protocol, l.dst_port))
+        }
+    };
+    let sent = take(
+        tat,
+        settings.event_cost,
+        settings.event_capacity,
+        now << TIME_SHIFT,
+    ) && EVENTS
+        .output::<DropEvent>(
+            &DropEvent {
+                timestamp_ns: now,
+                source: v.source,
+                ifindex: frame.ifindex,
+                reason: v.reason as u32,
+                rule: DEFAULT_LIMIT,
+                dst_port,
+                protocol,
+                flags: v.flags,
+            },
+            0,
+        )
+        .is_ok();
+    if !sent && let Some(n) = EVENTS_SUPPRESSED.get_ptr_mut(v.reason as u32) {
+        // SAFETY: per-CPU slot.
+        unsafe { *n += 1 };
+    }
 }
 
 #[inline(always)]

@@ -16,6 +16,8 @@ pub(crate) fn api_shield(ctx: XdpContext) -> u32 {
     let frame = Frame {
         start: ctx.data(),
         end: ctx.data_end(),
+        // SAFETY: ctx.ctx is the xdp_md the kernel passed us.
+        ifindex: unsafe { (*ctx.ctx).ingress_ifindex },
     };
     match judge(&frame) {
         Action::Pass => XDP_PASS,

@@ -49,6 +49,34 @@ pub struct Config {
     /// Reputation feeds: lists of networks to block, refreshed on a schedule.
     pub feeds: Vec<FeedConfig>,
     pub metrics: MetricsConfig,
+    pub events: EventsConfig,
+}
+
+/// Drop events, written to standard output one per line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// At most this many events per second per reason reach userspace (sampled in the
+    /// kernel; the rest are counted as suppressed). 0: no events.
+    pub rate: Bounded<0, 1_000_000>,
+    pub format: EventFormat,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            rate: Bounded(100),
+            format: EventFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// The Prometheus endpoint.
@@ -473,6 +501,8 @@ struct RawConfig {
     feeds: Vec<FeedConfig>,
     #[serde(default)]
     metrics: MetricsConfig,
+    #[serde(default)]
+    events: EventsConfig,
 }
 
 /// An absolute path (relative ones would depend on where the daemon was started).
@@ -556,6 +586,7 @@ impl Config {
                 .map_or_else(|| PathBuf::from(DEFAULT_PIN_DIR), |p| p.0),
             feeds: raw.feeds,
             metrics: raw.metrics,
+            events: raw.events,
         };
         let problems = config.problems(text);
         if problems.is_empty() {

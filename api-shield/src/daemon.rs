@@ -24,6 +24,7 @@ use tokio::{
 use crate::{
     api::{self, Access, Call, Request, Response},
     config::Config,
+    events::{self, Delivered, new_delivered},
     feeds::{
         Feed, FeedStatus,
         fetch::{self, Outcome},
@@ -68,6 +69,8 @@ struct Instance {
     mode: AttachedMode,
     program_id: u32,
     shield: Shield,
+    /// Drop events read from this instance's ring, per reason.
+    delivered: Delivered,
 }
 
 struct Controller {
@@ -179,6 +182,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
             mode,
             program_id,
             shield,
+            delivered: new_delivered(),
         });
     }
     let (v4, v6) = folded.table.counts();
@@ -227,6 +231,16 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
         }
         None => None,
     };
+    let mut event_readers = Vec::new();
+    for inst in &mut ctl.instances {
+        let ring = inst.shield.take_events()?;
+        event_readers.push(tokio::spawn(events::read(
+            inst.interface.clone(),
+            ring,
+            ctl.config.events.format,
+            inst.delivered.clone(),
+        )));
+    }
     log::info!("ready: admin socket {}", ctl.config.admin.socket.display());
 
     let mut stats_log = StatsLog {
@@ -270,6 +284,9 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
         }
     }
     server.abort();
+    for reader in event_readers {
+        reader.abort();
+    }
     if let Some(m) = metrics_server {
         m.abort();
     }
@@ -770,6 +787,36 @@ impl Controller {
             "gauge",
             "Feed entries the full maps refused.",
             per_feed(|s| Some(s.refused_map_full as f64)),
+        );
+        let mut delivered = Vec::new();
+        let mut suppressed = Vec::new();
+        for inst in &self.instances {
+            for (reason, n) in inst.shield.events_suppressed().unwrap_or_default() {
+                let labels = || {
+                    vec![
+                        ("interface", inst.interface.clone()),
+                        ("reason", reason.name().to_owned()),
+                    ]
+                };
+                suppressed.push((labels(), n as f64));
+                let d = inst
+                    .delivered
+                    .get(reason as usize)
+                    .map_or(0, |d| d.load(std::sync::atomic::Ordering::Relaxed));
+                delivered.push((labels(), d as f64));
+            }
+        }
+        e.family(
+            "api_shield_events_total",
+            "counter",
+            "Drop events delivered to userspace and written out.",
+            delivered,
+        );
+        e.family(
+            "api_shield_events_suppressed_total",
+            "counter",
+            "Drop events not delivered: over events.rate, or the ring was full.",
+            suppressed,
         );
         e.family(
             "api_shield_uptime_seconds",

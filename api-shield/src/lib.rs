@@ -5,6 +5,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod events;
 pub mod feeds;
 pub mod limits;
 pub mod lists;

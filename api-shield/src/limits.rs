@@ -25,6 +25,16 @@ pub fn rate_limit(limit: &Limit) -> RateLimit {
     out
 }
 
+/// Bucket parameters for at most `rate` drop events per second per reason, in bursts of
+/// up to one second's worth: (cost, capacity); (0, 0) switches events off.
+pub fn event_limit(rate: u64) -> (u64, u64) {
+    if rate == 0 {
+        return (0, 0);
+    }
+    let cost = (UNITS_PER_SEC / rate).max(1);
+    (cost, cost * rate)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

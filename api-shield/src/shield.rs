@@ -9,6 +9,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use api_shield_common::{
     counters::{COUNTER_SLOTS, Counter, Reason},
+    events::EVENTS_RING_BYTES,
     limiter::{DEFAULT_LIMIT, LimiterKey, LimiterState, RateLimit},
     lists::ListVerdict,
     names,
@@ -16,7 +17,9 @@ use api_shield_common::{
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapInfo, MapType, PerCpuArray, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, MapData, MapInfo, MapType, PerCpuArray, RingBuf, lpm_trie::Key,
+    },
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -28,7 +31,7 @@ use ipnet::IpNet;
 use crate::{
     EBPF_OBJECT,
     config::{AttachMode, Capacity, Config, OnMalformed},
-    limits::rate_limit,
+    limits::{event_limit, rate_limit},
     lists::{ListTable, fold},
 };
 
@@ -88,6 +91,27 @@ fn map_shapes(capacity: &Capacity) -> Result<Vec<MapShape>> {
             key_size: 4,
             value_size: size_of::<Settings>() as u32,
             max_entries: 1,
+        },
+        MapShape {
+            name: names::MAP_EVENTS,
+            map_type: MapType::RingBuf,
+            key_size: 0,
+            value_size: 0,
+            max_entries: EVENTS_RING_BYTES,
+        },
+        MapShape {
+            name: names::MAP_EVENT_LIMIT,
+            map_type: MapType::Array,
+            key_size: 4,
+            value_size: 8,
+            max_entries: COUNTER_SLOTS,
+        },
+        MapShape {
+            name: names::MAP_EVENTS_SUPPRESSED,
+            map_type: MapType::PerCpuArray,
+            key_size: 4,
+            value_size: 8,
+            max_entries: COUNTER_SLOTS,
         },
     ])
 }
@@ -360,7 +384,8 @@ impl Shield {
     /// Entries and capacity of each map (the counters and settings arrays are always full).
     pub fn map_fill(&self) -> Result<Vec<(&'static str, usize, u32)>> {
         let mut out = Vec::new();
-        for shape in &self.shapes {
+        // The maps an operator sizes; the event maps are fixed.
+        for shape in self.shapes.iter().filter(|s| !s.name.starts_with("EVENT")) {
             let map = self
                 .ebpf
                 .map(shape.name)
@@ -416,9 +441,12 @@ impl Shield {
     /// Limits and settings from `config`; buckets keep their state.
     pub fn apply_settings(&mut self, config: &Config) -> Result<()> {
         self.set_limit(DEFAULT_LIMIT, rate_limit(&config.limits.default))?;
+        let (event_cost, event_capacity) = event_limit(config.events.rate.0);
         self.set_settings(Settings {
             drop_malformed: u32::from(config.on_malformed == OnMalformed::Drop),
             _reserved: 0,
+            event_cost,
+            event_capacity,
         })
     }
 
@@ -602,6 +630,28 @@ impl Shield {
             .ok_or_else(|| anyhow!("map {} missing", names::MAP_LIMITER))?;
         let limiter: HashMap<_, LimiterKey, LimiterState> = HashMap::try_from(map)?;
         Ok(limiter.keys().filter(Result::is_ok).count())
+    }
+
+    /// Takes the drop-events ring buffer out (once), for a reader task to own.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(names::MAP_EVENTS)
+            .context("the events ring buffer was already taken")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    /// Events suppressed (over the rate, or ring full), per reason, summed over CPUs.
+    pub fn events_suppressed(&self) -> Result<Vec<(Reason, u64)>> {
+        let map = self
+            .ebpf
+            .map(names::MAP_EVENTS_SUPPRESSED)
+            .context("suppressed-events map missing")?;
+        let per_cpu: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
+        Reason::ALL
+            .iter()
+            .map(|r| Ok((*r, per_cpu.get(&(*r as u32), 0)?.iter().sum())))
+            .collect()
     }
 
     /// The limiter's state for one bucket, if it is tracked.

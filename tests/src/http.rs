@@ -182,3 +182,31 @@ fn serve(
         }
     }
 }
+
+/// GET `path` from `addr` (e.g. 127.0.0.1:9477) inside `netns`: (status line, body).
+pub fn get(netns: &NetNs, addr: &str, path: &str) -> Result<(String, String)> {
+    use std::io::Read as _;
+    let (addr, path) = (addr.to_owned(), path.to_owned());
+    netns.run(move || -> Result<(String, String)> {
+        let mut s = TcpStream::connect(&addr)?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        s.read_to_string(&mut response)?;
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        Ok((
+            head.lines().next().unwrap_or_default().to_owned(),
+            body.to_owned(),
+        ))
+    })?
+}
+
+/// The value of `name{labels}` in a Prometheus text body.
+pub fn metric(body: &str, name: &str, labels: &str) -> Option<f64> {
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        (series.strip_prefix(name)? == labels).then(|| value.parse().ok())?
+    })
+}

@@ -179,3 +179,52 @@ pub fn send_raw(client: &NetNs, ifname: &str, frame: &[u8], count: u64) -> Resul
         }
     })?
 }
+
+/// Sends `frames` out of `ifname` in the client namespace through one AF_PACKET socket,
+/// `rounds` times over; returns (frames sent, elapsed). For floods from many (spoofed)
+/// sources, which need no addresses on the client.
+pub fn send_raw_rounds(
+    client: &NetNs,
+    ifname: &str,
+    frames: Vec<Vec<u8>>,
+    rounds: u64,
+) -> Result<(u64, std::time::Duration)> {
+    let ifname = std::ffi::CString::new(ifname)?;
+    client.run(move || -> Result<(u64, std::time::Duration)> {
+        // SAFETY: plain libc socket calls on values we own; the fd is closed below.
+        unsafe {
+            let ifindex = libc::if_nametoindex(ifname.as_ptr());
+            anyhow::ensure!(ifindex != 0, "no interface {ifname:?}");
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            anyhow::ensure!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = ifindex as i32;
+            addr.sll_halen = 6;
+            let started = Instant::now();
+            let mut sent = 0;
+            for _ in 0..rounds {
+                for frame in &frames {
+                    let n = libc::sendto(
+                        fd,
+                        frame.as_ptr().cast(),
+                        frame.len(),
+                        0,
+                        (&raw const addr).cast(),
+                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    );
+                    if n == frame.len() as isize {
+                        sent += 1;
+                    }
+                }
+            }
+            let elapsed = started.elapsed();
+            libc::close(fd);
+            Ok((sent, elapsed))
+        }
+    })?
+}
