@@ -142,12 +142,20 @@ pub mod limiter {
         pub limit: u32,
     }
 
-    /// State of a bucket: the TATs of its packet and byte dimensions, in bucket time.
+    /// State of a bucket: the TATs of its packet and byte dimensions, in bucket time, and
+    /// what the source sent (for `top`). The counters are plain adds, not atomics: they may
+    /// undercount slightly when two CPUs hit one source at once, which `top` can afford and
+    /// the hot path cannot.
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct LimiterState {
         pub packet_tat: u64,
         pub byte_tat: u64,
+        /// Packets seen from the source under this limit, passed or dropped.
+        pub packets: u64,
+        pub bytes: u64,
+        /// Of those, dropped as over the limit.
+        pub drops: u64,
     }
 
     #[cfg(feature = "user")]
@@ -157,7 +165,7 @@ pub mod limiter {
     // SAFETY: 16 bytes + u32, size 20, alignment 4, no padding.
     unsafe impl aya::Pod for LimiterKey {}
     #[cfg(feature = "user")]
-    // SAFETY: two u64, no padding.
+    // SAFETY: five u64, no padding.
     unsafe impl aya::Pod for LimiterState {}
 }
 

@@ -293,17 +293,40 @@ fn take_tokens(key: &LimiterKey, len: usize) -> bool {
         let fresh = LimiterState {
             packet_tat,
             byte_tat,
+            packets: 1,
+            bytes: len as u64,
+            drops: u64::from(!fits),
         };
         if LIMITER.insert(key, &fresh, u64::from(BPF_NOEXIST)).is_ok() {
             return fits;
         }
         // Another CPU created it first: take from the bucket it made.
         return match LIMITER.get_ptr_mut(key) {
-            Some(state) => take_both(state, limit, now, byte_cost),
+            Some(state) => take_and_count(state, limit, now, byte_cost, len),
             None => fits,
         };
     };
-    take_both(state, limit, now, byte_cost)
+    take_and_count(state, limit, now, byte_cost, len)
+}
+
+#[inline(always)]
+fn take_and_count(
+    state: *mut LimiterState,
+    limit: &RateLimit,
+    now: u64,
+    byte_cost: u64,
+    len: usize,
+) -> bool {
+    let passed = take_both(state, limit, now, byte_cost);
+    // SAFETY: a live map value; plain adds (see LimiterState).
+    unsafe {
+        (*state).packets += 1;
+        (*state).bytes += len as u64;
+        if !passed {
+            (*state).drops += 1;
+        }
+    }
+    passed
 }
 
 #[inline(always)]

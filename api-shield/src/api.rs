@@ -47,6 +47,10 @@ pub enum Request {
     Status {},
     Reload {},
     Feeds {},
+    /// The `n` sources with the highest packet rate, measured over one second.
+    Top {
+        n: usize,
+    },
     /// Fetch now (all feeds, or one); answered when the fetches are done.
     FeedsRefresh {
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -57,6 +57,21 @@ pub enum Command {
     Stats {
         #[arg(long)]
         json: bool,
+        /// A live view: the table again every second, with the rates of that second.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
+        /// With --watch: stop after this many screens (default: until interrupted).
+        #[arg(long, requires = "watch")]
+        count: Option<u64>,
+    },
+    /// The sources sending the most packets right now (measured over one second), from
+    /// the limiter's own state: packets/s, bytes/s, drops, and the limit that applies.
+    Top {
+        /// How many sources.
+        #[arg(short = 'n', default_value_t = 20)]
+        n: usize,
+        #[arg(long)]
+        json: bool,
     },
     /// Interfaces, XDP mode, program id, uptime and map fill.
     Status {
@@ -135,7 +150,19 @@ pub fn execute_client(socket: Option<PathBuf>, command: Command) -> Result<()> {
     match command {
         Command::Block(cmd) => list_command(socket, ListKind::Block, cmd),
         Command::Allow(cmd) => list_command(socket, ListKind::Allow, cmd),
-        Command::Stats { json } => {
+        Command::Stats {
+            watch: true, count, ..
+        } => watch_stats(socket, count),
+        Command::Top { n, json } => {
+            let v = request(socket, &Request::Top { n })?;
+            if json {
+                println!("{v}");
+            } else {
+                print_top(&v);
+            }
+            Ok(())
+        }
+        Command::Stats { json, .. } => {
             let v = request(socket, &Request::Stats {})?;
             if json {
                 println!("{v}");
@@ -332,6 +359,88 @@ fn print_feeds(v: &Value) {
             );
         }
     }
+}
+
+fn print_top(v: &Value) {
+    println!(
+        "{:<40} {:<16} {:>12} {:>14} {:>12} {:>12}  RULE",
+        "SOURCE", "INTERFACE", "PKT/S", "BYTES/S", "DROPS/S", "DROPS"
+    );
+    for e in v.as_array().into_iter().flatten() {
+        println!(
+            "{:<40} {:<16} {:>12.1} {:>14.1} {:>12.1} {:>12}  {}",
+            e["source"].as_str().unwrap_or_default(),
+            e["interface"].as_str().unwrap_or_default(),
+            e["pps"].as_f64().unwrap_or(0.0),
+            e["bytes_per_sec"].as_f64().unwrap_or(0.0),
+            e["drops_per_sec"].as_f64().unwrap_or(0.0),
+            e["drops"].as_u64().unwrap_or(0),
+            e["rule"].as_str().unwrap_or_default(),
+        );
+    }
+}
+
+/// `stats --watch`: rates computed here between this view's own polls, so that several
+/// watchers (or a `stats` in between) do not disturb each other.
+fn watch_stats(socket: &PathBuf, count: Option<u64>) -> Result<()> {
+    use std::io::Write as _;
+    let totals = |v: &Value| -> Vec<(String, u64, u64)> {
+        v["reasons"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                (
+                    r["reason"].as_str().unwrap_or_default().to_owned(),
+                    r["packets"].as_u64().unwrap_or(0),
+                    r["bytes"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    };
+    let mut previous = totals(&request(socket, &Request::Stats {})?);
+    let mut at = std::time::Instant::now();
+    let mut shown = 0;
+    while count.is_none_or(|c| shown < c) {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = totals(&request(socket, &Request::Stats {})?);
+        let secs = at.elapsed().as_secs_f64();
+        at = std::time::Instant::now();
+        let mut out = std::io::stdout().lock();
+        // Clear the screen and go home, then one table.
+        write!(out, "\x1b[2J\x1b[H")?;
+        writeln!(
+            out,
+            "api-shield: live view, every second (Ctrl-C to leave)\n"
+        )?;
+        writeln!(
+            out,
+            "{:<14} {:>12} {:>14} {:>16} {:>16}",
+            "REASON", "PKT/S", "MBIT/S", "PACKETS", "BYTES"
+        )?;
+        let (mut pass_pps, mut drop_pps) = (0.0, 0.0);
+        for ((reason, packets, bytes), (_, p0, b0)) in now.iter().zip(previous.iter()) {
+            let pps = packets.saturating_sub(*p0) as f64 / secs;
+            let mbit = bytes.saturating_sub(*b0) as f64 * 8.0 / secs / 1e6;
+            if matches!(reason.as_str(), "blocklisted" | "rate_limited") {
+                drop_pps += pps;
+            } else {
+                pass_pps += pps;
+            }
+            writeln!(
+                out,
+                "{reason:<14} {pps:>12.1} {mbit:>14.3} {packets:>16} {bytes:>16}"
+            )?;
+        }
+        writeln!(
+            out,
+            "\npassing {pass_pps:.1} pkt/s, dropping {drop_pps:.1} pkt/s"
+        )?;
+        out.flush()?;
+        previous = now;
+        shown += 1;
+    }
+    Ok(())
 }
 
 fn print_stats(v: &Value) {

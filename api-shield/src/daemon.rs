@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use api_shield_common::limiter::{LimiterKey, LimiterState};
 use api_shield_common::{
     counters::{Counter, Reason},
     names,
@@ -98,6 +99,29 @@ struct Controller {
 
 /// How long a map fill count is reused by metrics.
 const MAP_FILL_MAX_AGE: Duration = Duration::from_secs(10);
+
+/// A `top` call between its two snapshots of the limiter.
+pub(crate) struct PendingTop {
+    first: std::collections::HashMap<(usize, LimiterKey), LimiterState>,
+    at: Instant,
+    n: usize,
+    reply: oneshot::Sender<Response>,
+}
+
+#[derive(Serialize)]
+struct TopEntry {
+    source: String,
+    interface: String,
+    rule: String,
+    pps: f64,
+    bytes_per_sec: f64,
+    drops_per_sec: f64,
+    /// Dropped by the limiter since the source was first tracked.
+    drops: u64,
+}
+
+/// How long `top` measures rates over.
+const TOP_WINDOW: Duration = Duration::from_secs(1);
 
 struct PendingRefresh {
     waiting_for: BTreeSet<String>,
@@ -221,6 +245,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
         map_fill_cache: None,
     };
     let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
+    let (top_tx, mut top_ready) = mpsc::channel::<PendingTop>(8);
     let server = tokio::spawn(api::serve(listener, access, calls_tx));
     let (scrape_tx, mut scrapes) = mpsc::channel::<Scrape>(8);
     let metrics_server = match ctl.config.metrics.listen.0 {
@@ -263,14 +288,16 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
             _ = sighup.recv() => { let _ = ctl.reload(); }
             Some((request, reply)) = calls.recv() => match request {
                 // Answered once the fetches are done.
-                Request::FeedsRefresh { name } => ctl.refresh_feeds(name, reply),
+                                Request::FeedsRefresh { name } => ctl.refresh_feeds(name, reply),
+                Request::Top { n } => ctl.start_top(n, reply, top_tx.clone()),
                 request => {
                     let response = ctl.handle(request);
                     let _ = reply.send(response);
                 }
             },
             Some((name, outcome)) = feed_outcomes.recv() => ctl.feed_outcome(&name, outcome),
-            Some(reply) = scrapes.recv() => { let _ = reply.send(ctl.render_metrics()); }
+                        Some(reply) = scrapes.recv() => { let _ = reply.send(ctl.render_metrics()); }
+            Some(pending) = top_ready.recv() => ctl.finish_top(pending),
             _ = expiry_tick.tick() => {
                 ctl.expire();
                 ctl.start_due_feeds();
@@ -337,6 +364,15 @@ fn ensure_bpffs(pin_dir: &std::path::Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A limiter key's source as an address: IPv4 is kept as ::ffff:a.b.c.d.
+fn limiter_source(key: &LimiterKey) -> String {
+    let v6 = std::net::Ipv6Addr::from(key.addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => v4.to_string(),
+        None => v6.to_string(),
+    }
 }
 
 fn fold_registry(registry: &Registry) -> Folded {
@@ -417,8 +453,8 @@ impl Controller {
                 Ok(serde_json::to_value(self.registry.list(list)).unwrap_or_default())
             }
             Request::Feeds {} => Ok(serde_json::to_value(self.feeds_status()).unwrap_or_default()),
-            Request::FeedsRefresh { .. } => {
-                Err(anyhow::anyhow!("feeds refresh is answered asynchronously"))
+            Request::FeedsRefresh { .. } | Request::Top { .. } => {
+                Err(anyhow::anyhow!("answered asynchronously"))
             }
             Request::Stats {} => self.stats(),
             Request::Status {} => self.status(),
@@ -831,6 +867,85 @@ impl Controller {
             vec![(vec![("version", env!("CARGO_PKG_VERSION").to_owned())], 1.0)],
         );
         e.finish()
+    }
+
+    fn limiter_snapshot(
+        &self,
+    ) -> Result<std::collections::HashMap<(usize, LimiterKey), LimiterState>> {
+        let mut out = std::collections::HashMap::new();
+        for (i, inst) in self.instances.iter().enumerate() {
+            for (key, state) in inst.shield.limiter_entries()? {
+                out.insert((i, key), state);
+            }
+        }
+        Ok(out)
+    }
+
+    /// `top`: a first snapshot now, the second after TOP_WINDOW (the controller keeps
+    /// serving meanwhile), rates from the difference.
+    fn start_top(
+        &mut self,
+        n: usize,
+        reply: oneshot::Sender<Response>,
+        ready: mpsc::Sender<PendingTop>,
+    ) {
+        if !(1..=10_000).contains(&n) {
+            let _ = reply.send(Response::err(format!(
+                "invalid count {n}: expected 1 to 10000"
+            )));
+            return;
+        }
+        let first = match self.limiter_snapshot() {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = reply.send(Response::err(format!("{e:#}")));
+                return;
+            }
+        };
+        let pending = PendingTop {
+            first,
+            at: Instant::now(),
+            n,
+            reply,
+        };
+        tokio::spawn(async move {
+            tokio::time::sleep(TOP_WINDOW).await;
+            let _ = ready.send(pending).await;
+        });
+    }
+
+    fn finish_top(&mut self, pending: PendingTop) {
+        let second = match self.limiter_snapshot() {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = pending.reply.send(Response::err(format!("{e:#}")));
+                return;
+            }
+        };
+        let secs = pending.at.elapsed().as_secs_f64().max(1e-3);
+        let mut entries: Vec<TopEntry> = second
+            .iter()
+            .filter_map(|((i, key), now)| {
+                let before = pending.first.get(&(*i, *key)).copied().unwrap_or_default();
+                let packets = now.packets.saturating_sub(before.packets);
+                (packets > 0).then(|| TopEntry {
+                    source: limiter_source(key),
+                    interface: self.instances[*i].interface.clone(),
+                    rule: if key.limit == api_shield_common::limiter::DEFAULT_LIMIT {
+                        "default".into()
+                    } else {
+                        key.limit.to_string()
+                    },
+                    pps: packets as f64 / secs,
+                    bytes_per_sec: now.bytes.saturating_sub(before.bytes) as f64 / secs,
+                    drops_per_sec: now.drops.saturating_sub(before.drops) as f64 / secs,
+                    drops: now.drops,
+                })
+            })
+            .collect();
+        entries.sort_by(|a, b| b.pps.total_cmp(&a.pps));
+        entries.truncate(pending.n);
+        let _ = pending.reply.send(Response::ok(entries));
     }
 
     fn feeds_status(&self) -> Vec<FeedStatus> {

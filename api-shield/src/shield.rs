@@ -654,6 +654,17 @@ impl Shield {
             .collect()
     }
 
+    /// Every bucket the limiter tracks.
+    pub fn limiter_entries(&self) -> Result<Vec<(LimiterKey, LimiterState)>> {
+        let map = self
+            .ebpf
+            .map(names::MAP_LIMITER)
+            .ok_or_else(|| anyhow!("map {} missing", names::MAP_LIMITER))?;
+        let limiter: HashMap<_, LimiterKey, LimiterState> = HashMap::try_from(map)?;
+        // An entry evicted while we walk the map is just skipped.
+        Ok(limiter.iter().filter_map(Result::ok).collect())
+    }
+
     /// The limiter's state for one bucket, if it is tracked.
     pub fn limiter_state(&self, key: &LimiterKey) -> Result<Option<LimiterState>> {
         let map = self

@@ -117,3 +117,24 @@ fn the_systemd_unit_verifies() {
         "systemd-analyze verify: {stderr}"
     );
 }
+
+#[test]
+fn the_prometheus_samples_pass_promtool() {
+    let dir = format!("{}/../config", env!("CARGO_MANIFEST_DIR"));
+    for args in [
+        ["check", "rules", "api-shield.rules.yml"],
+        ["check", "config", "prometheus.yml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool (Debian package prometheus)");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
