@@ -17,3 +17,9 @@ pub mod shield;
 /// The compiled data plane, built from `api-shield-ebpf` by build.rs.
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/api-shield"));
+
+/// The benchmarks' floor program (parse Ethernet + IP source, XDP_PASS), built with the
+/// data plane; only `cargo xtask bench` loads it.
+#[doc(hidden)]
+pub static BENCH_FLOOR_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/floor"));

@@ -1,0 +1,37 @@
+//! The benchmarks' floor: parses Ethernet and the IPv4/IPv6 source address, returns
+//! XDP_PASS. What any XDP filter pays at least; api-shield's costs are reported against it.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{bindings::xdp_action::XDP_PASS, macros::xdp, programs::XdpContext};
+
+#[xdp]
+pub fn bench_floor(ctx: XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + 14 > end {
+        return XDP_PASS;
+    }
+    // SAFETY: every read below is bounds-checked against the frame's end first.
+    let ether_type = unsafe { core::ptr::read_unaligned((start + 12) as *const u16) };
+    let (offset, len) = match u16::from_be(ether_type) {
+        0x0800 => (14 + 12, 4),
+        0x86dd => (14 + 8, 16),
+        _ => return XDP_PASS,
+    };
+    if start + offset + len > end {
+        return XDP_PASS;
+    }
+    // Read the source address as a filter would (volatile: not optimised away).
+    let _ = unsafe { core::ptr::read_volatile((start + offset) as *const u32) };
+    XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
