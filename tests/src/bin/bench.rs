@@ -54,6 +54,8 @@ fn main() -> Result<()> {
         if args.quick { 200_000 } else { 2_000_000 },
         if args.quick { 1 } else { 5 },
     )?;
+    limiter_accuracy(&mut report, if args.quick { 2 } else { 10 })?;
+    control_plane_latency(&mut report, if args.quick { 20 } else { 100 })?;
     feed_scale(&mut report, if args.quick { 100_000 } else { 1_000_000 })?;
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
@@ -84,8 +86,6 @@ fn machine() -> String {
         .unwrap_or_default();
     format!("Machine: {cpus} x {cpu}, kernel {}, {date}.", kernel.trim())
 }
-
-
 
 fn frames(len: usize) -> Vec<(String, Vec<u8>)> {
     use api_shield_tests::frames::{udp4, udp6};
@@ -300,6 +300,178 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
         }
     }
     Guard(Some(f))
+}
+
+/// Issue #7, part 4: one source at 5x its limit for `secs` seconds through the veth, and
+/// compliant sources beside it (which must see no drop).
+fn limiter_accuracy(report: &mut String, secs: u64) -> Result<()> {
+    use api_shield_tests::traffic::{Receiver, SERVER_PORT, send_udp};
+    const PPS: u64 = 1000;
+    const BURST: u64 = 100;
+    println!("bench: limiter accuracy, {secs} s at 5x");
+    let sb = Sandbox::new("veth-server")?;
+    let (flooder, compliant) = ("198.18.0.30", ["198.18.0.40", "198.18.0.41", "198.18.0.42"]);
+    sb.add_client_address(flooder)?;
+    for c in compliant {
+        sb.add_client_address(c)?;
+    }
+    let yaml = format!(
+        "interfaces:\n  - name: {}\n    mode: native\nlimits:\n  default: {{pps: {PPS}, burst_packets: {BURST}}}\nstats_interval: 0\nevents: {{rate: 0}}\n",
+        sb.server_if
+    );
+    let daemon = Daemon::start(&sb.server, &yaml, 1)?;
+    let rx = Receiver::start(&sb.server, &format!("[::]:{SERVER_PORT}"))?;
+    let dest = format!("{}:{SERVER_PORT}", api_shield_tests::netns::SERVER_V4);
+    let (flood, calm) = std::thread::scope(|s| {
+        let flood = s.spawn(|| send_udp(&sb.client, flooder, &dest, 5 * PPS * secs, 5 * PPS, 64));
+        let calm: Vec<_> = compliant
+            .iter()
+            .map(|c| s.spawn(|| send_udp(&sb.client, c, &dest, PPS / 2 * secs, PPS / 2, 64)))
+            .collect();
+        (
+            flood.join().expect("sender"),
+            calm.into_iter()
+                .map(|h| h.join().expect("sender"))
+                .collect::<Vec<_>>(),
+        )
+    });
+    let flood = flood?;
+    let got = rx.finish();
+    daemon.stop()?;
+    let received = |a: &str| {
+        got.get(&a.parse::<std::net::IpAddr>().expect("address"))
+            .copied()
+            .unwrap_or(0)
+    };
+    let expected = BURST as f64 + PPS as f64 * flood.elapsed.as_secs_f64();
+    let ratio = received(flooder) as f64 / expected;
+    let mut calm_drops = 0;
+    for (c, sent) in compliant.iter().zip(calm) {
+        calm_drops += sent?.packets - received(c);
+    }
+    writeln!(report, "## Limiter accuracy\n")?;
+    writeln!(
+        report,
+        "One source sending {} pkt/s (5x its limit of {PPS} pkt/s, burst {BURST}) for {secs} s through the veth, beside {} compliant sources at half the limit. Goals: within 2% of burst + rate x time; zero drops for compliant sources.\n",
+        5 * PPS,
+        compliant.len()
+    )?;
+    writeln!(report, "| measure | value | goal |")?;
+    writeln!(report, "|---|---|---|")?;
+    writeln!(
+        report,
+        "| flooder: passed / expected | {} / {expected:.0} = {ratio:.4} | {} |",
+        received(flooder),
+        if (ratio - 1.0).abs() <= 0.02 {
+            "met"
+        } else {
+            "MISSED"
+        }
+    )?;
+    writeln!(
+        report,
+        "| compliant sources: drops | {calm_drops} | {} |\n",
+        if calm_drops == 0 { "met" } else { "MISSED" }
+    )?;
+    Ok(())
+}
+
+/// Issue #7, part 5: from `api-shield block add` to the source's packets no longer
+/// arriving, while it sends 20,000 pkt/s; median and max over `runs`.
+fn control_plane_latency(report: &mut String, runs: usize) -> Result<()> {
+    use std::{
+        net::UdpSocket,
+        sync::{
+            Arc, Mutex,
+            atomic::{AtomicBool, Ordering},
+        },
+    };
+    println!("bench: control-plane latency, {runs} runs");
+    let sb = Sandbox::new("veth-server")?;
+    let source = "198.18.0.50";
+    sb.add_client_address(source)?;
+    let yaml = format!(
+        "interfaces:\n  - name: {}\n    mode: native\nlimits:\n  default: {{pps: 0}}\nstats_interval: 0\nevents: {{rate: 0}}\n",
+        sb.server_if
+    );
+    let daemon = Daemon::start(&sb.server, &yaml, 1)?;
+    // The receiver notes when the source's last packet arrived.
+    let socket = sb.server.run(|| UdpSocket::bind("0.0.0.0:9000"))??;
+    socket.set_read_timeout(Some(Duration::from_millis(20)))?;
+    let last_arrival: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (la, st) = (last_arrival.clone(), stop.clone());
+    let receiver = std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        while !st.load(Ordering::Relaxed) {
+            if socket.recv_from(&mut buf).is_ok() {
+                *la.lock().expect("lock") = Some(Instant::now());
+            }
+        }
+    });
+    let dest = format!("{}:9000", api_shield_tests::netns::SERVER_V4);
+    let mut latencies = Vec::new();
+    std::thread::scope(|s| -> Result<()> {
+        let sender = s.spawn(|| {
+            api_shield_tests::traffic::send_udp(
+                &sb.client,
+                source,
+                &dest,
+                2_000 * runs as u64 + 20_000,
+                20_000,
+                16,
+            )
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        for _ in 0..runs {
+            let started = Instant::now();
+            daemon.dirs.cli_ok(&["block", "add", source]);
+            // Packets already on their way still land for a moment; then none.
+            std::thread::sleep(Duration::from_millis(30));
+            let last = last_arrival.lock().expect("lock").unwrap_or(started);
+            latencies.push(last.saturating_duration_since(started));
+            daemon.dirs.cli_ok(&["block", "del", source]);
+            // Wait for traffic to flow again before the next run.
+            let resumed = Instant::now();
+            while last_arrival
+                .lock()
+                .expect("lock")
+                .is_none_or(|t| t < resumed)
+                && resumed.elapsed() < Duration::from_secs(2)
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        // The sender must have outlasted the runs, or the last ones measured nothing.
+        anyhow::ensure!(
+            !sender.is_finished(),
+            "the sender stopped before the runs ended: raise its packet count"
+        );
+        sender.join().expect("sender")?;
+        Ok(())
+    })?;
+    stop.store(true, Ordering::Relaxed);
+    let _ = receiver.join();
+    daemon.stop()?;
+    latencies.sort();
+    let median = latencies[latencies.len() / 2];
+    let max = *latencies.last().expect("runs");
+    let goal = Duration::from_millis(50);
+    writeln!(report, "## Control-plane latency\n")?;
+    writeln!(
+        report,
+        "From starting `api-shield block add` (a new process: CLI, admin socket, map update) to the last packet of the source (sending 20,000 pkt/s) arriving; {runs} runs. Goal: at most 50 ms.\n"
+    )?;
+    writeln!(report, "| median | max | goal |")?;
+    writeln!(report, "|---|---|---|")?;
+    writeln!(
+        report,
+        "| {:.1} ms | {:.1} ms | {} |\n",
+        median.as_secs_f64() * 1e3,
+        max.as_secs_f64() * 1e3,
+        if max <= goal { "met" } else { "MISSED" }
+    )?;
+    Ok(())
 }
 
 /// A feed of `lines` distinct prefixes (mostly IPv4 /32 and /24, some IPv6), as a file.
