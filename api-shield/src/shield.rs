@@ -376,6 +376,21 @@ impl Shield {
         Ok(self.program()?.attach_to_link(link)?)
     }
 
+    /// The kernel's id of a map (for tools such as bpftool).
+    pub fn map_id(&self, name: &str) -> Result<u32> {
+        let map = self
+            .ebpf
+            .map(name)
+            .with_context(|| format!("map {name} missing"))?;
+        Ok(match map {
+            aya::maps::Map::LpmTrie(data)
+            | aya::maps::Map::Array(data)
+            | aya::maps::Map::LruHashMap(data)
+            | aya::maps::Map::PerCpuArray(data) => data.info()?.id(),
+            _ => bail!("map {name}: no id for this map type"),
+        })
+    }
+
     /// The kernel's id of the loaded program.
     pub fn program_id(&mut self) -> Result<u32> {
         Ok(self.program()?.info()?.id())
