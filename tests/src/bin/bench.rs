@@ -468,6 +468,9 @@ fn blocklist_scale(
 /// One blocklist size: (prefixes, blocked IPv4 ns, passed IPv4 ns, blocked IPv6 ns, load time).
 type ScalePoint = (usize, f64, f64, f64, Duration);
 
+/// A line of the plot: its name, colour, and which figure of a point it draws.
+type Series = (&'static str, &'static str, fn(&ScalePoint) -> f64);
+
 /// A small SVG line chart: ns per packet against log10(prefixes).
 fn plot(points: &[ScalePoint]) -> String {
     let (w, h, left, bottom, top, right) = (640.0, 360.0, 60.0, 40.0, 30.0, 150.0);
@@ -521,7 +524,7 @@ fn plot(points: &[ScalePoint]) -> String {
             y(ns) + 4.0
         );
     }
-    let series: [(&str, &str, fn(&ScalePoint) -> f64); 3] = [
+    let series: [Series; 3] = [
         ("blocked IPv4", "#c0392b", |p| p.1),
         ("passed IPv4", "#2471a3", |p| p.2),
         ("blocked IPv6", "#229954", |p| p.3),
