@@ -653,12 +653,18 @@ impl Controller {
         self.pending_refreshes = still_pending;
     }
 
+    /// Map fill for metrics: counted at most every MAP_FILL_MAX_AGE (a walk of each map).
     fn map_fill(&mut self) -> Result<Vec<MapStatus>> {
         if let Some((at, fill)) = &self.map_fill_cache
             && at.elapsed() < MAP_FILL_MAX_AGE
         {
             return Ok(fill.clone());
         }
+        self.count_map_fill()
+    }
+
+    /// Counts every map's entries now (and refreshes the metrics' copy).
+    fn count_map_fill(&mut self) -> Result<Vec<MapStatus>> {
         let mut maps = Vec::new();
         for inst in &self.instances {
             for (map, entries, capacity) in inst.shield.map_fill()? {
@@ -1081,17 +1087,8 @@ impl Controller {
     }
 
     fn status(&mut self) -> Result<serde_json::Value> {
-        let mut maps = Vec::new();
-        for inst in &self.instances {
-            for (map, entries, capacity) in inst.shield.map_fill()? {
-                maps.push(MapStatus {
-                    interface: inst.interface.clone(),
-                    map,
-                    entries,
-                    capacity,
-                });
-            }
-        }
+        // Operators want the exact fill, not the metrics' cached one.
+        let maps = self.count_map_fill()?;
         let reply = StatusReply {
             version: env!("CARGO_PKG_VERSION"),
             uptime_secs: self.started.elapsed().as_secs(),

@@ -142,42 +142,7 @@ pub fn send_udp(
 /// Sends `count` copies of a raw Ethernet `frame` out of `ifname` in the client namespace
 /// through an AF_PACKET socket (for non-IP frames such as ARP or LLDP).
 pub fn send_raw(client: &NetNs, ifname: &str, frame: &[u8], count: u64) -> Result<u64> {
-    let ifname = std::ffi::CString::new(ifname)?;
-    let frame = frame.to_vec();
-    client.run(move || -> Result<u64> {
-        // SAFETY: plain libc socket calls on values we own; the fd is closed below.
-        unsafe {
-            let ifindex = libc::if_nametoindex(ifname.as_ptr());
-            anyhow::ensure!(ifindex != 0, "no interface {ifname:?}");
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-            anyhow::ensure!(
-                fd >= 0,
-                "AF_PACKET socket: {}",
-                std::io::Error::last_os_error()
-            );
-            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_ifindex = ifindex as i32;
-            addr.sll_halen = 6;
-            addr.sll_addr[..6].copy_from_slice(&frame[..6]);
-            let mut sent = 0;
-            for _ in 0..count {
-                let n = libc::sendto(
-                    fd,
-                    frame.as_ptr().cast(),
-                    frame.len(),
-                    0,
-                    (&raw const addr).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                );
-                if n == frame.len() as isize {
-                    sent += 1;
-                }
-            }
-            libc::close(fd);
-            Ok(sent)
-        }
-    })?
+    Ok(send_raw_rounds(client, ifname, vec![frame.to_vec()], count)?.0)
 }
 
 /// Sends `frames` out of `ifname` in the client namespace through one AF_PACKET socket,

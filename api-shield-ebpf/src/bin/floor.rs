@@ -6,7 +6,7 @@
 use aya_ebpf::{bindings::xdp_action::XDP_PASS, macros::xdp, programs::XdpContext};
 
 #[xdp]
-pub fn bench_floor(ctx: XdpContext) -> u32 {
+pub(crate) fn bench_floor(ctx: XdpContext) -> u32 {
     let (start, end) = (ctx.data(), ctx.data_end());
     if start + 14 > end {
         return XDP_PASS;
