@@ -297,7 +297,7 @@ fn take_tokens(key: &LimiterKey, len: usize) -> bool {
             bytes: len as u64,
             drops: u64::from(!fits),
         };
-        if LIMITER.insert(key, &fresh, u64::from(BPF_NOEXIST)).is_ok() {
+        if LIMITER.insert(key, fresh, u64::from(BPF_NOEXIST)).is_ok() {
             return fits;
         }
         // Another CPU created it first: take from the bucket it made.

@@ -111,6 +111,33 @@ pub(crate) fn test() -> Result<()> {
         .context("`cargo fmt --all` would change files: run it")?;
     println!("test: clippy");
     run(cargo().args(["clippy", "--quiet", "--all-targets", "--", "-D", "warnings"]))?;
+    // The eBPF crate only builds for the bpf target, with the nightly (see the style notes).
+    println!("test: clippy (eBPF crate)");
+    run(Command::new("rustup")
+        .current_dir(workspace_root())
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--quiet",
+            "-p",
+            "api-shield-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+        ])
+        .args([
+            "-Z",
+            "build-std=core",
+            "--target-dir",
+            "target/ebpf-clippy",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("CARGO"))?;
     build_binaries()?;
     let mut tally = Tally::default();
     println!("test: unit tests (no kernel)");
