@@ -553,9 +553,24 @@ impl RawLimit {
 impl Config {
     /// Reads and validates a config file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = fs::read_to_string(path).map_err(|e| ConfigError {
-            problems: vec![format!("cannot read {}: {e}", path.display())],
-        })?;
+        use std::os::unix::fs::PermissionsExt as _;
+        let refuse = |problem: String| ConfigError {
+            problems: vec![problem],
+        };
+        let meta = fs::metadata(path)
+            .map_err(|e| refuse(format!("cannot read {}: {e}", path.display())))?;
+        // Anyone who can write the config can rewrite the firewall.
+        let mode = meta.permissions().mode();
+        if mode & 0o002 != 0 {
+            return Err(refuse(format!(
+                "{} is writable by others (mode {:o}): refusing it; `chmod o-w {}`",
+                path.display(),
+                mode & 0o777,
+                path.display()
+            )));
+        }
+        let text = fs::read_to_string(path)
+            .map_err(|e| refuse(format!("cannot read {}: {e}", path.display())))?;
         Config::parse(&text)
     }
 
@@ -1062,6 +1077,23 @@ mod tests {
         assert_eq!(c.metrics.listen.0, Some("[::1]:9100".parse().unwrap()));
         let e = errors("interfaces: [{name: a}]\nmetrics:\n  listen: localhost\n");
         assert!(e.contains("metrics.listen") && e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn a_config_writable_by_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path =
+            std::env::temp_dir().join(format!("api-shield-config-{}.yaml", std::process::id()));
+        fs::write(&path, "interfaces: [{name: a}]\n").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o646)).unwrap();
+        let e = Config::from_file(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("writable by others (mode 646)") && e.contains("chmod o-w"),
+            "{e}"
+        );
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(Config::from_file(&path).is_ok());
+        fs::remove_file(&path).unwrap();
     }
 
     #[test]

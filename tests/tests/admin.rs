@@ -582,3 +582,36 @@ fn detach_refuses_while_the_daemon_runs_then_removes_program_and_pins() {
         "no XDP program left on the interface: {ip}"
     );
 }
+
+#[test]
+fn an_unwritable_state_directory_is_reported_and_enforcement_goes_on() {
+    let s = Setup::new();
+    // Root ignores permission bits; a directory where the state file's temporary copy goes
+    // makes every save fail, as a full or read-only disk would.
+    let blocker = s.dirs.state_dir().join(".entries.json.tmp");
+    std::fs::create_dir_all(&blocker).unwrap();
+    let out = s
+        .dirs
+        .cli_ok(&["block", "add", SOURCE, "--reason", "disk trouble"]);
+    assert!(
+        out.contains("warning: enforced, but not saved to the state directory"),
+        "{out}"
+    );
+    assert_eq!(s.delivered(SOURCE, 10), 0, "enforced all the same");
+    assert!(
+        s.daemon
+            .as_ref()
+            .unwrap()
+            .log()
+            .contains("state directory:"),
+        "the error is logged"
+    );
+    // Once the disk is back, the next change saves everything.
+    std::fs::remove_dir(&blocker).unwrap();
+    s.dirs.cli_ok(&["block", "add", OTHER]);
+    let saved = std::fs::read_to_string(s.dirs.state_dir().join("entries.json")).unwrap();
+    assert!(
+        saved.contains("198.18.0.50/32") && saved.contains("198.18.0.60/32"),
+        "{saved}"
+    );
+}
