@@ -7,6 +7,7 @@
 /// Names of the maps and programs in the eBPF object, so userspace never passes a typo.
 pub mod names {
     pub const PROGRAM_XDP: &str = "api_shield";
+    pub const PROGRAM_TC: &str = "api_shield_tc";
     /// LPM trie, IPv4 source prefixes -> [`crate::lists::ListVerdict`].
     pub const MAP_LIST_V4: &str = "LIST_V4";
     /// LPM trie, IPv6 source prefixes -> [`crate::lists::ListVerdict`].

@@ -8,6 +8,7 @@
 )]
 
 mod parse;
+mod tc;
 mod verdict;
 mod xdp;
 

@@ -17,8 +17,12 @@ use network_types::{
 /// Start and end of the frame's bytes, as the hook gives them.
 #[derive(Clone, Copy)]
 pub(crate) struct Frame {
+    /// The bytes the program can read directly: [start, end).
     pub(crate) start: usize,
     pub(crate) end: usize,
+    /// The whole frame's length on the wire. Under XDP, end - start; under TC, the skb's
+    /// length, of which only the (pulled) linear part lies in [start, end).
+    pub(crate) wire_len: usize,
     /// The interface the frame arrived on (for drop events).
     pub(crate) ifindex: u32,
 }
@@ -26,7 +30,7 @@ pub(crate) struct Frame {
 impl Frame {
     #[inline(always)]
     pub(crate) fn len(&self) -> usize {
-        self.end - self.start
+        self.wire_len
     }
 
     /// A pointer to a `T` at `offset`, only if all of it lies inside the frame.

@@ -16,6 +16,7 @@ pub(crate) fn api_shield(ctx: XdpContext) -> u32 {
     let frame = Frame {
         start: ctx.data(),
         end: ctx.data_end(),
+        wire_len: ctx.data_end() - ctx.data(),
         // SAFETY: ctx.ctx is the xdp_md the kernel passed us.
         ifindex: unsafe { (*ctx.ctx).ingress_ifindex },
     };

@@ -480,10 +480,13 @@ fn print_status(v: &Value) {
         v["state_dir"].as_str().unwrap_or_default()
     );
     for i in v["interfaces"].as_array().into_iter().flatten() {
+        let mode = match i["xdp_mode"].as_str().unwrap_or_default() {
+            "tc" => "TC ingress".to_owned(),
+            m => format!("{m} XDP"),
+        };
         println!(
-            "interface {}: {} XDP, program id {}",
+            "interface {}: {mode}, program id {}",
             i["name"].as_str().unwrap_or_default(),
-            i["xdp_mode"].as_str().unwrap_or_default(),
             i["program_id"]
         );
     }

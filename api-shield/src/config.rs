@@ -270,6 +270,9 @@ pub enum AttachMode {
     Native,
     /// Generic (skb) XDP: works on every interface, slower.
     Generic,
+    /// TC ingress (clsact) through a TCX link (Linux >= 6.6): the same verdicts, after the
+    /// kernel built the skb; for interfaces or kernels where XDP is not wanted.
+    Tc,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -192,9 +192,9 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
             .with_context(|| format!("attaching to interface {}", iface.name))?;
         let program_id = shield.program_id()?;
         log::info!(
-            "attached to {} in {} XDP mode (program id {program_id}{})",
+            "attached to {} in {} (program id {program_id}{})",
             iface.name,
-            mode.name(),
+            mode.describe(),
             if reused {
                 "; took over the pinned link from the previous daemon without a gap"
             } else {

@@ -21,8 +21,9 @@ use aya::{
         Array, HashMap, LpmTrie, MapData, MapInfo, MapType, PerCpuArray, RingBuf, lpm_trie::Key,
     },
     programs::{
-        Xdp, XdpMode,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
         xdp::{XdpLink, XdpLinkId},
     },
 };
@@ -167,15 +168,20 @@ fn link_pin_name(mode: AttachedMode) -> &'static str {
     match mode {
         AttachedMode::Native => "xdp_link_native",
         AttachedMode::Generic => "xdp_link_generic",
+        AttachedMode::Tc => "tc_link",
     }
 }
 
 /// The XDP link pinned in `dir`, if any, with the mode it was attached in.
 fn pinned_link(dir: &Path) -> Option<(PathBuf, AttachedMode)> {
-    [AttachedMode::Native, AttachedMode::Generic]
-        .into_iter()
-        .map(|m| (dir.join(link_pin_name(m)), m))
-        .find(|(p, _)| p.exists())
+    [
+        AttachedMode::Native,
+        AttachedMode::Generic,
+        AttachedMode::Tc,
+    ]
+    .into_iter()
+    .map(|m| (dir.join(link_pin_name(m)), m))
+    .find(|(p, _)| p.exists())
 }
 
 /// Detaches the program pinned in `dir` and removes the pins: `api-shield detach`.
@@ -190,7 +196,15 @@ pub fn detach_pinned(dir: &Path) -> Result<Vec<String>> {
             .with_context(|| format!("unpinning {}", path.display()))?;
         // Dropping the last reference to a BPF link detaches its program.
         drop(fd_link);
-        removed.push(format!("XDP link ({} mode)", mode.name()));
+        removed.push(format!(
+            "{} link ({} mode)",
+            if mode == AttachedMode::Tc {
+                "TC"
+            } else {
+                "XDP"
+            },
+            mode.name()
+        ));
     }
     if dir.exists() {
         for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
@@ -212,6 +226,8 @@ pub fn detach_pinned(dir: &Path) -> Result<Vec<String>> {
 pub enum AttachedMode {
     Native,
     Generic,
+    /// TC ingress (clsact), through a TCX link.
+    Tc,
 }
 
 impl AttachedMode {
@@ -219,6 +235,16 @@ impl AttachedMode {
         match self {
             AttachedMode::Native => "native",
             AttachedMode::Generic => "generic",
+            AttachedMode::Tc => "tc",
+        }
+    }
+
+    /// For logs: "native XDP mode", "generic XDP mode", "TC ingress mode".
+    pub fn describe(self) -> &'static str {
+        match self {
+            AttachedMode::Native => "native XDP mode",
+            AttachedMode::Generic => "generic XDP mode",
+            AttachedMode::Tc => "TC ingress mode",
         }
     }
 }
@@ -234,7 +260,8 @@ pub struct ReasonTotals {
 /// The program and its maps, loaded into the kernel.
 pub struct Shield {
     ebpf: Ebpf,
-    attached: Vec<(String, AttachedMode, XdpLinkId)>,
+    /// Interfaces attached to, and how (the links themselves are pinned).
+    attached: Vec<(String, AttachedMode)>,
     /// What the list tries hold now, so updates can be applied as diffs.
     lists: ListTable,
     /// Where maps and the link are pinned, if they are.
@@ -279,6 +306,11 @@ impl Shield {
         program
             .load()
             .context("the kernel refused the XDP program")?;
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(names::PROGRAM_TC)
+            .context("the eBPF object has no TC program")?
+            .try_into()?;
+        tc.load().context("the kernel refused the TC program")?;
         let mut shield = Shield {
             ebpf,
             attached: Vec::new(),
@@ -327,53 +359,85 @@ impl Shield {
             .context("this Shield was loaded without a pin directory")?;
         if let Some((path, pinned_mode)) = pinned_link(&dir) {
             let wanted = match mode {
-                AttachMode::Auto => true,
+                AttachMode::Auto => pinned_mode != AttachedMode::Tc,
                 AttachMode::Native => pinned_mode == AttachedMode::Native,
                 AttachMode::Generic => pinned_mode == AttachedMode::Generic,
+                AttachMode::Tc => pinned_mode == AttachedMode::Tc,
             };
-            match self.take_over_link(&path) {
-                Ok(id) if wanted => {
-                    self.attached.push((interface.to_owned(), pinned_mode, id));
-                    return Ok((pinned_mode, true));
-                }
-                Ok(id) => {
-                    // The config asks for the other mode: the old link must go first.
-                    log::info!(
-                        "{interface}: re-attaching in {mode:?} mode (was {})",
-                        pinned_mode.name()
-                    );
-                    self.program()?.detach(id)?;
-                    fs::remove_file(&path).ok();
-                }
-                Err(e) => {
-                    log::warn!(
+            if wanted {
+                match self.take_over_link(&path, pinned_mode) {
+                    Ok(()) => {
+                        self.attached.push((interface.to_owned(), pinned_mode));
+                        return Ok((pinned_mode, true));
+                    }
+                    Err(e) => log::warn!(
                         "{interface}: the pinned link is unusable ({e:#}); attaching afresh"
-                    );
-                    fs::remove_file(&path).ok();
+                    ),
                 }
+            } else {
+                log::info!(
+                    "{interface}: re-attaching in {mode:?} mode (was {})",
+                    pinned_mode.name()
+                );
             }
+            // Unpinning the last reference to the old link detaches its program.
+            fs::remove_file(&path).ok();
         }
-        let chosen = self.attach(interface, mode)?;
-        let (_, _, id) = self.attached.pop().context("attach recorded no link")?;
-        let link: XdpLink = self.program()?.take_link(id)?;
-        let fd_link =
-            FdLink::try_from(link).context("XDP attached without a BPF link (kernel < 5.9?)")?;
+        let (chosen, fd_link) = match mode {
+            AttachMode::Tc => {
+                let program = self.tc_program()?;
+                let id = program
+                    .attach(interface, TcAttachType::Ingress)
+                    .with_context(|| format!("{interface}: attaching the TC ingress program"))?;
+                let link = program.take_link(id)?;
+                let fd_link = FdLink::try_from(link)
+                    .context("TC attached without a TCX link: mode tc needs Linux >= 6.6")?;
+                (AttachedMode::Tc, fd_link)
+            }
+            _ => {
+                let (chosen, id) = self.attach(interface, mode)?;
+                let link: XdpLink = self.program()?.take_link(id)?;
+                (
+                    chosen,
+                    FdLink::try_from(link)
+                        .context("XDP attached without a BPF link (kernel < 5.9?)")?,
+                )
+            }
+        };
         let path = dir.join(link_pin_name(chosen));
-        let pinned = fd_link
+        fd_link
             .pin(&path)
             .with_context(|| format!("pinning the link at {}", path.display()))?;
-        let id = self
-            .program()?
-            .attach_to_link(XdpLink::try_from(FdLink::from(pinned))?)?;
-        self.attached.push((interface.to_owned(), chosen, id));
+        // Hold the link through the program, as a taken-over one is.
+        self.take_over_link(&path, chosen)?;
+        self.attached.push((interface.to_owned(), chosen));
         Ok((chosen, false))
     }
 
-    fn take_over_link(&mut self, path: &Path) -> Result<XdpLinkId> {
-        let link =
-            PinnedLink::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
-        let link = XdpLink::try_from(FdLink::from(link))?;
-        Ok(self.program()?.attach_to_link(link)?)
+    fn take_over_link(&mut self, path: &Path, mode: AttachedMode) -> Result<()> {
+        let link = FdLink::from(
+            PinnedLink::from_pin(path).with_context(|| format!("opening {}", path.display()))?,
+        );
+        match mode {
+            AttachedMode::Tc => {
+                let link = SchedClassifierLink::try_from(link)?;
+                self.tc_program()?.attach_to_link(link)?;
+            }
+            _ => {
+                let link = XdpLink::try_from(link)?;
+                self.program()?.attach_to_link(link)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The TC ingress program, e.g. for BPF_PROG_TEST_RUN.
+    pub fn tc_program(&mut self) -> Result<&mut SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program_mut(names::PROGRAM_TC)
+            .context("the eBPF object has no TC program")?
+            .try_into()?)
     }
 
     /// The kernel's id of a map (for tools such as bpftool).
@@ -393,6 +457,9 @@ impl Shield {
 
     /// The kernel's id of the loaded program.
     pub fn program_id(&mut self) -> Result<u32> {
+        if self.attached.iter().any(|(_, m)| *m == AttachedMode::Tc) {
+            return Ok(self.tc_program()?.info()?.id());
+        }
         Ok(self.program()?.info()?.id())
     }
 
@@ -465,25 +532,26 @@ impl Shield {
         })
     }
 
-    /// Attaches to `interface`; `auto` tries native XDP, then generic.
-    pub fn attach(&mut self, interface: &str, mode: AttachMode) -> Result<AttachedMode> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(names::PROGRAM_XDP)
-            .context("the eBPF object has no XDP program")?
-            .try_into()?;
-        let (link, chosen) = match mode {
+    /// Attaches the XDP program to `interface`; `auto` tries native XDP, then generic.
+    pub fn attach(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+    ) -> Result<(AttachedMode, XdpLinkId)> {
+        let program = self.program()?;
+        Ok(match mode {
             AttachMode::Native => (
-                program.attach(interface, XdpMode::Driver)?,
                 AttachedMode::Native,
+                program.attach(interface, XdpMode::Driver)?,
             ),
             AttachMode::Generic => (
-                program.attach(interface, XdpMode::Skb)?,
                 AttachedMode::Generic,
+                program.attach(interface, XdpMode::Skb)?,
             ),
+            AttachMode::Tc => bail!("{interface}: mode tc attaches the TC program, not XDP"),
             AttachMode::Auto => {
                 match program.attach(interface, XdpMode::Driver) {
-                    Ok(link) => (link, AttachedMode::Native),
+                    Ok(link) => (AttachedMode::Native, link),
                     Err(native_err) => {
                         log::info!(
                             "{interface}: native XDP refused ({native_err}); trying generic XDP"
@@ -491,32 +559,11 @@ impl Shield {
                         let link = program.attach(interface, XdpMode::Skb).with_context(|| {
                         format!("{interface}: native XDP failed ({native_err}) and so did generic XDP")
                     })?;
-                        (link, AttachedMode::Generic)
+                        (AttachedMode::Generic, link)
                     }
                 }
             }
-        };
-        self.attached.push((interface.to_owned(), chosen, link));
-        Ok(chosen)
-    }
-
-    /// Detaches from every interface (dropping the Shield does the same).
-    pub fn detach_all(&mut self) -> Result<()> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(names::PROGRAM_XDP)
-            .context("the eBPF object has no XDP program")?
-            .try_into()?;
-        for (interface, _, link) in self.attached.drain(..) {
-            program
-                .detach(link)
-                .with_context(|| format!("detaching from {interface}"))?;
-        }
-        Ok(())
-    }
-
-    pub fn attached(&self) -> impl Iterator<Item = (&str, AttachedMode)> {
-        self.attached.iter().map(|(i, m, _)| (i.as_str(), *m))
+        })
     }
 
     /// The XDP program, e.g. for BPF_PROG_TEST_RUN.

@@ -187,3 +187,55 @@ fn one_source_at_five_times_its_limit_gets_burst_plus_rate_times_time() {
         "{counters:?}"
     );
 }
+
+#[test]
+fn mode_tc_enforces_the_same_verdicts_and_restarts_without_a_gap() {
+    use api_shield_tests::daemon::DaemonDirs;
+    require_root();
+    let sb = Sandbox::new("veth-server").expect("sandbox");
+    for addr in [NORMAL, BLOCKED] {
+        sb.add_client_address(addr).unwrap();
+    }
+    let yaml = format!(
+        "interfaces:\n  - name: {}\n    mode: tc\nlimits:\n  default: {{pps: 100000}}\nblocklist: [192.0.2.0/24]\n",
+        sb.server_if
+    );
+    let dirs = DaemonDirs::new().unwrap();
+    let daemon = Daemon::start_with(&sb.server, Some(&yaml), 1, dirs.clone()).expect("daemon");
+    assert!(
+        daemon
+            .log()
+            .contains("attached to veth-server in TC ingress mode"),
+        "{}",
+        daemon.log()
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&dirs.cli_ok(&["status", "--json"])).unwrap();
+    assert_eq!(status["interfaces"][0]["xdp_mode"], "tc");
+    let dest = format!("{SERVER_V4}:{SERVER_PORT}");
+    let delivered = |src: &str| {
+        let rx = Receiver::start(&sb.server, &format!("[::]:{SERVER_PORT}")).unwrap();
+        send_udp(&sb.client, src, &dest, 20, 1000, 32).unwrap();
+        rx.finish()
+            .get(&src.parse::<IpAddr>().unwrap())
+            .copied()
+            .unwrap_or(0)
+    };
+    assert_eq!(delivered(NORMAL), 20);
+    assert_eq!(delivered(BLOCKED), 0);
+    // A restart takes the pinned TCX link over.
+    daemon.stop().unwrap();
+    assert_eq!(delivered(BLOCKED), 0, "still enforcing with no daemon");
+    let daemon =
+        Daemon::start_with(&sb.server, Some(&yaml), 1, dirs.clone()).expect("restarted daemon");
+    assert!(
+        daemon.log().contains("took over the pinned link"),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(delivered(BLOCKED), 0);
+    daemon.stop().unwrap();
+    let out = dirs.cli_ok(&["detach", "--pin-dir", &dirs.pin_dir().display().to_string()]);
+    assert!(out.contains("TC link (tc mode)"), "{out}");
+    assert_eq!(delivered(BLOCKED), 20, "detached");
+}

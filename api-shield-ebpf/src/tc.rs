@@ -1,0 +1,36 @@
+//! The TC ingress (clsact) hook: the same verdict as XDP, for interfaces or kernels where
+//! XDP is not wanted.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+
+use crate::{
+    parse::Frame,
+    verdict::{Action, judge},
+};
+
+/// Headers we may read, pulled into the skb's linear part first (a GRO'd or paged skb may
+/// hold less there; bytes past the packet's end are simply absent).
+const PULL_BYTES: u32 = 256;
+
+#[classifier]
+pub(crate) fn api_shield_tc(ctx: TcContext) -> i32 {
+    let wire_len = ctx.len();
+    // A failed pull leaves less to read: parsing then finds the frame short, never reads
+    // out of bounds.
+    let _ = ctx.pull_data(wire_len.min(PULL_BYTES));
+    let frame = Frame {
+        start: ctx.data(),
+        end: ctx.data_end(),
+        wire_len: wire_len as usize,
+        // SAFETY: ctx.skb wraps the __sk_buff the kernel passed us.
+        ifindex: unsafe { (*ctx.skb.skb).ingress_ifindex },
+    };
+    match judge(&frame) {
+        Action::Pass => TC_ACT_OK,
+        Action::Drop => TC_ACT_SHOT,
+    }
+}
