@@ -153,33 +153,9 @@ pub fn execute_client(socket: Option<PathBuf>, command: Command) -> Result<()> {
         Command::Stats {
             watch: true, count, ..
         } => watch_stats(socket, count),
-        Command::Top { n, json } => {
-            let v = request(socket, &Request::Top { n })?;
-            if json {
-                println!("{v}");
-            } else {
-                print_top(&v);
-            }
-            Ok(())
-        }
-        Command::Stats { json, .. } => {
-            let v = request(socket, &Request::Stats {})?;
-            if json {
-                println!("{v}");
-            } else {
-                print_stats(&v);
-            }
-            Ok(())
-        }
-        Command::Status { json } => {
-            let v = request(socket, &Request::Status {})?;
-            if json {
-                println!("{v}");
-            } else {
-                print_status(&v);
-            }
-            Ok(())
-        }
+        Command::Top { n, json } => show(socket, &Request::Top { n }, json, print_top),
+        Command::Stats { json, .. } => show(socket, &Request::Stats {}, json, print_stats),
+        Command::Status { json } => show(socket, &Request::Status {}, json, print_status),
         Command::Feeds {
             action: Some(FeedsAction::Refresh { name }),
             ..
@@ -191,13 +167,7 @@ pub fn execute_client(socket: Option<PathBuf>, command: Command) -> Result<()> {
             Ok(())
         }
         Command::Feeds { json, action: None } => {
-            let v = request(socket, &Request::Feeds {})?;
-            if json {
-                println!("{v}");
-            } else {
-                print_feeds(&v);
-            }
-            Ok(())
+            show(socket, &Request::Feeds {}, json, print_feeds)
         }
         Command::Reload => {
             request(socket, &Request::Reload {})?;
@@ -275,16 +245,19 @@ fn list_command(socket: &PathBuf, list: ListKind, cmd: ListCommand) -> Result<()
             }
             Ok(())
         }
-        ListCommand::List { json } => {
-            let v = request(socket, &Request::List { list })?;
-            if json {
-                println!("{v}");
-            } else {
-                print_list(&v);
-            }
-            Ok(())
-        }
+        ListCommand::List { json } => show(socket, &Request::List { list }, json, print_list),
     }
+}
+
+/// Asks the daemon and prints its answer: as JSON with `--json`, else with `print`.
+fn show(socket: &PathBuf, req: &Request, json: bool, print: fn(&Value)) -> Result<()> {
+    let v = request(socket, req)?;
+    if json {
+        println!("{v}");
+    } else {
+        print(&v);
+    }
+    Ok(())
 }
 
 fn human_secs(secs: u64) -> String {
