@@ -25,7 +25,14 @@ pub mod names {
     /// Array of u64 bucket times, one per reason: the in-kernel rate limit on events.
     pub const MAP_EVENT_LIMIT: &str = "EVENT_LIMIT";
     /// Per-CPU array of u64, one per reason: events suppressed by that limit (or a full ring).
-    pub const MAP_EVENTS_SUPPRESSED: &str = "EVENTS_SUPPRESSED";
+        pub const MAP_EVENTS_SUPPRESSED: &str = "EVENTS_SUPPRESSED";
+    /// Array of limit slots ([`crate::limiter::DEFAULT_LIMIT`] or a rule's), indexed by
+    /// [`crate::rules::table_index`]: the first rule matching each protocol/port/flags.
+    pub const MAP_RULE_TABLE: &str = "RULE_TABLE";
+    /// Per-CPU array of [`crate::rules::RuleCounter`], one per limit slot.
+    pub const MAP_RULE_COUNTERS: &str = "RULE_COUNTERS";
+    /// Ring buffer of [`crate::rules::PenaltyEvent`]: sources the controller should box.
+    pub const MAP_PENALTIES: &str = "PENALTIES";
 }
 
 /// Allowlist and blocklist, folded by the controller into one trie per address family.
@@ -67,19 +74,49 @@ pub mod counters {
         RateLimited = 3,
         /// Malformed frame: passed or dropped as the config says.
         Malformed = 4,
-        /// Not IPv4/IPv6 (ARP, LLDP, ...): passed untouched.
+                /// Not IPv4/IPv6 (ARP, LLDP, ...): passed untouched.
         NonIp = 5,
+        /// Dry run: would have been dropped as blocklisted; passed.
+        WouldDropBlocklisted = 10,
+        /// Dry run (global or the rule's): over its token bucket; passed.
+        WouldDropRateLimited = 11,
+        /// Dry run: malformed and `on_malformed: drop`; passed.
+        WouldDropMalformed = 12,
     }
 
+    /// A dry-run verdict is counted in its reason's slot plus this.
+    pub const WOULD_DROP_OFFSET: u32 = 8;
+
     impl Reason {
-        pub const ALL: [Reason; 6] = [
+                pub const ALL: [Reason; 9] = [
             Reason::Passed,
             Reason::Allowlisted,
             Reason::Blocklisted,
             Reason::RateLimited,
             Reason::Malformed,
             Reason::NonIp,
+            Reason::WouldDropBlocklisted,
+            Reason::WouldDropRateLimited,
+            Reason::WouldDropMalformed,
         ];
+
+        /// The reason whose drop a dry run turned into a pass; itself otherwise.
+        pub const fn base(self) -> Reason {
+            match self {
+                Reason::WouldDropBlocklisted => Reason::Blocklisted,
+                Reason::WouldDropRateLimited => Reason::RateLimited,
+                Reason::WouldDropMalformed => Reason::Malformed,
+                r => r,
+            }
+        }
+
+        pub const fn is_would_drop(self) -> bool {
+            self as u32 >= WOULD_DROP_OFFSET
+        }
+
+        pub fn from_slot(slot: u32) -> Option<Reason> {
+            Reason::ALL.into_iter().find(|r| *r as u32 == slot)
+        }
 
         /// The stable name used in logs, CLI output and metrics.
         pub const fn name(self) -> &'static str {
@@ -89,7 +126,10 @@ pub mod counters {
                 Reason::Blocklisted => "blocklisted",
                 Reason::RateLimited => "rate_limited",
                 Reason::Malformed => "malformed",
-                Reason::NonIp => "non_ip",
+                                Reason::NonIp => "non_ip",
+                Reason::WouldDropBlocklisted => "would_drop_blocklisted",
+                Reason::WouldDropRateLimited => "would_drop_rate_limited",
+                Reason::WouldDropMalformed => "would_drop_malformed",
             }
         }
     }
@@ -112,8 +152,13 @@ pub mod limiter {
 
     /// Index of the default limit in the limits map.
     pub const DEFAULT_LIMIT: u32 = 0;
-    /// Entries in the limits map (the default plus rules added later).
+        /// Entries in the limits map: the default plus up to [`MAX_RULES`] rules.
     pub const LIMIT_SLOTS: u32 = 65;
+    /// Rules a config may have; rule `i` (from 0) uses limit slot `i + 1`.
+    pub const MAX_RULES: u32 = LIMIT_SLOTS - 1;
+
+    /// `RateLimit::flags`: count-only; over-limit packets pass and count as would-drop.
+    pub const LIMIT_DRY_RUN: u32 = 1;
 
     /// One limit, precomputed by the controller so the data plane only adds and compares.
     #[repr(C)]
@@ -125,8 +170,24 @@ pub mod limiter {
         pub packet_capacity: u64,
         /// Bucket time one byte costs, with [`BYTE_COST_FRAC_BITS`] fractional bits; 0: no byte limit.
         pub byte_cost_fp: u64,
-        /// How far ahead of now the byte TAT may run: burst_bytes worth of bucket time.
+                /// How far ahead of now the byte TAT may run: burst_bytes worth of bucket time.
         pub byte_capacity: u64,
+        /// ANDed with an IPv4 source (as ::ffff:a.b.c.d) to make its bucket key: sources in
+        /// one prefix share a bucket.
+        pub mask_v4: [u8; 16],
+        /// ANDed with an IPv6 source to make its bucket key.
+        pub mask_v6: [u8; 16],
+        /// [`LIMIT_DRY_RUN`].
+        pub flags: u32,
+        /// Drops within `penalty_window` after which the bucket's prefix is reported to the
+        /// controller for the penalty box; 0: never.
+        pub penalty_after: u32,
+        /// In bucket time.
+        pub penalty_window: u64,
+        /// Prefix lengths of the masks (for penalty reports).
+        pub prefix_v4: u8,
+        pub prefix_v6: u8,
+        pub _pad: [u8; 6],
     }
 
     impl RateLimit {
@@ -155,29 +216,38 @@ pub mod limiter {
         /// Packets seen from the source under this limit, passed or dropped.
         pub packets: u64,
         pub bytes: u64,
-        /// Of those, dropped as over the limit.
+                /// Of those, dropped as over the limit.
         pub drops: u64,
+        /// Start of the current penalty window, in bucket time, and drops within it.
+        pub window_start: u64,
+        pub window_drops: u64,
     }
 
-    #[cfg(feature = "user")]
-    // SAFETY: four u64, no padding.
+        #[cfg(feature = "user")]
+    // SAFETY: 4 u64, 2 x 16 bytes, 2 u32, u64, 8 bytes: 88 bytes, 8-aligned, no padding.
     unsafe impl aya::Pod for RateLimit {}
     #[cfg(feature = "user")]
     // SAFETY: 16 bytes + u32, size 20, alignment 4, no padding.
     unsafe impl aya::Pod for LimiterKey {}
     #[cfg(feature = "user")]
-    // SAFETY: five u64, no padding.
+        // SAFETY: seven u64, no padding.
     unsafe impl aya::Pod for LimiterState {}
 }
 
 /// Settings the controller can change at run time without reloading the program.
 pub mod settings {
+    /// Global dry run: nothing is dropped; would-be drops are counted as such.
+    pub const SETTINGS_DRY_RUN: u32 = 1;
+    /// The rule table is in use (else every source is under the default limit).
+    pub const SETTINGS_RULES: u32 = 2;
+
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct Settings {
         /// Non-zero: drop malformed frames; zero: pass them (counted either way).
-        pub drop_malformed: u32,
-        pub _reserved: u32,
+                pub drop_malformed: u32,
+        /// [`SETTINGS_DRY_RUN`] | [`SETTINGS_RULES`].
+        pub flags: u32,
         /// Bucket time one drop event costs (per reason); 0: no events.
         pub event_cost: u64,
         /// How far ahead the event bucket may run: the burst of events per reason.
@@ -197,8 +267,10 @@ pub mod events {
 
     /// `DropEvent::flags`: the source address is IPv6 (else IPv4, as ::ffff:a.b.c.d).
     pub const EVENT_SOURCE_V6: u8 = 1;
-    /// `DropEvent::flags`: the frame had a parsed source address.
+        /// `DropEvent::flags`: the frame had a parsed source address.
     pub const EVENT_SOURCE_KNOWN: u8 = 2;
+    /// `DropEvent::flags`: dry run: the frame was passed, not dropped.
+    pub const EVENT_WOULD_DROP: u8 = 4;
 
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -220,4 +292,71 @@ pub mod events {
     #[cfg(feature = "user")]
     // SAFETY: 8 + 16 + 4 + 4 + 4 + 2 + 1 + 1 = 40 bytes, no padding.
     unsafe impl aya::Pod for DropEvent {}
+}
+
+/// Rules: which limit a packet falls under, their counters, and penalty reports.
+///
+/// The controller compiles the ordered rules into one table with a slot per (class, port):
+/// the data plane finds a packet's first matching rule with a single array lookup, so the
+/// cost per packet and the verifier's work do not grow with the number of rules.
+pub mod rules {
+    /// TCP with SYN set and ACK clear (a connection attempt), by destination port.
+    pub const CLASS_TCP_SYN: u32 = 0;
+    /// Any other TCP, by destination port (non-first fragments: port 0).
+    pub const CLASS_TCP: u32 = 1;
+    /// UDP, by destination port (non-first fragments: port 0).
+    pub const CLASS_UDP: u32 = 2;
+    /// Every other protocol, by protocol number.
+    pub const CLASS_OTHER: u32 = 3;
+    pub const PORTS: u32 = 65_536;
+    /// Entries of the rule table.
+    pub const TABLE_SLOTS: u32 = CLASS_OTHER * PORTS + 256;
+
+    /// The table slot of a packet of `class`; `port` is the destination port for TCP and
+    /// UDP, the protocol number for [`CLASS_OTHER`].
+    #[inline(always)]
+    pub const fn table_index(class: u32, port: u16) -> u32 {
+        class * PORTS + port as u32
+    }
+
+    /// Packets and bytes per limit slot, by what the limiter did.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct RuleCounter {
+        pub passed_packets: u64,
+        pub passed_bytes: u64,
+        pub dropped_packets: u64,
+        pub dropped_bytes: u64,
+        /// Over the limit under a dry run: passed.
+        pub would_drop_packets: u64,
+        pub would_drop_bytes: u64,
+    }
+
+        /// Bytes of the penalty ring: 1,365 reports; a bucket reports at most once a window.
+    pub const PENALTY_RING_BYTES: u32 = 64 * 1024;
+
+    /// `PenaltyEvent::flags`: the prefix is IPv6.
+    pub const PENALTY_V6: u32 = 1;
+
+    /// A bucket's prefix went over `penalty_after` drops within the window.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct PenaltyEvent {
+        pub timestamp_ns: u64,
+        /// The bucket key's address (already masked to the rule's prefix).
+        pub addr: [u8; 16],
+        /// Limit slot (0: default, i + 1: rule i).
+        pub limit: u32,
+        pub prefix_len: u32,
+        pub drops: u64,
+        pub flags: u32,
+        pub _pad: u32,
+    }
+
+    #[cfg(feature = "user")]
+    // SAFETY: six u64, no padding.
+    unsafe impl aya::Pod for RuleCounter {}
+    #[cfg(feature = "user")]
+    // SAFETY: u64, 16 bytes, 2 u32, u64, 2 u32: 48 bytes, no padding.
+    unsafe impl aya::Pod for PenaltyEvent {}
 }

@@ -78,13 +78,30 @@ pub(crate) enum L3 {
 }
 
 /// The transport layer as far as the verdict needs it.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 pub(crate) struct L4 {
     pub(crate) protocol: u8,
     /// A fragment other than the first: it carries no transport header.
     pub(crate) non_first_fragment: bool,
-    /// Destination port in host order (TCP/UDP), else 0.
+        /// Destination port in host order (TCP/UDP), else 0.
     pub(crate) dst_port: u16,
+        /// TCP with SYN set and ACK clear: a connection attempt.
+    pub(crate) tcp_syn: bool,
+    /// False: the transport header (or the IPv6 chain before it) is truncated or invalid.
+    pub(crate) complete: bool,
+}
+
+impl L4 {
+    /// Every field is defined, even for a frame we could not read: an `Option<L4>` left
+    /// its bytes undefined on `None`, and LLVM filled them from a packet-pointer register,
+    /// which the verifier refuses to do arithmetic on.
+    const INCOMPLETE: L4 = L4 {
+        protocol: 0,
+        non_first_fragment: false,
+        dst_port: 0,
+        tcp_syn: false,
+        complete: false,
+    };
 }
 
 /// Skips Ethernet and up to two VLAN tags, then checks the fixed IP header.
@@ -171,26 +188,42 @@ fn parse_ipv6(frame: &Frame, offset: usize) -> L3 {
 
 /// IPv4 transport header: absent for non-first fragments; truncated is malformed.
 #[inline(always)]
-pub(crate) fn parse_l4_v4(frame: &Frame, info: &Ipv4Info) -> Option<L4> {
+pub(crate) fn parse_l4_v4(frame: &Frame, info: &Ipv4Info) -> L4 {
     let mut l4 = L4 {
         protocol: info.protocol,
         non_first_fragment: info.non_first_fragment,
         dst_port: 0,
+        tcp_syn: false,
+        complete: true,
     };
     if !info.non_first_fragment {
-        l4.dst_port = transport_dst_port(frame, info.protocol, info.l4_offset)?;
+        match transport(frame, info.protocol, info.l4_offset) {
+            Some((port, syn)) => {
+                l4.dst_port = port;
+                l4.tcp_syn = syn;
+            }
+            None => l4.complete = false,
+        }
     }
-    Some(l4)
+    l4
 }
 
 /// Walks up to [`MAX_IPV6_EXT_HEADERS`] extension headers to the transport header.
 #[inline(always)]
-pub(crate) fn parse_l4_v6(frame: &Frame, ip_offset: usize) -> Option<L4> {
+pub(crate) fn parse_l4_v6(frame: &Frame, ip_offset: usize) -> L4 {
+    walk_l4_v6(frame, ip_offset).unwrap_or(L4::INCOMPLETE)
+}
+
+#[inline(always)]
+fn walk_l4_v6(frame: &Frame, ip_offset: usize) -> Option<L4> {
     let ip = frame.ptr_at::<Ipv6Hdr>(ip_offset)?;
     // SAFETY: bounds checked by ptr_at.
     let mut next = unsafe { (*ip).next_hdr };
     let mut offset = ip_offset + Ipv6Hdr::LEN;
-    let mut l4 = L4::default();
+        let mut l4 = L4 {
+        complete: true,
+        ..L4::INCOMPLETE
+    };
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
@@ -226,8 +259,10 @@ pub(crate) fn parse_l4_v6(frame: &Frame, ip_offset: usize) -> Option<L4> {
         // Still an extension header after the last one we skip: refuse to guess.
         return None;
     }
-    l4.protocol = next;
-    l4.dst_port = transport_dst_port(frame, next, offset)?;
+            l4.protocol = next;
+    let (port, syn) = transport(frame, next, offset)?;
+    l4.dst_port = port;
+    l4.tcp_syn = syn;
     Some(l4)
 }
 
@@ -239,20 +274,33 @@ fn is_ipv6_extension(protocol: u8) -> bool {
     )
 }
 
-/// Destination port of TCP/UDP in host order, 0 for other protocols; None if truncated.
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+/// Offset of the flags byte in the TCP header.
+const TCP_FLAGS_OFFSET: usize = 13;
+
+/// Destination port of TCP/UDP in host order (0 for other protocols) and whether it is a
+/// TCP SYN without ACK; None if truncated.
 #[inline(always)]
-fn transport_dst_port(frame: &Frame, protocol: u8, offset: usize) -> Option<u16> {
+fn transport(frame: &Frame, protocol: u8, offset: usize) -> Option<(u16, bool)> {
     match protocol {
         IPPROTO_TCP => {
             let tcp = frame.ptr_at::<TcpHdr>(offset)?;
-            // SAFETY: bounds checked by ptr_at.
-            Some(u16::from_be_bytes(unsafe { (*tcp).dest }))
+            // SAFETY: bounds checked by ptr_at; the flags byte lies inside the header.
+            let (dest, flags) = unsafe {
+                (
+                    (*tcp).dest,
+                    *tcp.cast::<u8>().add(TCP_FLAGS_OFFSET),
+                )
+            };
+            let syn = flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+            Some((u16::from_be_bytes(dest), syn))
         }
         IPPROTO_UDP => {
             let udp = frame.ptr_at::<UdpHdr>(offset)?;
             // SAFETY: bounds checked by ptr_at.
-            Some(u16::from_be_bytes(unsafe { (*udp).dst }))
+            Some((u16::from_be_bytes(unsafe { (*udp).dst }), false))
         }
-        _ => Some(0),
+        _ => Some((0, false)),
     }
 }

@@ -5,14 +5,20 @@
 use core::intrinsics::{AtomicOrdering::Relaxed, atomic_cxchg, atomic_xsub};
 
 use api_shield_common::{
-    counters::{COUNTER_SLOTS, Counter, Reason},
-    events::{DropEvent, EVENT_SOURCE_KNOWN, EVENT_SOURCE_V6, EVENTS_RING_BYTES},
+    counters::{COUNTER_SLOTS, Counter, Reason, WOULD_DROP_OFFSET},
+    events::{
+        DropEvent, EVENT_SOURCE_KNOWN, EVENT_SOURCE_V6, EVENT_WOULD_DROP, EVENTS_RING_BYTES,
+    },
     limiter::{
-        BYTE_COST_FRAC_BITS, DEFAULT_LIMIT, LIMIT_SLOTS, LimiterKey, LimiterState, RateLimit,
-        TIME_SHIFT,
+        BYTE_COST_FRAC_BITS, DEFAULT_LIMIT, LIMIT_DRY_RUN, LIMIT_SLOTS, LimiterKey, LimiterState,
+        RateLimit, TIME_SHIFT,
     },
     lists::{LIST_ALLOW, LIST_BLOCK, ListVerdict},
-    settings::Settings,
+    rules::{
+        CLASS_OTHER, CLASS_TCP, CLASS_TCP_SYN, CLASS_UDP, PENALTY_RING_BYTES, PENALTY_V6, PenaltyEvent,
+        RuleCounter, TABLE_SLOTS, table_index,
+    },
+    settings::{SETTINGS_DRY_RUN, SETTINGS_RULES, Settings},
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -21,7 +27,11 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 
-use crate::parse::{Frame, Ipv4Info, L3, parse_l3, parse_l4_v4, parse_l4_v6};
+use crate::parse::{Frame, Ipv4Info, L3, L4, parse_l3, parse_l4_v4, parse_l4_v6};
+
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
 
 // Capacities here are placeholders: the controller sets each from the config at load.
 #[map(name = "LIST_V4")]
@@ -42,6 +52,12 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 static EVENT_LIMIT: Array<u64> = Array::with_max_entries(COUNTER_SLOTS, 0);
 #[map(name = "EVENTS_SUPPRESSED")]
 static EVENTS_SUPPRESSED: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+#[map(name = "RULE_TABLE")]
+static RULE_TABLE: Array<u32> = Array::with_max_entries(TABLE_SLOTS, 0);
+#[map(name = "RULE_COUNTERS")]
+static RULE_COUNTERS: PerCpuArray<RuleCounter> = PerCpuArray::with_max_entries(LIMIT_SLOTS, 0);
+#[map(name = "PENALTIES")]
+static PENALTIES: RingBuf = RingBuf::with_byte_size(PENALTY_RING_BYTES, 0);
 
 /// What to do with the frame.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -54,6 +70,10 @@ pub(crate) enum Action {
 struct Verdict {
     action: Action,
     reason: Reason,
+    /// A drop a dry run turned into a pass: counted and reported as a would-drop.
+    dry_run: bool,
+    /// The limit slot that applied (events name the rule).
+    limit: u32,
     /// The source (IPv4 as ::ffff:a.b.c.d); all zero if the frame had none we could read.
     source: [u8; 16],
     flags: u8,
@@ -71,12 +91,50 @@ enum Unparsed {
     V6(usize),
 }
 
+/// The settings the verdict needs, read once per frame.
+#[derive(Clone, Copy)]
+struct Mode {
+    dry_run: bool,
+    rules: bool,
+    drop_malformed: bool,
+}
+
+impl Mode {
+    #[inline(always)]
+    fn read() -> Mode {
+        match SETTINGS.get(0) {
+            Some(s) => Mode {
+                dry_run: s.flags & SETTINGS_DRY_RUN != 0,
+                rules: s.flags & SETTINGS_RULES != 0,
+                drop_malformed: s.drop_malformed != 0,
+            },
+            None => Mode {
+                dry_run: false,
+                rules: false,
+                drop_malformed: false,
+            },
+        }
+    }
+
+    /// The action for a frame that fails a check: dropped, or passed under a dry run.
+    #[inline(always)]
+    fn drop(self, rule_dry_run: bool) -> (Action, bool) {
+        if self.dry_run || rule_dry_run {
+            (Action::Pass, true)
+        } else {
+            (Action::Drop, false)
+        }
+    }
+}
+
 impl Verdict {
     #[inline(always)]
-    fn without_source(action: Action, reason: Reason) -> Verdict {
+    fn without_source(action: Action, reason: Reason, dry_run: bool) -> Verdict {
         Verdict {
             action,
             reason,
+            dry_run,
+            limit: DEFAULT_LIMIT,
             source: [0; 16],
             flags: 0,
             protocol: 0,
@@ -89,24 +147,28 @@ impl Verdict {
 /// Decides, counts, and reports drops. Never fails: every path ends in a counted verdict.
 #[inline(always)]
 pub(crate) fn judge(frame: &Frame) -> Action {
-    let v = decide(frame);
-    count(v.reason, frame.len());
-    if v.action == Action::Drop {
-        report(frame, &v);
+    let v = decide(frame, Mode::read());
+    let slot = v.reason as u32 + if v.dry_run { WOULD_DROP_OFFSET } else { 0 };
+    count(slot, frame.len());
+    if v.action == Action::Drop || v.dry_run {
+        report(frame, &v, slot);
     }
     v.action
 }
 
 #[inline(always)]
-fn decide(frame: &Frame) -> Verdict {
+fn decide(frame: &Frame, mode: Mode) -> Verdict {
     let mut key = LimiterKey {
         addr: [0; 16],
         limit: DEFAULT_LIMIT,
     };
     // Lists first: a listed source gets its verdict whatever follows the IP header.
     let (l4, flags) = match parse_l3(frame) {
-        L3::NonIp => return Verdict::without_source(Action::Pass, Reason::NonIp),
-        L3::Malformed => return Verdict::without_source(malformed(), Reason::Malformed),
+        L3::NonIp => return Verdict::without_source(Action::Pass, Reason::NonIp, false),
+        L3::Malformed => {
+            let (action, dry_run) = malformed(mode);
+            return Verdict::without_source(action, Reason::Malformed, dry_run);
+        }
         L3::V4 { src, info } => {
             key.addr[10] = 0xff;
             key.addr[11] = 0xff;
@@ -114,7 +176,7 @@ fn decide(frame: &Frame) -> Verdict {
             match LIST_V4.get(Key::new(32, src)) {
                 Some(&LIST_ALLOW) => {
                     return listed(
-                        Action::Pass,
+                        (Action::Pass, false),
                         Reason::Allowlisted,
                         &key,
                         EVENT_SOURCE_KNOWN,
@@ -123,7 +185,7 @@ fn decide(frame: &Frame) -> Verdict {
                 }
                 Some(&LIST_BLOCK) => {
                     return listed(
-                        Action::Drop,
+                        mode.drop(false),
                         Reason::Blocklisted,
                         &key,
                         EVENT_SOURCE_KNOWN,
@@ -140,7 +202,7 @@ fn decide(frame: &Frame) -> Verdict {
             match LIST_V6.get(Key::new(128, src)) {
                 Some(&LIST_ALLOW) => {
                     return listed(
-                        Action::Pass,
+                        (Action::Pass, false),
                         Reason::Allowlisted,
                         &key,
                         flags,
@@ -149,7 +211,7 @@ fn decide(frame: &Frame) -> Verdict {
                 }
                 Some(&LIST_BLOCK) => {
                     return listed(
-                        Action::Drop,
+                        mode.drop(false),
                         Reason::Blocklisted,
                         &key,
                         flags,
@@ -161,11 +223,20 @@ fn decide(frame: &Frame) -> Verdict {
             (parse_l4_v6(frame, offset), flags)
         }
     };
-    let (protocol, dst_port) = l4.map_or((0, 0), |l| (l.protocol, l.dst_port));
-    let verdict = |action, reason| Verdict {
+    let source = key.addr;
+        let (protocol, dst_port) = (l4.protocol, l4.dst_port);
+    // A frame malformed past the IP header has no rule to match: the default limit.
+    let slot = if l4.complete && mode.rules {
+        rule_slot(&l4)
+    } else {
+        DEFAULT_LIMIT
+    };
+    let verdict = |(action, dry_run), reason| Verdict {
         action,
         reason,
-        source: key.addr,
+        dry_run,
+        limit: slot,
+        source,
         flags,
         protocol,
         dst_port,
@@ -173,18 +244,48 @@ fn decide(frame: &Frame) -> Verdict {
     };
     // The limiter applies even to frames malformed past the IP header, so that
     // mangling the transport header is no way around a source's limit.
-    if !take_tokens(&key, frame.len()) {
-        return verdict(Action::Drop, Reason::RateLimited);
+    if let Some(limit) = LIMITS.get(slot) {
+        let rule_dry_run = limit.flags & LIMIT_DRY_RUN != 0;
+        let conforms = limit.is_unlimited() || {
+            key.limit = slot;
+            let mask = if flags & EVENT_SOURCE_V6 != 0 {
+                &limit.mask_v6
+            } else {
+                &limit.mask_v4
+            };
+            for i in 0..16 {
+                key.addr[i] &= mask[i];
+            }
+            let penalize = limit.penalty_after != 0 && !(mode.dry_run || rule_dry_run);
+            take_tokens(&key, limit, frame.len(), penalize, flags)
+        };
+        count_rule(slot, conforms, mode.dry_run || rule_dry_run, frame.len());
+        if !conforms {
+            return verdict(mode.drop(rule_dry_run), Reason::RateLimited);
+        }
     }
-    match l4 {
-        Some(_) => verdict(Action::Pass, Reason::Passed),
-        None => verdict(malformed(), Reason::Malformed),
+        if l4.complete {
+        verdict((Action::Pass, false), Reason::Passed)
+    } else {
+        verdict(malformed(mode), Reason::Malformed)
     }
+}
+
+/// The limit slot of the first rule matching the packet (the controller compiled them).
+#[inline(always)]
+fn rule_slot(l4: &L4) -> u32 {
+    let index = match l4.protocol {
+        IPPROTO_TCP if l4.tcp_syn => table_index(CLASS_TCP_SYN, l4.dst_port),
+        IPPROTO_TCP => table_index(CLASS_TCP, l4.dst_port),
+        IPPROTO_UDP => table_index(CLASS_UDP, l4.dst_port),
+        p => table_index(CLASS_OTHER, u16::from(p)),
+    };
+    RULE_TABLE.get(index).copied().unwrap_or(DEFAULT_LIMIT)
 }
 
 #[inline(always)]
 fn listed(
-    action: Action,
+    (action, dry_run): (Action, bool),
     reason: Reason,
     key: &LimiterKey,
     flags: u8,
@@ -193,6 +294,8 @@ fn listed(
     Verdict {
         action,
         reason,
+        dry_run,
+        limit: DEFAULT_LIMIT,
         source: key.addr,
         flags,
         protocol: 0,
@@ -202,22 +305,26 @@ fn listed(
 }
 
 #[inline(always)]
-fn malformed() -> Action {
-    let drop = SETTINGS.get(0).is_some_and(|s| s.drop_malformed != 0);
-    if drop { Action::Drop } else { Action::Pass }
+fn malformed(mode: Mode) -> (Action, bool) {
+    if mode.drop_malformed {
+        mode.drop(false)
+    } else {
+        (Action::Pass, false)
+    }
 }
 
-/// Sends a drop event, at most at the configured rate per reason (a GCRA bucket shared by
-/// all CPUs); events over that rate, or that find the ring full, are counted instead.
+/// Sends a drop (or would-drop) event, at most at the configured rate per counter slot
+/// (a GCRA bucket shared by all CPUs); events over that rate, or that find the ring full,
+/// are counted instead.
 #[inline(always)]
-fn report(frame: &Frame, v: &Verdict) {
+fn report(frame: &Frame, v: &Verdict, slot: u32) {
     let Some(settings) = SETTINGS.get(0) else {
         return;
     };
     if settings.event_cost == 0 {
         return;
     }
-    let Some(tat) = EVENT_LIMIT.get_ptr_mut(v.reason as u32) else {
+    let Some(tat) = EVENT_LIMIT.get_ptr_mut(slot) else {
         return;
     };
     // SAFETY: a helper without preconditions.
@@ -225,10 +332,12 @@ fn report(frame: &Frame, v: &Verdict) {
     let (protocol, dst_port) = match v.unparsed {
         Unparsed::Nothing => (v.protocol, v.dst_port),
         Unparsed::V4(info) => {
-            parse_l4_v4(frame, &info).map_or((info.protocol, 0), |l| (l.protocol, l.dst_port))
+                        let l = parse_l4_v4(frame, &info);
+            (l.protocol, l.dst_port)
         }
         Unparsed::V6(offset) => {
-            parse_l4_v6(frame, offset).map_or((0, 0), |l| (l.protocol, l.dst_port))
+                        let l = parse_l4_v6(frame, offset);
+            (l.protocol, l.dst_port)
         }
     };
     let sent = take(
@@ -242,24 +351,24 @@ fn report(frame: &Frame, v: &Verdict) {
                 timestamp_ns: now,
                 source: v.source,
                 ifindex: frame.ifindex,
-                reason: v.reason as u32,
-                rule: DEFAULT_LIMIT,
+                reason: slot,
+                rule: v.limit,
                 dst_port,
                 protocol,
-                flags: v.flags,
+                flags: v.flags | if v.dry_run { EVENT_WOULD_DROP } else { 0 },
             },
             0,
         )
         .is_ok();
-    if !sent && let Some(n) = EVENTS_SUPPRESSED.get_ptr_mut(v.reason as u32) {
+    if !sent && let Some(n) = EVENTS_SUPPRESSED.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot.
         unsafe { *n += 1 };
     }
 }
 
 #[inline(always)]
-fn count(reason: Reason, len: usize) {
-    if let Some(counter) = COUNTERS.get_ptr_mut(reason as u32) {
+fn count(slot: u32, len: usize) {
+    if let Some(counter) = COUNTERS.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot: no other CPU writes it, and we cannot be preempted here.
         unsafe {
             (*counter).packets += 1;
@@ -268,15 +377,31 @@ fn count(reason: Reason, len: usize) {
     }
 }
 
-/// Takes one packet and `len` bytes from the source's buckets; false if either is empty.
+/// What the limit slot's bucket did with the packet, for the rule's counters.
 #[inline(always)]
-fn take_tokens(key: &LimiterKey, len: usize) -> bool {
-    let Some(limit) = LIMITS.get(key.limit) else {
-        return true;
-    };
-    if limit.is_unlimited() {
-        return true;
+fn count_rule(slot: u32, conforms: bool, dry_run: bool, len: usize) {
+    if let Some(c) = RULE_COUNTERS.get_ptr_mut(slot) {
+        let len = len as u64;
+        // SAFETY: per-CPU slot, as in `count`.
+        unsafe {
+            if conforms {
+                (*c).passed_packets += 1;
+                (*c).passed_bytes += len;
+            } else if dry_run {
+                (*c).would_drop_packets += 1;
+                (*c).would_drop_bytes += len;
+            } else {
+                (*c).dropped_packets += 1;
+                (*c).dropped_bytes += len;
+            }
+        }
     }
+}
+
+/// Takes one packet and `len` bytes from the bucket of `key`; false if either is empty.
+/// With `penalize`, a drop also counts toward the bucket's penalty window.
+#[inline(always)]
+fn take_tokens(key: &LimiterKey, limit: &RateLimit, len: usize, penalize: bool, flags: u8) -> bool {
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() } << TIME_SHIFT;
     let packet_cost = limit.packet_cost;
@@ -296,26 +421,32 @@ fn take_tokens(key: &LimiterKey, len: usize) -> bool {
             packets: 1,
             bytes: len as u64,
             drops: u64::from(!fits),
+            window_start: now,
+            window_drops: u64::from(!fits),
         };
         if LIMITER.insert(key, fresh, u64::from(BPF_NOEXIST)).is_ok() {
             return fits;
         }
         // Another CPU created it first: take from the bucket it made.
         return match LIMITER.get_ptr_mut(key) {
-            Some(state) => take_and_count(state, limit, now, byte_cost, len),
+            Some(state) => take_and_count(state, key, limit, now, byte_cost, len, penalize, flags),
             None => fits,
         };
     };
-    take_and_count(state, limit, now, byte_cost, len)
+    take_and_count(state, key, limit, now, byte_cost, len, penalize, flags)
 }
 
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn take_and_count(
     state: *mut LimiterState,
+    key: &LimiterKey,
     limit: &RateLimit,
     now: u64,
     byte_cost: u64,
     len: usize,
+    penalize: bool,
+    flags: u8,
 ) -> bool {
     let passed = take_both(state, limit, now, byte_cost);
     // SAFETY: a live map value; plain adds (see LimiterState).
@@ -324,9 +455,51 @@ fn take_and_count(
         (*state).bytes += len as u64;
         if !passed {
             (*state).drops += 1;
+            if penalize {
+                count_violation(state, key, limit, now, flags);
+            }
         }
     }
     passed
+}
+
+/// Counts a drop in the bucket's penalty window; the drop that goes past
+/// `penalty_after` reports the bucket's prefix, once per window.
+#[inline(always)]
+unsafe fn count_violation(
+    state: *mut LimiterState,
+    key: &LimiterKey,
+    limit: &RateLimit,
+    now: u64,
+    flags: u8,
+) {
+    // SAFETY (whole body): `state` is a live map value; plain read-modify-writes, which
+    // two CPUs may race on: at worst a report comes a drop early or late.
+    let start = unsafe { (*state).window_start };
+    let drops = if now.wrapping_sub(start) > limit.penalty_window {
+        unsafe { (*state).window_start = now };
+        1
+    } else {
+        (unsafe { (*state).window_drops }) + 1
+    };
+    unsafe { (*state).window_drops = drops };
+    if drops != u64::from(limit.penalty_after) + 1 {
+        return;
+    }
+    let v6 = flags & EVENT_SOURCE_V6 != 0;
+    // A full ring loses this report; the next window reports again.
+    let _ = PENALTIES.output::<PenaltyEvent>(
+        &PenaltyEvent {
+            timestamp_ns: now >> TIME_SHIFT,
+            addr: key.addr,
+            limit: key.limit,
+            prefix_len: u32::from(if v6 { limit.prefix_v6 } else { limit.prefix_v4 }),
+            drops,
+            flags: if v6 { PENALTY_V6 } else { 0 },
+            _pad: 0,
+        },
+        0,
+    );
 }
 
 #[inline(always)]

@@ -14,6 +14,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, de};
 
 use crate::prefix::parse_prefix;
+use api_shield_common::limiter::MAX_RULES;
 
 /// The config the daemon runs without `--config`; documented in the README.
 pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.yaml");
@@ -35,6 +36,9 @@ impl fmt::Display for ConfigError {
 pub struct Config {
     pub interfaces: Vec<Interface>,
     pub limits: Limits,
+    /// Count only: nothing is dropped (lists, limits, malformed frames); would-be drops
+    /// are counted and reported as such.
+    pub dry_run: bool,
     pub allowlist: Vec<IpNet>,
     pub blocklist: Vec<IpNet>,
     pub on_malformed: OnMalformed,
@@ -285,7 +289,341 @@ pub enum OnMalformed {
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Limits {
+    /// The limit of sources no rule matches.
     pub default: Limit,
+    pub default_policy: Policy,
+    /// Matched in order; the first match's limit applies.
+    pub rules: Vec<Rule>,
+    /// Boxing sources that keep going over their limit; None: off.
+    pub penalty: Option<Penalty>,
+}
+
+impl Limits {
+    /// The name of limit slot `slot`: `default` or the rule's.
+    pub fn slot_name(&self, slot: u32) -> String {
+        match slot.checked_sub(1) {
+            None => "default".into(),
+            Some(i) => self
+                .rules
+                .get(i as usize)
+                .map_or_else(|| format!("slot-{slot}"), |r| r.name.0.clone()),
+        }
+    }
+
+    /// The names of every limit slot in use, by slot.
+    pub fn slot_names(&self) -> Vec<String> {
+        (0..=self.rules.len() as u32)
+            .map(|s| self.slot_name(s))
+            .collect()
+    }
+
+    /// What shares a bucket under limit slot `slot`.
+    pub fn slot_key(&self, slot: u32) -> SourceKey {
+        match slot.checked_sub(1) {
+            None => self.default_policy.key,
+            Some(i) => self
+                .rules
+                .get(i as usize)
+                .map_or_else(SourceKey::default, |r| r.policy.key),
+        }
+    }
+}
+
+/// How a limit is applied: what shares a bucket, whether it drops, whether it boxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub key: SourceKey,
+    /// Count only: over-limit packets pass and count as would-drop.
+    pub dry_run: bool,
+    /// Drops under this limit count toward the penalty box (when `limits.penalty` is set).
+    pub penalty: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            key: SourceKey::default(),
+            dry_run: false,
+            penalty: true,
+        }
+    }
+}
+
+/// One rule: packets it matches are limited per bucket by `limit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub name: RuleName,
+    pub matcher: RuleMatch,
+    pub limit: Limit,
+    pub policy: Policy,
+}
+
+/// What a rule matches; every field given must match. Nothing given: every packet.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleMatch {
+    pub protocol: Option<Protocol>,
+    /// Destination ports and inclusive ranges (TCP and UDP only).
+    #[serde(default)]
+    pub dst_ports: Vec<PortRange>,
+    pub tcp_flags: Option<TcpFlags>,
+}
+
+/// An IP protocol, by name or number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    /// ICMP and ICMPv6.
+    Icmp,
+    Icmpv6,
+    Number(u8),
+}
+
+impl Protocol {
+    /// The protocol numbers it stands for.
+    pub fn numbers(self) -> Vec<u8> {
+        match self {
+            Protocol::Tcp => vec![6],
+            Protocol::Udp => vec![17],
+            Protocol::Icmp => vec![1, 58],
+            Protocol::Icmpv6 => vec![58],
+            Protocol::Number(n) => vec![n],
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Protocol {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = Protocol;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("tcp, udp, icmp, icmpv6 or a protocol number 0-255")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Protocol, E> {
+                match u8::try_from(v) {
+                    Ok(6) => Ok(Protocol::Tcp),
+                    Ok(17) => Ok(Protocol::Udp),
+                    Ok(n) => Ok(Protocol::Number(n)),
+                    Err(_) => Err(E::custom(format!(
+                        "protocol {v} is out of range: expected 0 to 255"
+                    ))),
+                }
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Protocol, E> {
+                Err(E::custom(format!("protocol {v} is out of range: expected 0 to 255")))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Protocol, E> {
+                match s {
+                    "tcp" => Ok(Protocol::Tcp),
+                    "udp" => Ok(Protocol::Udp),
+                    "icmp" => Ok(Protocol::Icmp),
+                    "icmpv6" => Ok(Protocol::Icmpv6),
+                    _ => Err(E::custom(format!(
+                        "unknown protocol `{s}`: expected tcp, udp, icmp, icmpv6 or a number 0-255"
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A destination port or an inclusive range, written `443` or `"8000-8443"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid port `{s}`: expected a port 0-65535 or a range like 8000-8443");
+        let (a, b) = s.split_once('-').unwrap_or((s, s));
+        let first: u16 = a.trim().parse().map_err(|_| bad())?;
+        let last: u16 = b.trim().parse().map_err(|_| bad())?;
+        if first > last {
+            return Err(format!("invalid port range `{s}`: {first} is above {last}"));
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = PortRange;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a port 0-65535 or a range like \"8000-8443\"")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<PortRange, E> {
+                u16::try_from(v)
+                    .map(|p| PortRange { first: p, last: p })
+                    .map_err(|_| E::custom(format!("port {v} is out of range: expected 0 to 65535")))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PortRange, E> {
+                Err(E::custom(format!("port {v} is out of range: expected 0 to 65535")))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<PortRange, E> {
+                s.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// TCP flags a rule matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TcpFlags {
+    /// SYN set and ACK clear: connection attempts (SYN floods).
+    Syn,
+}
+
+/// What shares a bucket: sources in one IPv4 prefix of `v4` bits, one IPv6 prefix of `v6`.
+///
+/// Written `source` (/32 and /128), `source/N/M` (IPv4 /N, IPv6 /M), `source/N` (N up
+/// to 32: IPv4 /N with IPv6 per address; above 32: IPv6 /N with IPv4 per address), or
+/// `{ipv4: N, ipv6: M}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceKey {
+    pub v4: u8,
+    pub v6: u8,
+}
+
+impl Default for SourceKey {
+    fn default() -> Self {
+        SourceKey { v4: 32, v6: 128 }
+    }
+}
+
+impl FromStr for SourceKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "invalid key `{s}`: expected source, source/N (IPv4 /0-32 or IPv6 /33-128) or source/N/M (IPv4 /N, IPv6 /M)"
+            )
+        };
+        let mut parts = s.trim().split('/');
+        if parts.next() != Some("source") {
+            return Err(bad());
+        }
+        let lens: Vec<u8> = parts
+            .map(|p| p.parse::<u8>().map_err(|_| bad()))
+            .collect::<Result<_, _>>()?;
+        match lens[..] {
+            [] => Ok(SourceKey::default()),
+            [n] if n <= 32 => Ok(SourceKey { v4: n, v6: 128 }),
+            [n] if n <= 128 => Ok(SourceKey { v4: 32, v6: n }),
+            [v4, v6] if v4 <= 32 && v6 <= 128 => Ok(SourceKey { v4, v6 }),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SourceKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Lengths {
+            ipv4: Option<Bounded<0, 32>>,
+            ipv6: Option<Bounded<0, 128>>,
+        }
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = SourceKey;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("source, source/N, source/N/M or {ipv4: N, ipv6: M}")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<SourceKey, E> {
+                s.parse().map_err(E::custom)
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<SourceKey, A::Error> {
+                let l = Lengths::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(SourceKey {
+                    v4: l.ipv4.map_or(32, |b| b.0 as u8),
+                    v6: l.ipv6.map_or(128, |b| b.0 as u8),
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl fmt::Display for SourceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "source/{}/{}", self.v4, self.v6)
+    }
+}
+
+/// A rule name: 1 to 64 of a-z, A-Z, 0-9, '-', '_' (it is a metric label).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RuleName(pub String);
+
+impl<'de> Deserialize<'de> for RuleName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked_str(d, |s| {
+            if s.is_empty()
+                || s.len() > 64
+                || s == "default"
+                || !s
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(format!(
+                    "invalid rule name `{s}`: 1 to 64 of a-z, A-Z, 0-9, '-' and '_', not `default`"
+                ));
+            }
+            Ok(RuleName(s.to_owned()))
+        })
+    }
+}
+
+impl fmt::Display for RuleName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The penalty box: sources (bucket prefixes) that keep going over their limit are
+/// blocklisted for a while, longer on each repeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Penalty {
+    /// Drops by the limiter within `window` after which the bucket's prefix is boxed.
+    pub after_violations: Bounded<1, 1_000_000_000>,
+    #[serde(default = "default_penalty_window")]
+    pub window: HumanDuration,
+    #[serde(default = "default_block_for")]
+    pub block_for: HumanDuration,
+    /// Each repeat multiplies `block_for` by this, up to `max_block`.
+    #[serde(default = "default_escalate")]
+    pub escalate: Bounded<1, 1000>,
+    #[serde(default = "default_max_block")]
+    pub max_block: HumanDuration,
+    /// A prefix boxed no more within this long starts again from `block_for`.
+    #[serde(default = "default_forget_after")]
+    pub forget_after: HumanDuration,
+}
+
+fn default_penalty_window() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_block_for() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_escalate() -> Bounded<1, 1000> {
+    Bounded(2)
+}
+fn default_max_block() -> HumanDuration {
+    HumanDuration(Duration::from_secs(3600))
+}
+fn default_forget_after() -> HumanDuration {
+    HumanDuration(Duration::from_secs(24 * 3600))
 }
 
 /// One token-bucket limit per source. Zero rates mean "no limit" in that dimension.
@@ -331,6 +669,8 @@ impl Default for Capacity {
 }
 
 pub const MAX_PPS: u64 = 1_000_000_000;
+/// The longest penalty block: a year.
+pub const MAX_PENALTY_SECS: u64 = 365 * 24 * 3600;
 pub const MAX_BPS: u64 = 1_000_000_000_000;
 /// A byte bucket smaller than one full-size VLAN-tagged frame would drop every such frame.
 pub const MIN_BURST_BYTES: u64 = 1522;
@@ -485,8 +825,10 @@ impl<'de> Deserialize<'de> for HumanDuration {
 struct RawConfig {
     #[serde(default)]
     interfaces: Vec<Interface>,
-    #[serde(default)]
+        #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    dry_run: bool,
     #[serde(default)]
     allowlist: Vec<Prefix>,
     #[serde(default)]
@@ -528,6 +870,9 @@ impl<'de> Deserialize<'de> for AbsolutePath {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     default: Option<RawLimit>,
+    #[serde(default)]
+    rules: Vec<RawRule>,
+    penalty: Option<Penalty>,
 }
 
 #[derive(Deserialize)]
@@ -537,9 +882,59 @@ struct RawLimit {
     burst_packets: Option<Bounded<1, MAX_PPS>>,
     bps: Option<Rate<64, MAX_BPS>>,
     burst_bytes: Option<Bounded<MIN_BURST_BYTES, MAX_BPS>>,
+    key: Option<SourceKey>,
+    dry_run: Option<bool>,
+    penalty: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: RuleName,
+    #[serde(rename = "match", default)]
+    matcher: RuleMatch,
+    pps: Option<Rate<1, MAX_PPS>>,
+    burst_packets: Option<Bounded<1, MAX_PPS>>,
+    bps: Option<Rate<64, MAX_BPS>>,
+    burst_bytes: Option<Bounded<MIN_BURST_BYTES, MAX_BPS>>,
+    key: Option<SourceKey>,
+    dry_run: Option<bool>,
+    penalty: Option<bool>,
+}
+
+impl RawRule {
+    /// A rule limits only the dimensions it names (0 or absent: no limit); a missing
+    /// burst is one second's worth of the rate.
+    fn resolve(self) -> Rule {
+        let pps = self.pps.map_or(0, |r| r.0);
+        let bps = self.bps.map_or(0, |r| r.0);
+        Rule {
+            name: self.name,
+            matcher: self.matcher,
+            limit: Limit {
+                pps,
+                burst_packets: self.burst_packets.map_or(pps.max(1), |b| b.0),
+                bps,
+                burst_bytes: self.burst_bytes.map_or(bps.max(MIN_BURST_BYTES), |b| b.0),
+            },
+            policy: Policy {
+                key: self.key.unwrap_or_default(),
+                dry_run: self.dry_run.unwrap_or(false),
+                penalty: self.penalty.unwrap_or(true),
+            },
+        }
+    }
 }
 
 impl RawLimit {
+    fn policy(&self) -> Policy {
+        Policy {
+            key: self.key.unwrap_or_default(),
+            dry_run: self.dry_run.unwrap_or(false),
+            penalty: self.penalty.unwrap_or(true),
+        }
+    }
+
     /// A missing burst defaults to one second's worth of the rate.
     fn resolve(&self) -> Limit {
         let pps = self.pps.map_or(Limit::default().pps, |r| r.0);
@@ -584,12 +979,21 @@ impl Config {
         })?;
         let config = Config {
             interfaces: raw.interfaces,
-            limits: Limits {
+                        limits: Limits {
                 default: raw
                     .limits
                     .default
-                    .map_or_else(Limit::default, |l| l.resolve()),
+                    .as_ref()
+                    .map_or_else(Limit::default, RawLimit::resolve),
+                default_policy: raw
+                    .limits
+                    .default
+                    .as_ref()
+                    .map_or_else(Policy::default, RawLimit::policy),
+                rules: raw.limits.rules.into_iter().map(RawRule::resolve).collect(),
+                penalty: raw.limits.penalty,
             },
+            dry_run: raw.dry_run,
             allowlist: raw.allowlist.into_iter().map(|p| p.0).collect(),
             blocklist: raw.blocklist.into_iter().map(|p| p.0).collect(),
             on_malformed: raw.on_malformed,
@@ -662,6 +1066,61 @@ impl Config {
                         ),
                     );
                 }
+            }
+        }
+                let rules = &self.limits.rules;
+        if rules.len() > MAX_RULES as usize {
+            at(
+                &[Seg::Key("limits"), Seg::Key("rules")],
+                format!("{} rules: at most {MAX_RULES} are supported", rules.len()),
+            );
+        }
+        for (i, rule) in rules.iter().enumerate() {
+            let path = |key| {
+                [
+                    Seg::Key("limits"),
+                    Seg::Key("rules"),
+                    Seg::Index(i),
+                    Seg::Key(key),
+                ]
+            };
+            if let Some(first) = rules[..i].iter().position(|o| o.name == rule.name) {
+                at(
+                    &path("name"),
+                    format!(
+                        "duplicate rule `{}` (already listed as limits.rules[{first}])",
+                        rule.name
+                    ),
+                );
+            }
+            let m = &rule.matcher;
+            let transport = matches!(m.protocol, None | Some(Protocol::Tcp | Protocol::Udp));
+            if !m.dst_ports.is_empty() && !transport {
+                at(
+                    &path("match"),
+                    "dst_ports needs protocol tcp or udp (or no protocol: both)".into(),
+                );
+            }
+            if m.tcp_flags.is_some() && m.protocol != Some(Protocol::Tcp) {
+                at(&path("match"), "tcp_flags needs protocol: tcp".into());
+            }
+        }
+        if let Some(p) = &self.limits.penalty {
+            let path = |key| [Seg::Key("limits"), Seg::Key("penalty"), Seg::Key(key)];
+            for (key, d) in [
+                ("window", p.window.0),
+                ("block_for", p.block_for.0),
+                ("max_block", p.max_block.0),
+            ] {
+                if d < Duration::from_secs(1) {
+                    at(&path(key), "must be at least 1s".into());
+                }
+            }
+            if p.max_block.0 < p.block_for.0 {
+                at(&path("max_block"), "must be at least block_for".into());
+            }
+            if p.max_block.0 > Duration::from_secs(MAX_PENALTY_SECS) {
+                at(&path("max_block"), "must be at most 365d".into());
             }
         }
         for (i, feed) in self.feeds.iter().enumerate() {

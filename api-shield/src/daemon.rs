@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use api_shield_common::limiter::{LimiterKey, LimiterState};
+use api_shield_common::rules::PenaltyEvent;
 use api_shield_common::{
     counters::{Counter, Reason},
     names,
@@ -25,13 +26,14 @@ use tokio::{
 use crate::{
     api::{self, Access, Call, Request, Response},
     config::Config,
-    events::{self, Delivered, new_delivered},
+        events::{self, Delivered, SlotNames, new_delivered},
     feeds::{
         Feed, FeedStatus,
         fetch::{self, Outcome},
     },
     lists::{Folded, fold},
-    metrics::{self, Exposition, Scrape},
+        metrics::{self, Exposition, Scrape},
+    penalty::{self, Offences},
     prefix::parse_prefix,
     registry::{Claim, ListKind, Origin, Registry, StateDir, unix_now},
     shield::{AttachedMode, Shield},
@@ -93,8 +95,14 @@ struct Controller {
     refused: Vec<IpNet>,
     /// Map updates that failed, per map (a refused entry counts at every retry).
     update_failures: BTreeMap<&'static str, u64>,
-    /// Map fill is costly to count (a walk of each map): reused for a few seconds.
+        /// Map fill is costly to count (a walk of each map): reused for a few seconds.
     map_fill_cache: Option<(Instant, Vec<MapStatus>)>,
+    /// Rule names by limit slot, shared with the event readers.
+    slot_names: SlotNames,
+    /// Earlier penalty boxes per prefix, for escalation.
+    offences: Offences,
+    /// Prefixes boxed by this daemon, per limit slot name.
+    penalties: BTreeMap<String, u64>,
 }
 
 /// How long a map fill count is reused by metrics.
@@ -209,7 +217,22 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
             delivered: new_delivered(),
         });
     }
-    let (v4, v6) = folded.table.counts();
+        let (v4, v6) = folded.table.counts();
+    if config.dry_run {
+        log::warn!("dry run: nothing is dropped; would-be drops are counted and logged as would_drop");
+    }
+    for rule in &config.limits.rules {
+        log::info!(
+            "rule {}: {} pps / burst {}, {} B/s / burst {}, key {}{}",
+            rule.name,
+            rule.limit.pps,
+            rule.limit.burst_packets,
+            rule.limit.bps,
+            rule.limit.burst_bytes,
+            rule.policy.key,
+            if rule.policy.dry_run { ", dry run" } else { "" }
+        );
+    }
     log::info!(
         "enforcing {} list prefixes ({v4} IPv4, {v6} IPv6; {restored} restored from {}), default limit {} pps / burst {}, {} B/s / burst {}",
         v4 + v6,
@@ -220,7 +243,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
         config.limits.default.burst_bytes,
     );
 
-    let first_totals = totals(&instances)?;
+        let first_totals = totals(&instances)?;
+    let offences = Offences::load(&state).unwrap_or_else(|e| {
+        log::error!("penalty history unusable, starting a new one: {e:#}");
+        Offences::default()
+    });
     let (feed_results, mut feed_outcomes) = mpsc::channel::<(String, Outcome)>(16);
     let http = reqwest::Client::builder()
         .user_agent(concat!("api-shield/", env!("CARGO_PKG_VERSION")))
@@ -241,9 +268,13 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
         feed_results,
         pending_refreshes: Vec::new(),
         refused: Vec::new(),
-        update_failures: BTreeMap::new(),
+                update_failures: BTreeMap::new(),
         map_fill_cache: None,
+        slot_names: SlotNames::default(),
+        offences,
+        penalties: BTreeMap::new(),
     };
+    *ctl.slot_names.write().expect("slot names lock") = ctl.config.limits.slot_names();
     let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
     let (top_tx, mut top_ready) = mpsc::channel::<PendingTop>(8);
     let server = tokio::spawn(api::serve(listener, access, calls_tx));
@@ -256,7 +287,8 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
         }
         None => None,
     };
-    let mut event_readers = Vec::new();
+        let mut event_readers = Vec::new();
+    let (penalty_tx, mut penalty_reports) = mpsc::channel::<(String, PenaltyEvent)>(4096);
     for inst in &mut ctl.instances {
         let ring = inst.shield.take_events()?;
         event_readers.push(tokio::spawn(events::read(
@@ -264,6 +296,13 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
             ring,
             ctl.config.events.format,
             inst.delivered.clone(),
+            ctl.slot_names.clone(),
+        )));
+        let ring = inst.shield.take_penalties()?;
+        event_readers.push(tokio::spawn(penalty::read(
+            inst.interface.clone(),
+            ring,
+            penalty_tx.clone(),
         )));
     }
     log::info!("ready: admin socket {}", ctl.config.admin.socket.display());
@@ -297,7 +336,15 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
             },
             Some((name, outcome)) = feed_outcomes.recv() => ctl.feed_outcome(&name, outcome),
                         Some(reply) = scrapes.recv() => { let _ = reply.send(ctl.render_metrics()); }
-            Some(pending) = top_ready.recv() => ctl.finish_top(pending),
+                        Some(pending) = top_ready.recv() => ctl.finish_top(pending),
+            Some(first) = penalty_reports.recv() => {
+                // Whatever else is queued goes in the same list update.
+                let mut batch = vec![first];
+                while batch.len() < 10_000 && let Ok(more) = penalty_reports.try_recv() {
+                    batch.push(more);
+                }
+                ctl.penalize(batch);
+            }
             _ = expiry_tick.tick() => {
                 ctl.expire();
                 ctl.start_due_feeds();
@@ -366,11 +413,14 @@ fn ensure_bpffs(pin_dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// A limiter key's source as an address: IPv4 is kept as ::ffff:a.b.c.d.
-fn limiter_source(key: &LimiterKey) -> String {
+/// A limiter key's source as an address, or as a prefix where the rule aggregates sources
+/// (IPv4 is kept as ::ffff:a.b.c.d).
+fn limiter_source(key: &LimiterKey, by: crate::config::SourceKey) -> String {
     let v6 = std::net::Ipv6Addr::from(key.addr);
     match v6.to_ipv4_mapped() {
+        Some(v4) if by.v4 < 32 => format!("{v4}/{}", by.v4),
         Some(v4) => v4.to_string(),
+        None if by.v6 < 128 => format!("{v6}/{}", by.v6),
         None => v6.to_string(),
     }
 }
@@ -689,8 +739,9 @@ impl Controller {
             let Ok(counters) = inst.shield.counters() else {
                 continue;
             };
-            for (reason, c) in counters {
+                        for (reason, c) in counters {
                 let action = match reason {
+                    _ if reason.is_would_drop() => "would_drop",
                     Reason::Blocklisted | Reason::RateLimited => "drop",
                     Reason::Malformed if drop_malformed => "drop",
                     _ => "pass",
@@ -699,7 +750,7 @@ impl Controller {
                     vec![
                         ("interface", inst.interface.clone()),
                         ("action", action.to_owned()),
-                        ("reason", reason.name().to_owned()),
+                        ("reason", reason.base().name().to_owned()),
                     ]
                 };
                 packets.push((labels(), c.packets as f64));
@@ -717,6 +768,57 @@ impl Controller {
             "counter",
             "Bytes (whole frames) judged by the data plane, by interface, action and reason.",
             bytes,
+        );
+                let mut rule_packets = Vec::new();
+        let mut rule_bytes = Vec::new();
+        let names = self.config.limits.slot_names();
+        for inst in &self.instances {
+            let Ok(counters) = inst.shield.rule_counters() else {
+                continue;
+            };
+            for (name, c) in names.iter().zip(counters) {
+                for (action, packets, bytes) in [
+                    ("passed", c.passed_packets, c.passed_bytes),
+                    ("dropped", c.dropped_packets, c.dropped_bytes),
+                    ("would_drop", c.would_drop_packets, c.would_drop_bytes),
+                ] {
+                    let labels = || {
+                        vec![
+                            ("interface", inst.interface.clone()),
+                            ("rule", name.clone()),
+                            ("action", action.to_owned()),
+                        ]
+                    };
+                    rule_packets.push((labels(), packets as f64));
+                    rule_bytes.push((labels(), bytes as f64));
+                }
+            }
+        }
+        e.family(
+            "api_shield_rule_packets_total",
+            "counter",
+            "Packets under each limit (rule, or `default`), by what its buckets did: passed, dropped, or would_drop (dry run).",
+            rule_packets,
+        );
+        e.family(
+            "api_shield_rule_bytes_total",
+            "counter",
+            "Bytes under each limit (rule, or `default`), by what its buckets did.",
+            rule_bytes,
+        );
+        e.family(
+            "api_shield_penalties_total",
+            "counter",
+            "Prefixes put in the penalty box by this daemon, by the rule they went over.",
+            names
+                .iter()
+                .map(|n| {
+                    (
+                        vec![("rule", n.clone())],
+                        self.penalties.get(n).copied().unwrap_or(0) as f64,
+                    )
+                })
+                .collect(),
         );
         let lists = self
             .registry
@@ -934,14 +1036,10 @@ impl Controller {
             .filter_map(|((i, key), now)| {
                 let before = pending.first.get(&(*i, *key)).copied().unwrap_or_default();
                 let packets = now.packets.saturating_sub(before.packets);
-                (packets > 0).then(|| TopEntry {
-                    source: limiter_source(key),
+                                (packets > 0).then(|| TopEntry {
+                    source: limiter_source(key, self.config.limits.slot_key(key.limit)),
                     interface: self.instances[*i].interface.clone(),
-                    rule: if key.limit == api_shield_common::limiter::DEFAULT_LIMIT {
-                        "default".into()
-                    } else {
-                        key.limit.to_string()
-                    },
+                    rule: self.config.limits.slot_name(key.limit),
                     pps: packets as f64 / secs,
                     bytes_per_sec: now.bytes.saturating_sub(before.bytes) as f64 / secs,
                     drops_per_sec: now.drops.saturating_sub(before.drops) as f64 / secs,
@@ -1044,6 +1142,68 @@ impl Controller {
             reply["warning"] = w.into();
         }
         Ok(reply)
+    }
+
+        /// Boxes the prefixes the data plane reported, in one list update.
+    fn penalize(&mut self, reports: Vec<(String, PenaltyEvent)>) {
+        let Some(p) = self.config.limits.penalty else {
+            return;
+        };
+        let now = unix_now();
+        let mut boxed = 0;
+        for (interface, report) in reports {
+            let Some(net) = penalty::reported_prefix(&report) else {
+                log::warn!("{interface}: ignoring a malformed penalty report {report:?}");
+                continue;
+            };
+            // A report raced with the box it asks for: the prefix is already boxed.
+            if self.registry.has_claim(ListKind::Block, net, &Origin::Penalty) {
+                continue;
+            }
+            let rule = self.config.limits.slot_name(report.limit);
+            let (duration, offence) = self.offences.record(net, now, &p);
+            let secs = duration.as_secs().max(1);
+            self.registry.add(
+                ListKind::Block,
+                net,
+                Claim {
+                    origin: Origin::Penalty,
+                    reason: Some(format!(
+                        "rule {rule}: over {} drops within {}; offence {offence}",
+                        p.after_violations.0,
+                        humantime::format_duration(p.window.0)
+                    )),
+                    // Rounded up, as for CLI TTLs.
+                    expires_at: Some(now + secs + 1),
+                },
+            );
+            *self.penalties.entry(rule.clone()).or_insert(0) += 1;
+            boxed += 1;
+            log::warn!(
+                "penalty: {net} blocked for {} on {interface} (rule {rule}: over {} drops within {}; offence {offence})",
+                humantime::format_duration(Duration::from_secs(secs)),
+                p.after_violations.0,
+                humantime::format_duration(p.window.0),
+            );
+        }
+        if boxed == 0 {
+            return;
+        }
+        match self.sync() {
+            Ok(folded) => {
+                for net in folded.shadowed.iter().filter(|n| {
+                    self.registry.has_claim(ListKind::Block, **n, &Origin::Penalty)
+                }) {
+                    log::info!("penalty for {net} not enforced: it lies inside the allowlist");
+                }
+            }
+            Err(e) => log::error!("applying penalty boxes: {e:#}"),
+        }
+        self.persist();
+        self.offences.forget(now, p.forget_after.0);
+        if let Err(e) = self.offences.save(&self.state) {
+            log::error!("state directory: saving the penalty history: {e:#}");
+        }
     }
 
     fn expire(&mut self) {
@@ -1185,6 +1345,21 @@ impl Controller {
         for feed in new_feeds {
             self.feeds.insert(feed.config.name.0.clone(), feed);
         }
+                // A limit slot that now belongs to another rule starts its counters from zero.
+        let (old_names, new_names) = (
+            self.config.limits.slot_names(),
+            next.limits.slot_names(),
+        );
+        for (slot, name) in new_names.iter().enumerate() {
+            if old_names.get(slot) != Some(name) {
+                for inst in &mut self.instances {
+                    if let Err(e) = inst.shield.reset_rule_counter(slot as u32) {
+                        log::warn!("{}: resetting counters of rule {name}: {e:#}", inst.interface);
+                    }
+                }
+            }
+        }
+        *self.slot_names.write().expect("slot names lock") = new_names;
         for fc in &next.feeds {
             if let Some(feed) = self.feeds.get_mut(&fc.name.0)
                 && feed.config != *fc

@@ -12,8 +12,7 @@ use std::{
 
 use api_shield_common::{
     counters::{COUNTER_SLOTS, Reason},
-    events::{DropEvent, EVENT_SOURCE_KNOWN, EVENT_SOURCE_V6},
-    limiter::DEFAULT_LIMIT,
+        events::{DropEvent, EVENT_SOURCE_KNOWN, EVENT_SOURCE_V6, EVENT_WOULD_DROP},
 };
 use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
@@ -23,6 +22,9 @@ use crate::config::EventFormat;
 /// Events delivered to userspace, per reason slot (for metrics).
 pub type Delivered = Arc<Vec<AtomicU64>>;
 
+/// The names of the limit slots (`default`, then the rules), kept current across reloads.
+pub type SlotNames = Arc<std::sync::RwLock<Vec<String>>>;
+
 pub fn new_delivered() -> Delivered {
     Arc::new((0..COUNTER_SLOTS).map(|_| AtomicU64::new(0)).collect())
 }
@@ -31,8 +33,9 @@ pub fn new_delivered() -> Delivered {
 pub async fn read(
     interface: String,
     ring: RingBuf<MapData>,
-    format: EventFormat,
+        format: EventFormat,
     delivered: Delivered,
+    slot_names: SlotNames,
 ) {
     // SAFETY: the ring buffer owns its map fd, which stays open and the same for as long
     // as the AsyncFd owns the ring.
@@ -61,10 +64,21 @@ pub async fn read(
             if let Some(n) = delivered.get(event.reason as usize) {
                 n.fetch_add(1, Ordering::Relaxed);
             }
+                        let rule = slot_names
+                .read()
+                .ok()
+                .and_then(|n| n.get(event.rule as usize).cloned())
+                .unwrap_or_else(|| format!("slot-{}", event.rule));
             let _ = writeln!(
                 out,
                 "{}",
-                format_event(&interface, &event, wall_time_ns(event.timestamp_ns), format)
+                format_event(
+                    &interface,
+                    &event,
+                    &rule,
+                    wall_time_ns(event.timestamp_ns),
+                    format
+                )
             );
         }
         let _ = out.flush();
@@ -84,11 +98,9 @@ fn wall_time_ns(monotonic_ns: u64) -> u128 {
     (offset + i128::from(monotonic_ns)).max(0) as u128
 }
 
+/// The reason an event names: what it was (or would have been) dropped for.
 fn reason_name(reason: u32) -> &'static str {
-    Reason::ALL
-        .iter()
-        .find(|r| **r as u32 == reason)
-        .map_or("unknown", |r| r.name())
+    Reason::from_slot(reason).map_or("unknown", |r| r.base().name())
 }
 
 fn protocol_name(protocol: u8, known: bool) -> String {
@@ -122,28 +134,30 @@ fn source(event: &DropEvent) -> Option<IpAddr> {
 pub fn format_event(
     interface: &str,
     event: &DropEvent,
+    rule: &str,
     wall_ns: u128,
     format: EventFormat,
 ) -> String {
     let time = humantime::format_rfc3339_millis(
         std::time::UNIX_EPOCH + std::time::Duration::from_nanos(wall_ns as u64),
     );
-    let src = source(event);
-    let rule = if event.rule == DEFAULT_LIMIT {
-        "default".to_owned()
+        let src = source(event);
+    // A dry run's events say what would have happened, apart from real drops.
+    let kind = if event.flags & EVENT_WOULD_DROP != 0 {
+        "would_drop"
     } else {
-        event.rule.to_string()
+        "drop"
     };
     let protocol = protocol_name(event.protocol, src.is_some());
     match format {
         EventFormat::Text => format!(
-            "drop time={time} interface={interface} source={} dst_port={} protocol={protocol} reason={} rule={rule}",
+            "{kind} time={time} interface={interface} source={} dst_port={} protocol={protocol} reason={} rule={rule}",
             src.map_or("-".into(), |s| s.to_string()),
             event.dst_port,
             reason_name(event.reason),
         ),
         EventFormat::Json => serde_json::json!({
-            "event": "drop",
+                        "event": kind,
             "time": time.to_string(),
             "interface": interface,
             "source": src.map(|s| s.to_string()),
@@ -171,18 +185,18 @@ mod tests {
             source,
             ifindex: 2,
             reason: Reason::Blocklisted as u32,
-            rule: DEFAULT_LIMIT,
+            rule: 0,
             dst_port: 443,
             protocol: 6,
             flags: EVENT_SOURCE_KNOWN,
         };
         let wall = 1_795_400_000_123_000_000;
         assert_eq!(
-            format_event("eth0", &e, wall, EventFormat::Text),
+            format_event("eth0", &e, "default", wall, EventFormat::Text),
             "drop time=2026-11-23T02:13:20.123Z interface=eth0 source=192.0.2.40 dst_port=443 protocol=tcp reason=blocklisted rule=default"
         );
         let j: serde_json::Value =
-            serde_json::from_str(&format_event("eth0", &e, wall, EventFormat::Json)).unwrap();
+            serde_json::from_str(&format_event("eth0", &e, "default", wall, EventFormat::Json)).unwrap();
         assert_eq!(j["source"], "192.0.2.40");
         assert_eq!(j["reason"], "blocklisted");
         let v6 = DropEvent {
@@ -192,7 +206,7 @@ mod tests {
             ..e
         };
         assert!(
-            format_event("eth0", &v6, wall, EventFormat::Text)
+            format_event("eth0", &v6, "default", wall, EventFormat::Text)
                 .contains("source=2001:db8::1 dst_port=443 protocol=udp")
         );
         let unknown = DropEvent {
@@ -201,8 +215,23 @@ mod tests {
             ..e
         };
         assert!(
-            format_event("eth0", &unknown, wall, EventFormat::Text)
+            format_event("eth0", &unknown, "default", wall, EventFormat::Text)
                 .contains("source=- dst_port=443 protocol=- reason=malformed")
         );
+        let dry = DropEvent {
+            reason: Reason::WouldDropRateLimited as u32,
+            flags: EVENT_SOURCE_KNOWN | EVENT_WOULD_DROP,
+            rule: 2,
+            ..e
+        };
+        let line = format_event("eth0", &dry, "ssh-syn", wall, EventFormat::Text);
+        assert!(
+            line.starts_with("would_drop ") && line.ends_with("reason=rate_limited rule=ssh-syn"),
+            "{line}"
+        );
+        let j: serde_json::Value =
+            serde_json::from_str(&format_event("eth0", &dry, "ssh-syn", wall, EventFormat::Json))
+                .unwrap();
+        assert_eq!((j["event"].as_str(), j["rule"].as_str()), (Some("would_drop"), Some("ssh-syn")));
     }
 }

@@ -10,6 +10,7 @@ pub mod feeds;
 pub mod limits;
 pub mod lists;
 pub mod metrics;
+pub mod penalty;
 pub mod prefix;
 pub mod registry;
 pub mod shield;

@@ -1,15 +1,40 @@
-//! Turning configured rates into the precomputed bucket parameters the data plane uses.
+//! Turning configured limits and rules into what the data plane reads: precomputed bucket
+//! parameters per limit slot, and the table that maps a packet to its first matching rule.
 
-use api_shield_common::limiter::{BYTE_COST_FRAC_BITS, RateLimit, UNITS_PER_SEC};
+use api_shield_common::{
+    limiter::{BYTE_COST_FRAC_BITS, LIMIT_DRY_RUN, RateLimit, UNITS_PER_SEC},
+    rules::{CLASS_OTHER, CLASS_TCP, CLASS_TCP_SYN, CLASS_UDP, TABLE_SLOTS, table_index},
+};
 
-use crate::config::Limit;
+use crate::config::{Limit, Penalty, Policy, Rule, RuleMatch, TcpFlags};
 
 /// Caps costs and capacities so that `now + capacity + cost` never overflows a u64
 /// of bucket time (now itself stays below 2^60 for 36 years of uptime).
 const MAX_SPAN: u128 = 1 << 61;
 
+/// Bucket parameters of `limit`, one bucket per source address.
 pub fn rate_limit(limit: &Limit) -> RateLimit {
-    let mut out = RateLimit::default();
+    limit_slot(limit, &Policy::default(), None)
+}
+
+/// Bucket parameters of `limit` applied as `policy` says, with the penalty box if set.
+pub fn limit_slot(limit: &Limit, policy: &Policy, penalty: Option<&Penalty>) -> RateLimit {
+    let mut out = RateLimit {
+        mask_v4: mask(96 + u32::from(policy.key.v4)),
+        mask_v6: mask(u32::from(policy.key.v6)),
+        prefix_v4: policy.key.v4,
+        prefix_v6: policy.key.v6,
+        flags: if policy.dry_run { LIMIT_DRY_RUN } else { 0 },
+        ..RateLimit::default()
+    };
+    if let Some(p) = penalty
+        && policy.penalty
+    {
+        out.penalty_after = u32::try_from(p.after_violations.0).unwrap_or(u32::MAX);
+        out.penalty_window =
+            (p.window.0.as_nanos() * (u128::from(UNITS_PER_SEC) / 1_000_000_000)).min(MAX_SPAN)
+                as u64;
+    }
     if limit.pps > 0 {
         let cost = (u128::from(UNITS_PER_SEC) / u128::from(limit.pps)).max(1);
         out.packet_cost = cost.min(MAX_SPAN) as u64;
@@ -23,6 +48,62 @@ pub fn rate_limit(limit: &Limit) -> RateLimit {
             ((cost_fp * u128::from(limit.burst_bytes)) >> BYTE_COST_FRAC_BITS).min(MAX_SPAN) as u64;
     }
     out
+}
+
+/// A 16-byte mask of the first `bits` bits.
+fn mask(bits: u32) -> [u8; 16] {
+    let bits = bits.min(128);
+    let m = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+    m.to_be_bytes()
+}
+
+/// The rule table: for each (class, port or protocol) slot, the limit slot of the first
+/// rule that matches it (rule `i` is slot `i + 1`), or 0 (the default limit).
+pub fn rule_table(rules: &[Rule]) -> Vec<u32> {
+    let mut table = vec![0u32; TABLE_SLOTS as usize];
+    for (i, rule) in rules.iter().enumerate() {
+        let slot = i as u32 + 1;
+        for_each_index(&rule.matcher, |index| {
+            let entry = &mut table[index as usize];
+            if *entry == 0 {
+                *entry = slot;
+            }
+        });
+    }
+    table
+}
+
+/// Calls `f` with every table index `m` matches.
+fn for_each_index(m: &RuleMatch, mut f: impl FnMut(u32)) {
+    let ports: Vec<(u16, u16)> = if m.dst_ports.is_empty() {
+        vec![(0, u16::MAX)]
+    } else {
+        m.dst_ports.iter().map(|r| (r.first, r.last)).collect()
+    };
+    let protocols: Vec<u8> = match m.protocol {
+        Some(p) => p.numbers(),
+        None if m.dst_ports.is_empty() => (0..=255).collect(),
+        // Ports without a protocol: TCP and UDP.
+        None => vec![6, 17],
+    };
+    for protocol in protocols {
+        let classes: &[u32] = match (protocol, m.tcp_flags) {
+            (6, Some(TcpFlags::Syn)) => &[CLASS_TCP_SYN],
+            (6, None) => &[CLASS_TCP_SYN, CLASS_TCP],
+            (17, _) => &[CLASS_UDP],
+            (p, _) => {
+                f(table_index(CLASS_OTHER, u16::from(p)));
+                continue;
+            }
+        };
+        for &class in classes {
+            for &(first, last) in &ports {
+                for port in first..=last {
+                    f(table_index(class, port));
+                }
+            }
+        }
+    }
 }
 
 /// Bucket parameters for at most `rate` drop events per second per reason, in bursts of

@@ -275,6 +275,13 @@ impl Registry {
     }
 
     /// Whether `cidr` is listed in `kind` by any origin.
+        /// Whether `origin` lists `cidr` (feeds are not asked).
+    pub fn has_claim(&self, kind: ListKind, cidr: IpNet, origin: &Origin) -> bool {
+        self.entries
+            .get(&(kind, cidr))
+            .is_some_and(|claims| claims.contains_key(origin))
+    }
+
     pub fn contains(&self, kind: ListKind, cidr: IpNet) -> bool {
         self.entries.contains_key(&(kind, cidr))
             || (kind == ListKind::Block && self.feeds.values().any(|s| s.contains(&cidr)))

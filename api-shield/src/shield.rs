@@ -10,10 +10,11 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use api_shield_common::{
     counters::{COUNTER_SLOTS, Counter, Reason},
     events::EVENTS_RING_BYTES,
-    limiter::{DEFAULT_LIMIT, LimiterKey, LimiterState, RateLimit},
+        limiter::{DEFAULT_LIMIT, LIMIT_SLOTS, LimiterKey, LimiterState, RateLimit},
     lists::ListVerdict,
     names,
-    settings::Settings,
+    rules::{PENALTY_RING_BYTES, RuleCounter, TABLE_SLOTS},
+    settings::{SETTINGS_DRY_RUN, SETTINGS_RULES, Settings},
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -32,7 +33,7 @@ use ipnet::IpNet;
 use crate::{
     EBPF_OBJECT,
     config::{AttachMode, Capacity, Config, OnMalformed},
-    limits::{event_limit, rate_limit},
+        limits::{event_limit, limit_slot, rule_table},
     lists::{ListTable, fold},
 };
 
@@ -107,12 +108,33 @@ fn map_shapes(capacity: &Capacity) -> Result<Vec<MapShape>> {
             value_size: 8,
             max_entries: COUNTER_SLOTS,
         },
-        MapShape {
+                MapShape {
             name: names::MAP_EVENTS_SUPPRESSED,
             map_type: MapType::PerCpuArray,
             key_size: 4,
             value_size: 8,
             max_entries: COUNTER_SLOTS,
+        },
+        MapShape {
+            name: names::MAP_RULE_TABLE,
+            map_type: MapType::Array,
+            key_size: 4,
+            value_size: 4,
+            max_entries: TABLE_SLOTS,
+        },
+        MapShape {
+            name: names::MAP_RULE_COUNTERS,
+            map_type: MapType::PerCpuArray,
+            key_size: 4,
+            value_size: size_of::<RuleCounter>() as u32,
+            max_entries: LIMIT_SLOTS,
+        },
+        MapShape {
+            name: names::MAP_PENALTIES,
+            map_type: MapType::RingBuf,
+            key_size: 0,
+            value_size: 0,
+            max_entries: PENALTY_RING_BYTES,
         },
     ])
 }
@@ -265,8 +287,10 @@ pub struct Shield {
     /// What the list tries hold now, so updates can be applied as diffs.
     lists: ListTable,
     /// Where maps and the link are pinned, if they are.
-    pin_dir: Option<PathBuf>,
+        pin_dir: Option<PathBuf>,
     shapes: Vec<MapShape>,
+    /// What the rule table holds, once this process wrote it (so updates are diffs).
+    rule_table: Option<Vec<u32>>,
 }
 
 impl Shield {
@@ -315,8 +339,9 @@ impl Shield {
             ebpf,
             attached: Vec::new(),
             lists: ListTable::default(),
-            pin_dir: pin_dir.map(Path::to_path_buf),
+                        pin_dir: pin_dir.map(Path::to_path_buf),
             shapes,
+            rule_table: None,
         };
         // Reused tries already hold entries: learn them, so the first update is a diff.
         shield.lists = shield.read_lists()?;
@@ -466,8 +491,16 @@ impl Shield {
     /// Entries and capacity of each map (the counters and settings arrays are always full).
     pub fn map_fill(&self) -> Result<Vec<(&'static str, usize, u32)>> {
         let mut out = Vec::new();
-        // The maps an operator sizes; the event maps are fixed.
-        for shape in self.shapes.iter().filter(|s| !s.name.starts_with("EVENT")) {
+                // The maps an operator sizes; the event, penalty and rule maps are fixed.
+        let fixed = [
+            names::MAP_EVENTS,
+            names::MAP_EVENT_LIMIT,
+            names::MAP_EVENTS_SUPPRESSED,
+            names::MAP_PENALTIES,
+            names::MAP_RULE_TABLE,
+            names::MAP_RULE_COUNTERS,
+        ];
+        for shape in self.shapes.iter().filter(|s| !fixed.contains(&s.name)) {
             let map = self
                 .ebpf
                 .map(shape.name)
@@ -520,16 +553,98 @@ impl Shield {
         Ok(())
     }
 
-    /// Limits and settings from `config`; buckets keep their state.
+        /// Limits, rules and settings from `config`; buckets keep their state.
+    ///
+    /// Order matters for a running program: the rules' limits are written before the
+    /// table points at them, and the table before the settings switch it on.
     pub fn apply_settings(&mut self, config: &Config) -> Result<()> {
-        self.set_limit(DEFAULT_LIMIT, rate_limit(&config.limits.default))?;
+        let limits = &config.limits;
+        let penalty = limits.penalty.as_ref();
+        self.set_limit(
+            DEFAULT_LIMIT,
+            limit_slot(&limits.default, &limits.default_policy, penalty),
+        )?;
+        for (i, rule) in limits.rules.iter().enumerate() {
+            self.set_limit(
+                i as u32 + 1,
+                limit_slot(&rule.limit, &rule.policy, penalty),
+            )?;
+        }
+        let rules = !limits.rules.is_empty();
+        if rules || self.rule_table.is_some() {
+            self.write_rule_table(rule_table(&limits.rules))?;
+        }
         let (event_cost, event_capacity) = event_limit(config.events.rate.0);
+        let mut flags = 0;
+        if config.dry_run {
+            flags |= SETTINGS_DRY_RUN;
+        }
+        if rules {
+            flags |= SETTINGS_RULES;
+        }
         self.set_settings(Settings {
             drop_malformed: u32::from(config.on_malformed == OnMalformed::Drop),
-            _reserved: 0,
+            flags,
             event_cost,
             event_capacity,
         })
+    }
+
+    /// Writes the entries of `table` that differ from what the map holds (all of them
+    /// the first time).
+    fn write_rule_table(&mut self, table: Vec<u32>) -> Result<()> {
+        let old = self.rule_table.take();
+        let mut map: Array<_, u32> = Array::try_from(self.map_mut(names::MAP_RULE_TABLE)?)?;
+        for (i, slot) in table.iter().enumerate() {
+            if old.as_ref().is_none_or(|o| o[i] != *slot) {
+                map.set(i as u32, slot, 0).context("writing the rule table")?;
+            }
+        }
+        self.rule_table = Some(table);
+        Ok(())
+    }
+
+    /// Per limit slot (0: default, i + 1: rule i), what its buckets did, summed over CPUs.
+    pub fn rule_counters(&self) -> Result<Vec<RuleCounter>> {
+        let map = self
+            .ebpf
+            .map(names::MAP_RULE_COUNTERS)
+            .context("rule counters map missing")?;
+        let per_cpu: PerCpuArray<_, RuleCounter> = PerCpuArray::try_from(map)?;
+        (0..LIMIT_SLOTS)
+            .map(|slot| {
+                Ok(per_cpu
+                    .get(&slot, 0)?
+                    .iter()
+                    .fold(RuleCounter::default(), |a, c| RuleCounter {
+                        passed_packets: a.passed_packets + c.passed_packets,
+                        passed_bytes: a.passed_bytes + c.passed_bytes,
+                        dropped_packets: a.dropped_packets + c.dropped_packets,
+                        dropped_bytes: a.dropped_bytes + c.dropped_bytes,
+                        would_drop_packets: a.would_drop_packets + c.would_drop_packets,
+                        would_drop_bytes: a.would_drop_bytes + c.would_drop_bytes,
+                    }))
+            })
+            .collect()
+    }
+
+    /// Zeroes a limit slot's counters (when the slot passes to another rule).
+    pub fn reset_rule_counter(&mut self, slot: u32) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let mut map: PerCpuArray<_, RuleCounter> =
+            PerCpuArray::try_from(self.map_mut(names::MAP_RULE_COUNTERS)?)?;
+        let zeros = aya::maps::PerCpuValues::try_from(vec![RuleCounter::default(); cpus])?;
+        map.set(slot, zeros, 0).context("resetting rule counters")?;
+        Ok(())
+    }
+
+    /// Takes the penalty ring buffer out (once), for a reader task to own.
+    pub fn take_penalties(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(names::MAP_PENALTIES)
+            .context("the penalty ring buffer was already taken")?;
+        Ok(RingBuf::try_from(map)?)
     }
 
     /// Attaches the XDP program to `interface`; `auto` tries native XDP, then generic.
