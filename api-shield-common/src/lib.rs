@@ -25,7 +25,7 @@ pub mod names {
     /// Array of u64 bucket times, one per reason: the in-kernel rate limit on events.
     pub const MAP_EVENT_LIMIT: &str = "EVENT_LIMIT";
     /// Per-CPU array of u64, one per reason: events suppressed by that limit (or a full ring).
-        pub const MAP_EVENTS_SUPPRESSED: &str = "EVENTS_SUPPRESSED";
+    pub const MAP_EVENTS_SUPPRESSED: &str = "EVENTS_SUPPRESSED";
     /// Array of limit slots ([`crate::limiter::DEFAULT_LIMIT`] or a rule's), indexed by
     /// [`crate::rules::table_index`]: the first rule matching each protocol/port/flags.
     pub const MAP_RULE_TABLE: &str = "RULE_TABLE";
@@ -74,7 +74,7 @@ pub mod counters {
         RateLimited = 3,
         /// Malformed frame: passed or dropped as the config says.
         Malformed = 4,
-                /// Not IPv4/IPv6 (ARP, LLDP, ...): passed untouched.
+        /// Not IPv4/IPv6 (ARP, LLDP, ...): passed untouched.
         NonIp = 5,
         /// Dry run: would have been dropped as blocklisted; passed.
         WouldDropBlocklisted = 10,
@@ -88,7 +88,7 @@ pub mod counters {
     pub const WOULD_DROP_OFFSET: u32 = 8;
 
     impl Reason {
-                pub const ALL: [Reason; 9] = [
+        pub const ALL: [Reason; 9] = [
             Reason::Passed,
             Reason::Allowlisted,
             Reason::Blocklisted,
@@ -126,7 +126,7 @@ pub mod counters {
                 Reason::Blocklisted => "blocklisted",
                 Reason::RateLimited => "rate_limited",
                 Reason::Malformed => "malformed",
-                                Reason::NonIp => "non_ip",
+                Reason::NonIp => "non_ip",
                 Reason::WouldDropBlocklisted => "would_drop_blocklisted",
                 Reason::WouldDropRateLimited => "would_drop_rate_limited",
                 Reason::WouldDropMalformed => "would_drop_malformed",
@@ -152,7 +152,7 @@ pub mod limiter {
 
     /// Index of the default limit in the limits map.
     pub const DEFAULT_LIMIT: u32 = 0;
-        /// Entries in the limits map: the default plus up to [`MAX_RULES`] rules.
+    /// Entries in the limits map: the default plus up to [`MAX_RULES`] rules.
     pub const LIMIT_SLOTS: u32 = 65;
     /// Rules a config may have; rule `i` (from 0) uses limit slot `i + 1`.
     pub const MAX_RULES: u32 = LIMIT_SLOTS - 1;
@@ -170,7 +170,7 @@ pub mod limiter {
         pub packet_capacity: u64,
         /// Bucket time one byte costs, with [`BYTE_COST_FRAC_BITS`] fractional bits; 0: no byte limit.
         pub byte_cost_fp: u64,
-                /// How far ahead of now the byte TAT may run: burst_bytes worth of bucket time.
+        /// How far ahead of now the byte TAT may run: burst_bytes worth of bucket time.
         pub byte_capacity: u64,
         /// ANDed with an IPv4 source (as ::ffff:a.b.c.d) to make its bucket key: sources in
         /// one prefix share a bucket.
@@ -216,21 +216,21 @@ pub mod limiter {
         /// Packets seen from the source under this limit, passed or dropped.
         pub packets: u64,
         pub bytes: u64,
-                /// Of those, dropped as over the limit.
+        /// Of those, dropped as over the limit.
         pub drops: u64,
         /// Start of the current penalty window, in bucket time, and drops within it.
         pub window_start: u64,
         pub window_drops: u64,
     }
 
-        #[cfg(feature = "user")]
+    #[cfg(feature = "user")]
     // SAFETY: 4 u64, 2 x 16 bytes, 2 u32, u64, 8 bytes: 88 bytes, 8-aligned, no padding.
     unsafe impl aya::Pod for RateLimit {}
     #[cfg(feature = "user")]
     // SAFETY: 16 bytes + u32, size 20, alignment 4, no padding.
     unsafe impl aya::Pod for LimiterKey {}
     #[cfg(feature = "user")]
-        // SAFETY: seven u64, no padding.
+    // SAFETY: seven u64, no padding.
     unsafe impl aya::Pod for LimiterState {}
 }
 
@@ -245,7 +245,7 @@ pub mod settings {
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct Settings {
         /// Non-zero: drop malformed frames; zero: pass them (counted either way).
-                pub drop_malformed: u32,
+        pub drop_malformed: u32,
         /// [`SETTINGS_DRY_RUN`] | [`SETTINGS_RULES`].
         pub flags: u32,
         /// Bucket time one drop event costs (per reason); 0: no events.
@@ -267,7 +267,7 @@ pub mod events {
 
     /// `DropEvent::flags`: the source address is IPv6 (else IPv4, as ::ffff:a.b.c.d).
     pub const EVENT_SOURCE_V6: u8 = 1;
-        /// `DropEvent::flags`: the frame had a parsed source address.
+    /// `DropEvent::flags`: the frame had a parsed source address.
     pub const EVENT_SOURCE_KNOWN: u8 = 2;
     /// `DropEvent::flags`: dry run: the frame was passed, not dropped.
     pub const EVENT_WOULD_DROP: u8 = 4;
@@ -332,7 +332,7 @@ pub mod rules {
         pub would_drop_bytes: u64,
     }
 
-        /// Bytes of the penalty ring: 1,365 reports; a bucket reports at most once a window.
+    /// Bytes of the penalty ring: 1,365 reports; a bucket reports at most once a window.
     pub const PENALTY_RING_BYTES: u32 = 64 * 1024;
 
     /// `PenaltyEvent::flags`: the prefix is IPv6.

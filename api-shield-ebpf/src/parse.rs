@@ -83,9 +83,9 @@ pub(crate) struct L4 {
     pub(crate) protocol: u8,
     /// A fragment other than the first: it carries no transport header.
     pub(crate) non_first_fragment: bool,
-        /// Destination port in host order (TCP/UDP), else 0.
+    /// Destination port in host order (TCP/UDP), else 0.
     pub(crate) dst_port: u16,
-        /// TCP with SYN set and ACK clear: a connection attempt.
+    /// TCP with SYN set and ACK clear: a connection attempt.
     pub(crate) tcp_syn: bool,
     /// False: the transport header (or the IPv6 chain before it) is truncated or invalid.
     pub(crate) complete: bool,
@@ -220,7 +220,7 @@ fn walk_l4_v6(frame: &Frame, ip_offset: usize) -> Option<L4> {
     // SAFETY: bounds checked by ptr_at.
     let mut next = unsafe { (*ip).next_hdr };
     let mut offset = ip_offset + Ipv6Hdr::LEN;
-        let mut l4 = L4 {
+    let mut l4 = L4 {
         complete: true,
         ..L4::INCOMPLETE
     };
@@ -259,7 +259,7 @@ fn walk_l4_v6(frame: &Frame, ip_offset: usize) -> Option<L4> {
         // Still an extension header after the last one we skip: refuse to guess.
         return None;
     }
-            l4.protocol = next;
+    l4.protocol = next;
     let (port, syn) = transport(frame, next, offset)?;
     l4.dst_port = port;
     l4.tcp_syn = syn;
@@ -287,12 +287,7 @@ fn transport(frame: &Frame, protocol: u8, offset: usize) -> Option<(u16, bool)> 
         IPPROTO_TCP => {
             let tcp = frame.ptr_at::<TcpHdr>(offset)?;
             // SAFETY: bounds checked by ptr_at; the flags byte lies inside the header.
-            let (dest, flags) = unsafe {
-                (
-                    (*tcp).dest,
-                    *tcp.cast::<u8>().add(TCP_FLAGS_OFFSET),
-                )
-            };
+            let (dest, flags) = unsafe { ((*tcp).dest, *tcp.cast::<u8>().add(TCP_FLAGS_OFFSET)) };
             let syn = flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
             Some((u16::from_be_bytes(dest), syn))
         }

@@ -6,17 +6,15 @@ use core::intrinsics::{AtomicOrdering::Relaxed, atomic_cxchg, atomic_xsub};
 
 use api_shield_common::{
     counters::{COUNTER_SLOTS, Counter, Reason, WOULD_DROP_OFFSET},
-    events::{
-        DropEvent, EVENT_SOURCE_KNOWN, EVENT_SOURCE_V6, EVENT_WOULD_DROP, EVENTS_RING_BYTES,
-    },
+    events::{DropEvent, EVENT_SOURCE_KNOWN, EVENT_SOURCE_V6, EVENT_WOULD_DROP, EVENTS_RING_BYTES},
     limiter::{
         BYTE_COST_FRAC_BITS, DEFAULT_LIMIT, LIMIT_DRY_RUN, LIMIT_SLOTS, LimiterKey, LimiterState,
         RateLimit, TIME_SHIFT,
     },
     lists::{LIST_ALLOW, LIST_BLOCK, ListVerdict},
     rules::{
-        CLASS_OTHER, CLASS_TCP, CLASS_TCP_SYN, CLASS_UDP, PENALTY_RING_BYTES, PENALTY_V6, PenaltyEvent,
-        RuleCounter, TABLE_SLOTS, table_index,
+        CLASS_OTHER, CLASS_TCP, CLASS_TCP_SYN, CLASS_UDP, PENALTY_RING_BYTES, PENALTY_V6,
+        PenaltyEvent, RuleCounter, TABLE_SLOTS, table_index,
     },
     settings::{SETTINGS_DRY_RUN, SETTINGS_RULES, Settings},
 };
@@ -31,7 +29,6 @@ use crate::parse::{Frame, Ipv4Info, L3, L4, parse_l3, parse_l4_v4, parse_l4_v6};
 
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
-
 
 // Capacities here are placeholders: the controller sets each from the config at load.
 #[map(name = "LIST_V4")]
@@ -224,7 +221,7 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
         }
     };
     let source = key.addr;
-        let (protocol, dst_port) = (l4.protocol, l4.dst_port);
+    let (protocol, dst_port) = (l4.protocol, l4.dst_port);
     // A frame malformed past the IP header has no rule to match: the default limit.
     let slot = if l4.complete && mode.rules {
         rule_slot(&l4)
@@ -264,7 +261,7 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
             return verdict(mode.drop(rule_dry_run), Reason::RateLimited);
         }
     }
-        if l4.complete {
+    if l4.complete {
         verdict((Action::Pass, false), Reason::Passed)
     } else {
         verdict(malformed(mode), Reason::Malformed)
@@ -332,11 +329,11 @@ fn report(frame: &Frame, v: &Verdict, slot: u32) {
     let (protocol, dst_port) = match v.unparsed {
         Unparsed::Nothing => (v.protocol, v.dst_port),
         Unparsed::V4(info) => {
-                        let l = parse_l4_v4(frame, &info);
+            let l = parse_l4_v4(frame, &info);
             (l.protocol, l.dst_port)
         }
         Unparsed::V6(offset) => {
-                        let l = parse_l4_v6(frame, offset);
+            let l = parse_l4_v6(frame, offset);
             (l.protocol, l.dst_port)
         }
     };

@@ -412,7 +412,9 @@ impl<'de> Deserialize<'de> for Protocol {
                 }
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Protocol, E> {
-                Err(E::custom(format!("protocol {v} is out of range: expected 0 to 255")))
+                Err(E::custom(format!(
+                    "protocol {v} is out of range: expected 0 to 255"
+                )))
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Protocol, E> {
                 match s {
@@ -440,7 +442,8 @@ pub struct PortRange {
 impl FromStr for PortRange {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid port `{s}`: expected a port 0-65535 or a range like 8000-8443");
+        let bad =
+            || format!("invalid port `{s}`: expected a port 0-65535 or a range like 8000-8443");
         let (a, b) = s.split_once('-').unwrap_or((s, s));
         let first: u16 = a.trim().parse().map_err(|_| bad())?;
         let last: u16 = b.trim().parse().map_err(|_| bad())?;
@@ -462,10 +465,14 @@ impl<'de> Deserialize<'de> for PortRange {
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<PortRange, E> {
                 u16::try_from(v)
                     .map(|p| PortRange { first: p, last: p })
-                    .map_err(|_| E::custom(format!("port {v} is out of range: expected 0 to 65535")))
+                    .map_err(|_| {
+                        E::custom(format!("port {v} is out of range: expected 0 to 65535"))
+                    })
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<PortRange, E> {
-                Err(E::custom(format!("port {v} is out of range: expected 0 to 65535")))
+                Err(E::custom(format!(
+                    "port {v} is out of range: expected 0 to 65535"
+                )))
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<PortRange, E> {
                 s.parse().map_err(E::custom)
@@ -825,7 +832,7 @@ impl<'de> Deserialize<'de> for HumanDuration {
 struct RawConfig {
     #[serde(default)]
     interfaces: Vec<Interface>,
-        #[serde(default)]
+    #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
     dry_run: bool,
@@ -979,7 +986,7 @@ impl Config {
         })?;
         let config = Config {
             interfaces: raw.interfaces,
-                        limits: Limits {
+            limits: Limits {
                 default: raw
                     .limits
                     .default
@@ -1068,7 +1075,7 @@ impl Config {
                 }
             }
         }
-                let rules = &self.limits.rules;
+        let rules = &self.limits.rules;
         if rules.len() > MAX_RULES as usize {
             at(
                 &[Seg::Key("limits"), Seg::Key("rules")],
@@ -1317,9 +1324,138 @@ mod tests {
         assert_eq!(c.limits.default.burst_bytes, 25_000_000);
         assert_eq!(c.allowlist, vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]);
         assert_eq!(c.blocklist.len(), 2);
+        let rules = &c.limits.rules;
+        assert_eq!(rules.len(), 3);
+        assert_eq!(rules[0].name.0, "https");
+        assert_eq!(
+            rules[0].matcher.dst_ports,
+            vec![
+                PortRange {
+                    first: 443,
+                    last: 443
+                },
+                PortRange {
+                    first: 8000,
+                    last: 8443
+                }
+            ]
+        );
+        assert_eq!(rules[0].policy.key, SourceKey { v4: 24, v6: 64 });
+        assert_eq!(rules[1].matcher.tcp_flags, Some(TcpFlags::Syn));
+        assert!(rules[1].policy.dry_run);
+        assert_eq!((rules[2].limit.pps, rules[2].limit.bps), (0, 0));
+        let p = c.limits.penalty.unwrap();
+        assert_eq!(p.after_violations.0, 50);
+        assert_eq!(p.max_block.0, Duration::from_secs(3600));
+        assert!(!c.dry_run);
         let d = Config::parse(DEFAULT_CONFIG).unwrap();
         assert_eq!(d.interfaces[0].mode, AttachMode::Auto);
         assert_eq!(d.on_malformed, OnMalformed::Pass);
+    }
+
+    #[test]
+    fn rule_keys_and_shapes_parse() {
+        let c = Config::parse(
+            "interfaces: [{name: a}]\ndry_run: true\nlimits:\n  rules:\n    - name: v4only\n      key: source/24\n      pps: 5\n    - name: v6only\n      match: {protocol: icmp}\n      key: source/48\n      bps: 1000\n    - name: both\n      match: {dst_ports: [\"1-1024\"]}\n      key: {ipv4: 16, ipv6: 56}\n      pps: 1\n    - name: n\n      match: {protocol: 132}\n      pps: 1\n",
+        )
+        .unwrap();
+        assert!(c.dry_run);
+        let r = &c.limits.rules;
+        assert_eq!(r[0].policy.key, SourceKey { v4: 24, v6: 128 });
+        assert_eq!(
+            (r[0].limit.pps, r[0].limit.burst_packets, r[0].limit.bps),
+            (5, 5, 0)
+        );
+        assert_eq!(r[1].policy.key, SourceKey { v4: 32, v6: 48 });
+        assert_eq!(
+            (r[1].limit.pps, r[1].limit.bps, r[1].limit.burst_bytes),
+            (0, 1000, 1522)
+        );
+        assert_eq!(r[1].matcher.protocol, Some(Protocol::Icmp));
+        assert_eq!(r[2].policy.key, SourceKey { v4: 16, v6: 56 });
+        assert_eq!(r[3].matcher.protocol, Some(Protocol::Number(132)));
+        assert_eq!(
+            c.limits.slot_names(),
+            ["default", "v4only", "v6only", "both", "n"]
+        );
+        assert!(c.limits.penalty.is_none());
+    }
+
+    #[test]
+    fn bad_rules_are_refused_with_their_key_and_line() {
+        let base = "interfaces: [{name: a}]\nlimits:\n  rules:\n    - name: r\n";
+        for (extra, wants) in [
+            ("      match: {protocol: tcpp}\n", "unknown protocol `tcpp`"),
+            (
+                "      match: {protocol: 256}\n",
+                "protocol 256 is out of range",
+            ),
+            (
+                "      match: {dst_ports: [70000]}\n",
+                "port 70000 is out of range",
+            ),
+            ("      match: {dst_ports: [\"90-80\"]}\n", "90 is above 80"),
+            (
+                "      match: {dst_ports: [\"http\"]}\n",
+                "invalid port `http`",
+            ),
+            (
+                "      match: {protocol: icmp, dst_ports: [1]}\n",
+                "dst_ports needs protocol tcp or udp",
+            ),
+            (
+                "      match: {protocol: udp, tcp_flags: syn}\n",
+                "tcp_flags needs protocol: tcp",
+            ),
+            (
+                "      match: {protocol: tcp, tcp_flags: fin}\n",
+                "unknown variant `fin`",
+            ),
+            ("      match: {port: 1}\n", "unknown field `port`"),
+            ("      key: source/33/64\n", "invalid key `source/33/64`"),
+            ("      key: src/24\n", "invalid key `src/24`"),
+            ("      key: {ipv4: 40}\n", "40 is out of range"),
+            ("      pps: -1\n", "integer `-1`"),
+        ] {
+            let e = errors(&format!("{base}{extra}"));
+            assert!(e.contains(wants), "{extra}: {e}");
+            assert!(e.contains("limits.rules[0]"), "{extra}: no key in {e}");
+            assert!(e.contains("line "), "{extra}: no line in {e}");
+        }
+        let e =
+            errors("interfaces: [{name: a}]\nlimits:\n  rules:\n    - name: r\n    - name: r\n");
+        assert!(
+            e.contains("duplicate rule `r`") && e.contains("line 5"),
+            "{e}"
+        );
+        let e = errors("interfaces: [{name: a}]\nlimits:\n  rules:\n    - name: default\n");
+        assert!(e.contains("invalid rule name `default`"), "{e}");
+        let many: String = (0..65).map(|i| format!("    - name: r{i}\n")).collect();
+        let e = errors(&format!(
+            "interfaces: [{{name: a}}]\nlimits:\n  rules:\n{many}"
+        ));
+        assert!(e.contains("65 rules: at most 64"), "{e}");
+        for (penalty, wants) in [
+            ("{after_violations: 0}", "0 is out of range"),
+            ("{window: 10s}", "missing field `after_violations`"),
+            (
+                "{after_violations: 5, block_for: 2h}",
+                "max_block: must be at least block_for",
+            ),
+            (
+                "{after_violations: 5, window: 0}",
+                "window: must be at least 1s",
+            ),
+            ("{after_violations: 5, escalate: 0}", "0 is out of range"),
+        ] {
+            let e = errors(&format!(
+                "interfaces: [{{name: a}}]\nlimits:\n  penalty: {penalty}\n"
+            ));
+            assert!(
+                e.contains(wants) && e.contains("limits.penalty"),
+                "{penalty}: {e}"
+            );
+        }
     }
 
     #[test]

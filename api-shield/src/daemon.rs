@@ -26,13 +26,13 @@ use tokio::{
 use crate::{
     api::{self, Access, Call, Request, Response},
     config::Config,
-        events::{self, Delivered, SlotNames, new_delivered},
+    events::{self, Delivered, SlotNames, new_delivered},
     feeds::{
         Feed, FeedStatus,
         fetch::{self, Outcome},
     },
     lists::{Folded, fold},
-        metrics::{self, Exposition, Scrape},
+    metrics::{self, Exposition, Scrape},
     penalty::{self, Offences},
     prefix::parse_prefix,
     registry::{Claim, ListKind, Origin, Registry, StateDir, unix_now},
@@ -95,7 +95,7 @@ struct Controller {
     refused: Vec<IpNet>,
     /// Map updates that failed, per map (a refused entry counts at every retry).
     update_failures: BTreeMap<&'static str, u64>,
-        /// Map fill is costly to count (a walk of each map): reused for a few seconds.
+    /// Map fill is costly to count (a walk of each map): reused for a few seconds.
     map_fill_cache: Option<(Instant, Vec<MapStatus>)>,
     /// Rule names by limit slot, shared with the event readers.
     slot_names: SlotNames,
@@ -217,9 +217,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
             delivered: new_delivered(),
         });
     }
-        let (v4, v6) = folded.table.counts();
+    let (v4, v6) = folded.table.counts();
     if config.dry_run {
-        log::warn!("dry run: nothing is dropped; would-be drops are counted and logged as would_drop");
+        log::warn!(
+            "dry run: nothing is dropped; would-be drops are counted and logged as would_drop"
+        );
     }
     for rule in &config.limits.rules {
         log::info!(
@@ -243,7 +245,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
         config.limits.default.burst_bytes,
     );
 
-        let first_totals = totals(&instances)?;
+    let first_totals = totals(&instances)?;
     let offences = Offences::load(&state).unwrap_or_else(|e| {
         log::error!("penalty history unusable, starting a new one: {e:#}");
         Offences::default()
@@ -268,7 +270,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
         feed_results,
         pending_refreshes: Vec::new(),
         refused: Vec::new(),
-                update_failures: BTreeMap::new(),
+        update_failures: BTreeMap::new(),
         map_fill_cache: None,
         slot_names: SlotNames::default(),
         offences,
@@ -287,7 +289,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
         }
         None => None,
     };
-        let mut event_readers = Vec::new();
+    let mut event_readers = Vec::new();
     let (penalty_tx, mut penalty_reports) = mpsc::channel::<(String, PenaltyEvent)>(4096);
     for inst in &mut ctl.instances {
         let ring = inst.shield.take_events()?;
@@ -739,7 +741,7 @@ impl Controller {
             let Ok(counters) = inst.shield.counters() else {
                 continue;
             };
-                        for (reason, c) in counters {
+            for (reason, c) in counters {
                 let action = match reason {
                     _ if reason.is_would_drop() => "would_drop",
                     Reason::Blocklisted | Reason::RateLimited => "drop",
@@ -769,7 +771,7 @@ impl Controller {
             "Bytes (whole frames) judged by the data plane, by interface, action and reason.",
             bytes,
         );
-                let mut rule_packets = Vec::new();
+        let mut rule_packets = Vec::new();
         let mut rule_bytes = Vec::new();
         let names = self.config.limits.slot_names();
         for inst in &self.instances {
@@ -1036,7 +1038,7 @@ impl Controller {
             .filter_map(|((i, key), now)| {
                 let before = pending.first.get(&(*i, *key)).copied().unwrap_or_default();
                 let packets = now.packets.saturating_sub(before.packets);
-                                (packets > 0).then(|| TopEntry {
+                (packets > 0).then(|| TopEntry {
                     source: limiter_source(key, self.config.limits.slot_key(key.limit)),
                     interface: self.instances[*i].interface.clone(),
                     rule: self.config.limits.slot_name(key.limit),
@@ -1144,7 +1146,7 @@ impl Controller {
         Ok(reply)
     }
 
-        /// Boxes the prefixes the data plane reported, in one list update.
+    /// Boxes the prefixes the data plane reported, in one list update.
     fn penalize(&mut self, reports: Vec<(String, PenaltyEvent)>) {
         let Some(p) = self.config.limits.penalty else {
             return;
@@ -1157,7 +1159,10 @@ impl Controller {
                 continue;
             };
             // A report raced with the box it asks for: the prefix is already boxed.
-            if self.registry.has_claim(ListKind::Block, net, &Origin::Penalty) {
+            if self
+                .registry
+                .has_claim(ListKind::Block, net, &Origin::Penalty)
+            {
                 continue;
             }
             let rule = self.config.limits.slot_name(report.limit);
@@ -1192,7 +1197,8 @@ impl Controller {
         match self.sync() {
             Ok(folded) => {
                 for net in folded.shadowed.iter().filter(|n| {
-                    self.registry.has_claim(ListKind::Block, **n, &Origin::Penalty)
+                    self.registry
+                        .has_claim(ListKind::Block, **n, &Origin::Penalty)
                 }) {
                     log::info!("penalty for {net} not enforced: it lies inside the allowlist");
                 }
@@ -1345,16 +1351,16 @@ impl Controller {
         for feed in new_feeds {
             self.feeds.insert(feed.config.name.0.clone(), feed);
         }
-                // A limit slot that now belongs to another rule starts its counters from zero.
-        let (old_names, new_names) = (
-            self.config.limits.slot_names(),
-            next.limits.slot_names(),
-        );
+        // A limit slot that now belongs to another rule starts its counters from zero.
+        let (old_names, new_names) = (self.config.limits.slot_names(), next.limits.slot_names());
         for (slot, name) in new_names.iter().enumerate() {
             if old_names.get(slot) != Some(name) {
                 for inst in &mut self.instances {
                     if let Err(e) = inst.shield.reset_rule_counter(slot as u32) {
-                        log::warn!("{}: resetting counters of rule {name}: {e:#}", inst.interface);
+                        log::warn!(
+                            "{}: resetting counters of rule {name}: {e:#}",
+                            inst.interface
+                        );
                     }
                 }
             }

@@ -12,7 +12,7 @@ use std::{
 
 use api_shield_common::{
     counters::{COUNTER_SLOTS, Reason},
-        events::{DropEvent, EVENT_SOURCE_KNOWN, EVENT_SOURCE_V6, EVENT_WOULD_DROP},
+    events::{DropEvent, EVENT_SOURCE_KNOWN, EVENT_SOURCE_V6, EVENT_WOULD_DROP},
 };
 use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
@@ -33,7 +33,7 @@ pub fn new_delivered() -> Delivered {
 pub async fn read(
     interface: String,
     ring: RingBuf<MapData>,
-        format: EventFormat,
+    format: EventFormat,
     delivered: Delivered,
     slot_names: SlotNames,
 ) {
@@ -64,7 +64,7 @@ pub async fn read(
             if let Some(n) = delivered.get(event.reason as usize) {
                 n.fetch_add(1, Ordering::Relaxed);
             }
-                        let rule = slot_names
+            let rule = slot_names
                 .read()
                 .ok()
                 .and_then(|n| n.get(event.rule as usize).cloned())
@@ -141,7 +141,7 @@ pub fn format_event(
     let time = humantime::format_rfc3339_millis(
         std::time::UNIX_EPOCH + std::time::Duration::from_nanos(wall_ns as u64),
     );
-        let src = source(event);
+    let src = source(event);
     // A dry run's events say what would have happened, apart from real drops.
     let kind = if event.flags & EVENT_WOULD_DROP != 0 {
         "would_drop"
@@ -195,8 +195,14 @@ mod tests {
             format_event("eth0", &e, "default", wall, EventFormat::Text),
             "drop time=2026-11-23T02:13:20.123Z interface=eth0 source=192.0.2.40 dst_port=443 protocol=tcp reason=blocklisted rule=default"
         );
-        let j: serde_json::Value =
-            serde_json::from_str(&format_event("eth0", &e, "default", wall, EventFormat::Json)).unwrap();
+        let j: serde_json::Value = serde_json::from_str(&format_event(
+            "eth0",
+            &e,
+            "default",
+            wall,
+            EventFormat::Json,
+        ))
+        .unwrap();
         assert_eq!(j["source"], "192.0.2.40");
         assert_eq!(j["reason"], "blocklisted");
         let v6 = DropEvent {
@@ -229,9 +235,17 @@ mod tests {
             line.starts_with("would_drop ") && line.ends_with("reason=rate_limited rule=ssh-syn"),
             "{line}"
         );
-        let j: serde_json::Value =
-            serde_json::from_str(&format_event("eth0", &dry, "ssh-syn", wall, EventFormat::Json))
-                .unwrap();
-        assert_eq!((j["event"].as_str(), j["rule"].as_str()), (Some("would_drop"), Some("ssh-syn")));
+        let j: serde_json::Value = serde_json::from_str(&format_event(
+            "eth0",
+            &dry,
+            "ssh-syn",
+            wall,
+            EventFormat::Json,
+        ))
+        .unwrap();
+        assert_eq!(
+            (j["event"].as_str(), j["rule"].as_str()),
+            (Some("would_drop"), Some("ssh-syn"))
+        );
     }
 }

@@ -31,9 +31,8 @@ pub fn limit_slot(limit: &Limit, policy: &Policy, penalty: Option<&Penalty>) -> 
         && policy.penalty
     {
         out.penalty_after = u32::try_from(p.after_violations.0).unwrap_or(u32::MAX);
-        out.penalty_window =
-            (p.window.0.as_nanos() * (u128::from(UNITS_PER_SEC) / 1_000_000_000)).min(MAX_SPAN)
-                as u64;
+        out.penalty_window = (p.window.0.as_nanos() * (u128::from(UNITS_PER_SEC) / 1_000_000_000))
+            .min(MAX_SPAN) as u64;
     }
     if limit.pps > 0 {
         let cost = (u128::from(UNITS_PER_SEC) / u128::from(limit.pps)).max(1);
@@ -53,7 +52,11 @@ pub fn limit_slot(limit: &Limit, policy: &Policy, penalty: Option<&Penalty>) -> 
 /// A 16-byte mask of the first `bits` bits.
 fn mask(bits: u32) -> [u8; 16] {
     let bits = bits.min(128);
-    let m = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+    let m = if bits == 0 {
+        0
+    } else {
+        u128::MAX << (128 - bits)
+    };
     m.to_be_bytes()
 }
 
@@ -119,6 +122,95 @@ pub fn event_limit(rate: u64) -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Config, SourceKey};
+
+    fn rules(yaml: &str) -> Vec<Rule> {
+        Config::parse(&format!(
+            "interfaces: [{{name: a}}]\nlimits:\n  rules:\n{yaml}"
+        ))
+        .unwrap()
+        .limits
+        .rules
+    }
+
+    #[test]
+    fn the_first_matching_rule_owns_each_slot() {
+        let t = rule_table(&rules(
+            "    - {name: web, match: {protocol: tcp, dst_ports: [443, \"8000-8443\"]}, pps: 1}\n    - {name: syn, match: {protocol: tcp, tcp_flags: syn}, pps: 1}\n    - {name: low, match: {dst_ports: [\"1-1023\"]}, pps: 1}\n    - {name: ping, match: {protocol: icmp}, pps: 1}\n    - {name: rest, pps: 1}\n",
+        ));
+        let at = |class, port| t[table_index(class, port) as usize];
+        // 443: rule 1 for SYN and other TCP, before `syn` and `low`; not for UDP.
+        assert_eq!((at(CLASS_TCP_SYN, 443), at(CLASS_TCP, 443)), (1, 1));
+        assert_eq!(at(CLASS_UDP, 443), 3);
+        assert_eq!(
+            (
+                at(CLASS_TCP, 8000),
+                at(CLASS_TCP, 8443),
+                at(CLASS_TCP, 8444)
+            ),
+            (1, 1, 5)
+        );
+        // SYN to any other port: `syn`; other TCP below 1024: `low`.
+        assert_eq!((at(CLASS_TCP_SYN, 22), at(CLASS_TCP, 22)), (2, 3));
+        assert_eq!((at(CLASS_TCP_SYN, 9999), at(CLASS_TCP, 9999)), (2, 5));
+        assert_eq!((at(CLASS_UDP, 53), at(CLASS_UDP, 1024)), (3, 5));
+        // ICMP and ICMPv6 by protocol number; anything else falls to the catch-all.
+        assert_eq!(
+            (at(CLASS_OTHER, 1), at(CLASS_OTHER, 58), at(CLASS_OTHER, 47)),
+            (4, 4, 5)
+        );
+        // No rules: every slot is the default.
+        assert!(rule_table(&[]).iter().all(|s| *s == 0));
+        // Without a catch-all, unmatched slots stay on the default.
+        let t = rule_table(&rules(
+            "    - {name: dns, match: {protocol: udp, dst_ports: [53]}, pps: 1}\n",
+        ));
+        assert_eq!(t.iter().filter(|s| **s != 0).count(), 1);
+    }
+
+    #[test]
+    fn keys_become_masks_and_policies_flags() {
+        let policy = Policy {
+            key: SourceKey { v4: 24, v6: 64 },
+            dry_run: true,
+            penalty: true,
+        };
+        let l = limit_slot(&Limit::default(), &policy, None);
+        let mut v4 = [0xff; 16];
+        v4[15] = 0;
+        assert_eq!(l.mask_v4, v4);
+        assert_eq!(l.mask_v6, [[0xff; 8], [0; 8]].concat()[..]);
+        assert_eq!((l.prefix_v4, l.prefix_v6), (24, 64));
+        assert_eq!(l.flags, LIMIT_DRY_RUN);
+        assert_eq!(l.penalty_after, 0, "no penalty section: no reports");
+        let whole = limit_slot(&Limit::default(), &Policy::default(), None);
+        assert_eq!((whole.mask_v4, whole.mask_v6), ([0xff; 16], [0xff; 16]));
+        let p = Config::parse(
+            "interfaces: [{name: a}]\nlimits:\n  penalty: {after_violations: 7, window: 2s}\n",
+        )
+        .unwrap()
+        .limits
+        .penalty
+        .unwrap();
+        let l = limit_slot(&Limit::default(), &Policy::default(), Some(&p));
+        assert_eq!((l.penalty_after, l.penalty_window), (7, 2 * UNITS_PER_SEC));
+        let opted_out = Policy {
+            penalty: false,
+            ..Policy::default()
+        };
+        assert_eq!(
+            limit_slot(&Limit::default(), &opted_out, Some(&p)).penalty_after,
+            0
+        );
+        let everything = Policy {
+            key: SourceKey { v4: 0, v6: 0 },
+            ..Policy::default()
+        };
+        let l = limit_slot(&Limit::default(), &everything, None);
+        let mut v4_all = [0xff; 16];
+        v4_all[12..].fill(0);
+        assert_eq!((l.mask_v4, l.mask_v6), (v4_all, [0; 16]));
+    }
 
     /// The data plane's GCRA, replayed: how many of `packets` (each `len` bytes, all at
     /// time 0) conform.

@@ -93,8 +93,7 @@ impl Offences {
     }
 
     pub fn save(&self, state: &StateDir) -> Result<()> {
-        let entries: Vec<(IpNet, Offence)> =
-            self.by_prefix.iter().map(|(n, o)| (*n, *o)).collect();
+        let entries: Vec<(IpNet, Offence)> = self.by_prefix.iter().map(|(n, o)| (*n, *o)).collect();
         state.write(OFFENCES_FILE, &serde_json::to_vec_pretty(&entries)?)
     }
 

@@ -275,7 +275,7 @@ impl Registry {
     }
 
     /// Whether `cidr` is listed in `kind` by any origin.
-        /// Whether `origin` lists `cidr` (feeds are not asked).
+    /// Whether `origin` lists `cidr` (feeds are not asked).
     pub fn has_claim(&self, kind: ListKind, cidr: IpNet, origin: &Origin) -> bool {
         self.entries
             .get(&(kind, cidr))

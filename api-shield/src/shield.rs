@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use api_shield_common::{
     counters::{COUNTER_SLOTS, Counter, Reason},
     events::EVENTS_RING_BYTES,
-        limiter::{DEFAULT_LIMIT, LIMIT_SLOTS, LimiterKey, LimiterState, RateLimit},
+    limiter::{DEFAULT_LIMIT, LIMIT_SLOTS, LimiterKey, LimiterState, RateLimit},
     lists::ListVerdict,
     names,
     rules::{PENALTY_RING_BYTES, RuleCounter, TABLE_SLOTS},
@@ -33,7 +33,7 @@ use ipnet::IpNet;
 use crate::{
     EBPF_OBJECT,
     config::{AttachMode, Capacity, Config, OnMalformed},
-        limits::{event_limit, limit_slot, rule_table},
+    limits::{event_limit, limit_slot, rule_table},
     lists::{ListTable, fold},
 };
 
@@ -108,7 +108,7 @@ fn map_shapes(capacity: &Capacity) -> Result<Vec<MapShape>> {
             value_size: 8,
             max_entries: COUNTER_SLOTS,
         },
-                MapShape {
+        MapShape {
             name: names::MAP_EVENTS_SUPPRESSED,
             map_type: MapType::PerCpuArray,
             key_size: 4,
@@ -287,7 +287,7 @@ pub struct Shield {
     /// What the list tries hold now, so updates can be applied as diffs.
     lists: ListTable,
     /// Where maps and the link are pinned, if they are.
-        pin_dir: Option<PathBuf>,
+    pin_dir: Option<PathBuf>,
     shapes: Vec<MapShape>,
     /// What the rule table holds, once this process wrote it (so updates are diffs).
     rule_table: Option<Vec<u32>>,
@@ -339,7 +339,7 @@ impl Shield {
             ebpf,
             attached: Vec::new(),
             lists: ListTable::default(),
-                        pin_dir: pin_dir.map(Path::to_path_buf),
+            pin_dir: pin_dir.map(Path::to_path_buf),
             shapes,
             rule_table: None,
         };
@@ -491,7 +491,7 @@ impl Shield {
     /// Entries and capacity of each map (the counters and settings arrays are always full).
     pub fn map_fill(&self) -> Result<Vec<(&'static str, usize, u32)>> {
         let mut out = Vec::new();
-                // The maps an operator sizes; the event, penalty and rule maps are fixed.
+        // The maps an operator sizes; the event, penalty and rule maps are fixed.
         let fixed = [
             names::MAP_EVENTS,
             names::MAP_EVENT_LIMIT,
@@ -553,7 +553,7 @@ impl Shield {
         Ok(())
     }
 
-        /// Limits, rules and settings from `config`; buckets keep their state.
+    /// Limits, rules and settings from `config`; buckets keep their state.
     ///
     /// Order matters for a running program: the rules' limits are written before the
     /// table points at them, and the table before the settings switch it on.
@@ -565,10 +565,7 @@ impl Shield {
             limit_slot(&limits.default, &limits.default_policy, penalty),
         )?;
         for (i, rule) in limits.rules.iter().enumerate() {
-            self.set_limit(
-                i as u32 + 1,
-                limit_slot(&rule.limit, &rule.policy, penalty),
-            )?;
+            self.set_limit(i as u32 + 1, limit_slot(&rule.limit, &rule.policy, penalty))?;
         }
         let rules = !limits.rules.is_empty();
         if rules || self.rule_table.is_some() {
@@ -597,7 +594,8 @@ impl Shield {
         let mut map: Array<_, u32> = Array::try_from(self.map_mut(names::MAP_RULE_TABLE)?)?;
         for (i, slot) in table.iter().enumerate() {
             if old.as_ref().is_none_or(|o| o[i] != *slot) {
-                map.set(i as u32, slot, 0).context("writing the rule table")?;
+                map.set(i as u32, slot, 0)
+                    .context("writing the rule table")?;
             }
         }
         self.rule_table = Some(table);

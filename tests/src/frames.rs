@@ -219,6 +219,44 @@ pub fn udp6(src: Ipv6Addr, payload_len: usize) -> Vec<u8> {
     )
 }
 
+/// An IPv4 frame from `src` to 198.18.0.1 carrying `payload` of `protocol`.
+pub fn ip4(src: Ipv4Addr, protocol: u8, payload: &[u8]) -> Vec<u8> {
+    eth(
+        &[],
+        ETH_P_IP,
+        &ipv4(
+            src,
+            Ipv4Addr::new(198, 18, 0, 1),
+            protocol,
+            &[],
+            Frag::default(),
+            payload,
+        ),
+    )
+}
+
+/// An IPv6 frame from `src` to 2001:db8:ffff::1 carrying `payload` of `protocol`.
+pub fn ip6(src: Ipv6Addr, protocol: u8, payload: &[u8]) -> Vec<u8> {
+    eth(
+        &[],
+        ETH_P_IPV6,
+        &ipv6(
+            src,
+            "2001:db8:ffff::1".parse().unwrap(),
+            &[],
+            protocol,
+            payload,
+        ),
+    )
+}
+
+/// An ICMP (or ICMPv6) echo request header and 8 bytes of data.
+pub fn echo(icmp_type: u8) -> Vec<u8> {
+    let mut e = vec![icmp_type, 0, 0, 0, 0, 1, 0, 1];
+    e.extend_from_slice(&[0x5a; 8]);
+    e
+}
+
 /// An ARP request: a non-IP frame.
 pub fn arp() -> Vec<u8> {
     let mut a = vec![0, 1, 8, 0, 6, 4, 0, 1];
