@@ -250,8 +250,8 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
             } else {
                 &limit.mask_v4
             };
-            for i in 0..16 {
-                key.addr[i] &= mask[i];
+            for (byte, m) in key.addr.iter_mut().zip(mask) {
+                *byte &= m;
             }
             let penalize = limit.penalty_after != 0 && !(mode.dry_run || rule_dry_run);
             take_tokens(&key, limit, frame.len(), penalize, flags)
@@ -433,7 +433,10 @@ fn take_tokens(key: &LimiterKey, limit: &RateLimit, len: usize, penalize: bool, 
     take_and_count(state, key, limit, now, byte_cost, len, penalize, flags)
 }
 
-#[allow(clippy::too_many_arguments)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the hot path passes scalars, not a struct"
+)]
 #[inline(always)]
 fn take_and_count(
     state: *mut LimiterState,

@@ -16,3 +16,10 @@ pub fn require_root() {
         "kernel tests need root (CAP_BPF, CAP_NET_ADMIN): run `cargo xtask test` as root"
     );
 }
+
+/// Unix time in seconds, as the daemon's registry stamps expiries.
+pub fn registry_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
