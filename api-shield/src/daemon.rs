@@ -1132,7 +1132,14 @@ impl Controller {
     fn del(&mut self, list: ListKind, cidr: &str) -> Result<serde_json::Value> {
         let net = parse_prefix(cidr)?.net;
         let before = self.registry.clone();
-        let left = self.registry.remove(list, net, &Origin::Cli)?;
+        // An operator may release a penalty box early; config and feed entries stay.
+        let boxed = self.registry.has_claim(list, net, &Origin::Penalty);
+        let left = match self.registry.remove(list, net, &Origin::Cli) {
+            Ok(_) if boxed => self.registry.remove(list, net, &Origin::Penalty)?,
+            Ok(left) => left,
+            Err(_) if boxed => self.registry.remove(list, net, &Origin::Penalty)?,
+            Err(e) => return Err(e.into()),
+        };
         if let Err(e) = self.sync() {
             self.registry = before;
             let _ = self.sync();

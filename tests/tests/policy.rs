@@ -144,6 +144,13 @@ fn the_penalty_box_blocks_expires_escalates_survives_restarts_and_spares_the_all
             .contains("offence 2")
     );
 
+    // An operator can release a box early.
+    let out = dirs.cli_ok(&["block", "del", FLOODER]);
+    assert!(out.contains("removed"), "{out}");
+    assert!(penalty_claim(&dirs, "198.18.0.50/32").is_none());
+    std::thread::sleep(Duration::from_millis(500)); // the bucket refills
+    assert_eq!(delivered(&sb, FLOODER, 10, 100), 10);
+
     // The allowlist wins: an allowlisted source never meets the limiter or the box.
     assert_eq!(delivered(&sb, PARTNER, 400, 4000), 400);
     std::thread::sleep(Duration::from_millis(300));
