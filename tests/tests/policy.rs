@@ -202,6 +202,13 @@ fn a_dry_run_rule_shows_in_metrics_and_events_and_drops_nothing() {
         Some(0.0),
         "a dry run boxes nobody"
     );
+    // Enforced by a reload: the same flood is now held to the rule's limit.
+    daemon
+        .write_config(&yaml.replace("dry_run: true", "dry_run: false"))
+        .unwrap();
+    daemon.dirs.cli_ok(&["reload"]);
+    let got = delivered(&sb, FLOODER, 200, 2000);
+    assert!(got <= 25, "enforced after the reload: {got} of 200 arrived");
     let log = daemon.stop().unwrap();
     let events: Vec<&str> = log
         .lines()
@@ -218,7 +225,17 @@ fn a_dry_run_rule_shows_in_metrics_and_events_and_drops_nothing() {
         "{}",
         events[0]
     );
-    assert!(!log.lines().any(|l| l.starts_with("drop time=")), "{log}");
+    let (before, after) = log
+        .split_once("reloaded config")
+        .expect("the reload is logged");
+    assert!(
+        !before.lines().any(|l| l.starts_with("drop time=")),
+        "a drop under the dry run: {log}"
+    );
+    assert!(
+        after.lines().any(|l| l.starts_with("drop time=")),
+        "no drop once enforced: {log}"
+    );
 }
 
 #[test]

@@ -350,3 +350,32 @@ fn penalty_reports_come_once_per_window_past_the_violations() {
     assert_eq!(passes(&mut s, &udp4_to("198.18.8.2", 7), 20), 2);
     assert!(reports(&mut ring).is_empty());
 }
+
+#[test]
+fn sixty_four_rules_load_and_each_owns_its_port() {
+    let rules: String = (0..64)
+        .map(|i| {
+            format!(
+                "    - {{name: r{i}, match: {{protocol: udp, dst_ports: [{}]}}, pps: 1, burst_packets: {}}}\n",
+                10_000 + i,
+                i + 1
+            )
+        })
+        .collect();
+    let mut s = load(&format!(
+        "limits:\n  default: {{pps: 0}}\n  rules:\n{rules}"
+    ));
+    for i in [0u16, 1, 31, 62, 63] {
+        let frame = udp4_to(&format!("198.18.9.{i}"), 10_000 + i);
+        assert_eq!(
+            passes(&mut s, &frame, 100),
+            usize::from(i) + 1,
+            "rule r{i}: its own burst"
+        );
+    }
+    // A port no rule names: the default (no limit here).
+    assert_eq!(passes(&mut s, &udp4_to("198.18.9.100", 10_064), 100), 100);
+    let c = s.rule_counters().unwrap();
+    assert_eq!(c[64].passed_packets, 64);
+    assert_eq!(c[64].dropped_packets, 36);
+}

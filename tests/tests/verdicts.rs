@@ -1131,7 +1131,7 @@ fn assorted_frames() -> Vec<(String, Vec<u8>)> {
 fn tc_verdicts_are_identical_to_xdp_verdicts_on_the_same_frames() {
     const TC_ACT_OK: i32 = 0;
     const TC_ACT_SHOT: i32 = 2;
-    let config = "allowlist: [198.51.100.0/24]\nblocklist: [192.0.2.0/24, \"2001:db8:bad::/48\"]\nlimits: {default: {pps: 1, burst_packets: 3}}\n";
+    let config = "allowlist: [198.51.100.0/24]\nblocklist: [192.0.2.0/24, \"2001:db8:bad::/48\"]\nlimits:\n  default: {pps: 1, burst_packets: 3}\n  rules:\n    - {name: udp, match: {protocol: udp}, pps: 1, burst_packets: 2, key: source/24/64}\n    - {name: syn, match: {protocol: tcp, tcp_flags: syn}, pps: 1, burst_packets: 1, dry_run: true}\n";
     let mut xdp = Harness::new(config);
     let mut tc = Harness::new(config);
     for (what, frame) in assorted_frames() {
@@ -1154,8 +1154,13 @@ fn tc_verdicts_are_identical_to_xdp_verdicts_on_the_same_frames() {
             other => panic!("{what}: TC returned {other}"),
         };
         assert_eq!(t_as_xdp, x, "{what}: TC and XDP disagree");
-        // The same counter moved by the same amount.
+        // The same counter moved by the same amount, and the same rule's.
         let (xn, tn) = (xdp.totals(), tc.totals());
         assert_eq!(xn, tn, "{what}: counters differ");
+        assert_eq!(
+            xdp.shield.rule_counters().unwrap(),
+            tc.shield.rule_counters().unwrap(),
+            "{what}: rule counters differ"
+        );
     }
 }
