@@ -4,6 +4,7 @@
 pub mod daemon;
 pub mod frames;
 pub mod http;
+pub mod model;
 pub mod netns;
 pub mod traffic;
 
