@@ -330,7 +330,7 @@ fn seed() -> u64 {
     std::env::var("API_SHIELD_FUZZ_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5eed_a91_5e1d)
+        .unwrap_or(0x05ee_da91_5e1d)
 }
 
 #[test]
