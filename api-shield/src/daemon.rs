@@ -307,6 +307,12 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
             penalty_tx.clone(),
         )));
     }
+    // Everything that needed more than CAP_BPF is done: programs loaded and attached, pins
+    // made, sockets bound, ring buffers mapped.
+    match crate::privileges::drop_to_bpf_only() {
+        Ok(kept) => log::info!("dropped every capability but {kept}"),
+        Err(e) => log::warn!("could not drop capabilities, running with all of them: {e:#}"),
+    }
     log::info!("ready: admin socket {}", ctl.config.admin.socket.display());
 
     let mut stats_log = StatsLog {

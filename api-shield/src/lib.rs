@@ -12,6 +12,7 @@ pub mod lists;
 pub mod metrics;
 pub mod penalty;
 pub mod prefix;
+pub mod privileges;
 pub mod registry;
 pub mod shield;
 

@@ -615,3 +615,49 @@ fn an_unwritable_state_directory_is_reported_and_enforcement_goes_on() {
         "{saved}"
     );
 }
+
+#[test]
+fn the_daemon_keeps_only_cap_bpf_once_attached_and_still_operates() {
+    let s = Setup::new();
+    let daemon = s.daemon.as_ref().unwrap();
+    let (keep, name) = api_shield::privileges::kept_capability().unwrap();
+    assert!(
+        daemon
+            .log()
+            .contains(&format!("dropped every capability but {name}"))
+    );
+    let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", daemon.pid()))
+        .unwrap()
+        .map(|t| t.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!tasks.is_empty());
+    for task in &tasks {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/task/{task}/status", daemon.pid())).unwrap();
+        for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+            let hex = status
+                .lines()
+                .find_map(|l| l.strip_prefix(set))
+                .unwrap()
+                .trim();
+            assert_eq!(
+                u64::from_str_radix(hex, 16).unwrap(),
+                1 << keep,
+                "thread {task}: {set} {hex}"
+            );
+        }
+        assert!(status.contains("NoNewPrivs:\t1"), "thread {task}");
+    }
+    // What it still has to do works: map updates, map walks, state files, reloads.
+    s.dirs.cli_ok(&["block", "add", SOURCE]);
+    assert_eq!(s.delivered(SOURCE, 10), 0);
+    let status: Value = serde_json::from_str(&s.dirs.cli_ok(&["status", "--json"])).unwrap();
+    assert!(
+        status["maps"].as_array().is_some_and(|m| !m.is_empty()),
+        "{status}"
+    );
+    s.dirs.cli_ok(&["reload"]);
+    s.dirs.cli_ok(&["block", "del", SOURCE]);
+    assert_eq!(s.delivered(SOURCE, 10), 10);
+    assert!(s.dirs.state_dir().join("entries.json").exists());
+}
