@@ -124,12 +124,12 @@ impl Daemon {
         )
     }
 
-    /// As [`Daemon::start`]; `None` runs the built-in default config (no `--config`);
-    /// `dirs` lets a restarted daemon find its predecessor's state and pins.
-    pub fn start_with(
+    /// Starts the daemon without waiting for anything; `None` runs the built-in default
+    /// config (no `--config`); `dirs` lets a restarted daemon find its predecessor's state
+    /// and pins.
+    pub fn spawn_with(
         netns: &NetNs,
         config_yaml: Option<&str>,
-        expect_attached: usize,
         dirs: std::sync::Arc<DaemonDirs>,
     ) -> Result<Daemon> {
         let dir = tempdir::TempDir::new()?;
@@ -158,13 +158,24 @@ impl Daemon {
             cmd.pre_exec(move || enter_netns(&ns));
         }
         let child = cmd.spawn().context("starting api-shield")?;
-        let mut daemon = Daemon {
+        Ok(Daemon {
             child: Some(child),
             log_path,
             config_path,
             dirs,
             _dir: dir,
-        };
+        })
+    }
+
+    /// As [`Daemon::spawn_with`], then waits until it has attached to every interface and
+    /// is ready for the CLI.
+    pub fn start_with(
+        netns: &NetNs,
+        config_yaml: Option<&str>,
+        expect_attached: usize,
+        dirs: std::sync::Arc<DaemonDirs>,
+    ) -> Result<Daemon> {
+        let mut daemon = Daemon::spawn_with(netns, config_yaml, dirs)?;
         daemon.wait_for_log("attached to", expect_attached, Duration::from_secs(30))?;
         // Fully started (signal handlers, socket): what the tests act on next.
         daemon.wait_for_log("ready: admin socket", 1, Duration::from_secs(30))?;
@@ -324,4 +335,30 @@ pub mod tempdir {
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
+}
+
+/// What the list maps pinned for `iface` under `pin_dir` hold: prefix -> verdict
+/// (1 allow, 2 block), read straight from the kernel.
+pub fn pinned_lists(
+    pin_dir: &std::path::Path,
+    iface: &str,
+) -> Result<std::collections::BTreeMap<ipnet::IpNet, u32>> {
+    use aya::maps::{LpmTrie, Map, MapData};
+    let mut out = std::collections::BTreeMap::new();
+    let dir = pin_dir.join(iface);
+    let v4: LpmTrie<MapData, [u8; 4], u32> =
+        LpmTrie::try_from(Map::LpmTrie(MapData::from_pin(dir.join("LIST_V4"))?))?;
+    for item in v4.iter() {
+        let (key, verdict) = item?;
+        let net = ipnet::Ipv4Net::new(key.data().into(), key.prefix_len() as u8)?;
+        out.insert(ipnet::IpNet::V4(net), verdict);
+    }
+    let v6: LpmTrie<MapData, [u8; 16], u32> =
+        LpmTrie::try_from(Map::LpmTrie(MapData::from_pin(dir.join("LIST_V6"))?))?;
+    for item in v6.iter() {
+        let (key, verdict) = item?;
+        let net = ipnet::Ipv6Net::new(key.data().into(), key.prefix_len() as u8)?;
+        out.insert(ipnet::IpNet::V6(net), verdict);
+    }
+    Ok(out)
 }
