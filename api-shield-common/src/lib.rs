@@ -136,6 +136,9 @@ pub mod counters {
 
     /// Slots in the counters map; room is left for reasons added later.
     pub const COUNTER_SLOTS: u32 = 16;
+    /// Not a reason: the slot counting buckets the limiter created (in `packets`). Less
+    /// the buckets it holds, that is how many the LRU evicted.
+    pub const LIMITER_CREATED_SLOT: u32 = 15;
 }
 
 /// Per-source token buckets, implemented as GCRA (virtual scheduling): each bucket is one

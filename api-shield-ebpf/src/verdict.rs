@@ -5,7 +5,7 @@
 use core::intrinsics::{AtomicOrdering::Relaxed, atomic_cxchg, atomic_xsub};
 
 use api_shield_common::{
-    counters::{COUNTER_SLOTS, Counter, Reason, WOULD_DROP_OFFSET},
+    counters::{COUNTER_SLOTS, Counter, LIMITER_CREATED_SLOT, Reason, WOULD_DROP_OFFSET},
     events::{DropEvent, EVENT_SOURCE_KNOWN, EVENT_SOURCE_V6, EVENT_WOULD_DROP, EVENTS_RING_BYTES},
     limiter::{
         BYTE_COST_FRAC_BITS, DEFAULT_LIMIT, LIMIT_DRY_RUN, LIMIT_SLOTS, LimiterKey, LimiterState,
@@ -422,6 +422,7 @@ fn take_tokens(key: &LimiterKey, limit: &RateLimit, len: usize, penalize: bool, 
             window_drops: u64::from(!fits),
         };
         if LIMITER.insert(key, fresh, u64::from(BPF_NOEXIST)).is_ok() {
+            count(LIMITER_CREATED_SLOT, 0);
             return fits;
         }
         // Another CPU created it first: take from the bucket it made.

@@ -103,6 +103,8 @@ struct Controller {
     offences: Offences,
     /// Prefixes boxed by this daemon, per limit slot name.
     penalties: BTreeMap<String, u64>,
+    /// The highest eviction count reported, so the counter never goes back.
+    limiter_evictions: u64,
 }
 
 /// How long a map fill count is reused by metrics.
@@ -275,6 +277,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
         slot_names: SlotNames::default(),
         offences,
         penalties: BTreeMap::new(),
+        limiter_evictions: 0,
     };
     *ctl.slot_names.write().expect("slot names lock") = ctl.config.limits.slot_names();
     let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
@@ -896,6 +899,28 @@ impl Controller {
             "gauge",
             "Sources the limiter tracks, over all interfaces.",
             vec![(vec![], tracked as f64)],
+        );
+        let created: u64 = self
+            .instances
+            .iter()
+            .filter_map(|i| i.shield.limiter_buckets_created().ok())
+            .sum();
+        // The LRU is the limiter map's only remover: what was created and is gone was
+        // evicted. The fill count may be a few seconds old; the counter never goes back.
+        self.limiter_evictions = self
+            .limiter_evictions
+            .max(created.saturating_sub(tracked as u64));
+        e.family(
+            "api_shield_limiter_buckets_created_total",
+            "counter",
+            "Token buckets the limiter created (a new source, or one seen again after eviction).",
+            vec![(vec![], created as f64)],
+        );
+        e.family(
+            "api_shield_limiter_evictions_total",
+            "counter",
+            "Buckets the full limiter map evicted (least recently seen first); raise capacity.sources if this grows under normal traffic.",
+            vec![(vec![], self.limiter_evictions as f64)],
         );
         let feeds = self.feeds_status();
         let per_feed = |f: fn(&FeedStatus) -> Option<f64>| {

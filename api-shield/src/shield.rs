@@ -797,6 +797,20 @@ impl Shield {
         Ok(out)
     }
 
+    /// Buckets the limiter has created since its map was made (summed over CPUs).
+    pub fn limiter_buckets_created(&self) -> Result<u64> {
+        let map = self
+            .ebpf
+            .map(names::MAP_COUNTERS)
+            .ok_or_else(|| anyhow!("map {} missing", names::MAP_COUNTERS))?;
+        let counters: PerCpuArray<_, Counter> = PerCpuArray::try_from(map)?;
+        Ok(counters
+            .get(&api_shield_common::counters::LIMITER_CREATED_SLOT, 0)?
+            .iter()
+            .map(|c| c.packets)
+            .sum())
+    }
+
     /// Number of sources the limiter currently tracks.
     pub fn tracked_sources(&self) -> Result<usize> {
         let map = self
