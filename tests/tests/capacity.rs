@@ -45,7 +45,7 @@ fn two_million_sources_against_a_million_buckets_evict_but_never_drop_the_compli
     let (mut compliant_sent, mut compliant_passed) = (0u64, 0u64);
     let mut frame = template.clone();
     let program = shield.program().unwrap();
-    let mut run = |frame: &[u8]| {
+    let run = |frame: &[u8]| {
         program
             .test_run(TestRunOptions {
                 data_in: Some(frame),
