@@ -24,3 +24,18 @@ pub fn registry_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
+
+/// Prints a reliability figure and appends it to the file `cargo xtask test` names in
+/// API_SHIELD_FIGURES, which it prints at the end (captured test output would hide it).
+pub fn figure(line: &str) {
+    use std::io::Write as _;
+    println!("reliability: {line}");
+    if let Some(path) = std::env::var_os("API_SHIELD_FIGURES")
+        && let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}

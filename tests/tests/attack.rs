@@ -363,23 +363,23 @@ fn the_legitimate_client_keeps_its_service_under_attack_with_the_shield() {
             flood.map_or("-".into(), |n| n.to_string())
         )
     };
-    println!(
-        "reliability: API under attack (wrk -t1 -c16 -d3s against nginx; flood: frames sent during the run)"
-    );
-    println!("| case | req/s | p50 ms | p90 ms | p99 ms | errors | flood frames |");
-    println!("|---|---|---|---|---|---|---|");
-    println!("{}", row("no attack, no shield", &quiet, None));
-    println!(
-        "{}",
-        row("attack, no shield", &unshielded, Some(sent_unshielded))
-    );
-    println!("{}", row("attack, shield", &shielded, Some(sent_shielded)));
-    println!("{}", row("no attack, shield", &shielded_quiet, None));
-    println!(
-        "reliability: API under attack: with the shield the client kept {:.0}% of its no-attack rate (without: {:.0}%); {boxed} sources put in the penalty box",
+    for line in [
+        "API under attack (wrk -t1 -c16 -d3s against nginx; flood: frames sent during the run)"
+            .to_owned(),
+        "| case | req/s | p50 ms | p90 ms | p99 ms | errors | flood frames |".to_owned(),
+        "|---|---|---|---|---|---|---|".to_owned(),
+        row("no attack, no shield", &quiet, None),
+        row("attack, no shield", &unshielded, Some(sent_unshielded)),
+        row("attack, shield", &shielded, Some(sent_shielded)),
+        row("no attack, shield", &shielded_quiet, None),
+    ] {
+        api_shield_tests::figure(&line);
+    }
+    api_shield_tests::figure(&format!(
+        "API under attack: with the shield the client kept {:.0}% of its no-attack rate (without: {:.0}%); {boxed} sources put in the penalty box",
         100.0 * shielded.requests_per_sec / quiet.requests_per_sec,
         100.0 * unshielded.requests_per_sec / quiet.requests_per_sec
-    );
+    ));
     assert!(
         quiet.requests > 1000,
         "the baseline measured something: {quiet:?}"

@@ -78,10 +78,10 @@ fn two_million_sources_against_a_million_buckets_evict_but_never_drop_the_compli
         .unwrap()
         .1
         .packets;
-    println!(
-        "reliability: limiter capacity: {spoofed} spoofed sources + 10 compliant ones against 1,000,000 buckets in {elapsed:.1?}: {created} buckets created, {tracked} tracked, {} evicted; compliant packets {compliant_passed}/{compliant_sent} passed; {rate_limited} rate-limited drops",
+    api_shield_tests::figure(&format!(
+        "limiter capacity: {spoofed} spoofed sources + 10 compliant ones against 1,000,000 buckets in {elapsed:.1?}: {created} buckets created, {tracked} tracked, {} evicted; compliant packets {compliant_passed}/{compliant_sent} passed; {rate_limited} rate-limited drops",
         created - tracked
-    );
+    ));
     assert_eq!(
         compliant_passed, compliant_sent,
         "a compliant source was dropped"

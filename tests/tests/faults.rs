@@ -280,9 +280,9 @@ fn sigkill_during_feed_syncs_loses_nothing_and_leaves_nothing_stale() {
         }
     });
     drop(daemon.map(Daemon::kill));
-    println!(
-        "reliability: SIGKILL during feed sync: {n} kills ({in_sync} after start-up and before the new version was in force), {checked} map entries checked after restarts, {sent} packets from blocked sources sent, {leaked} got through"
-    );
+    api_shield_tests::figure(&format!(
+        "SIGKILL during feed sync: {n} kills ({in_sync} after start-up and before the new version was in force), {checked} map entries checked after restarts, {sent} packets from blocked sources sent, {leaked} got through"
+    ));
     assert_eq!(leaked, 0, "blocked packets got through during the faults");
     assert!(sent > 0);
 }
@@ -321,9 +321,9 @@ fn sigkill_during_reloads_loses_nothing_and_leaves_nothing_stale() {
         }
     });
     drop(daemon.map(Daemon::kill));
-    println!(
-        "reliability: SIGKILL during reload: {n} kills, {checked} map entries checked after restarts, {sent} packets from blocked sources sent, {leaked} got through"
-    );
+    api_shield_tests::figure(&format!(
+        "SIGKILL during reload: {n} kills, {checked} map entries checked after restarts, {sent} packets from blocked sources sent, {leaked} got through"
+    ));
     assert_eq!(leaked, 0, "blocked packets got through during the faults");
     assert!(sent > 0);
 }

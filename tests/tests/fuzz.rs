@@ -338,10 +338,10 @@ fn a_million_fuzzed_frames_agree_with_the_reference_model() {
     let (seed, count) = (seed(), frames_to_fuzz());
     let started = Instant::now();
     let (ran, tally) = fuzz(CONFIG, seed, count);
-    println!(
-        "reliability: packet fuzzing: {ran} frames through the program in {:.1?} (seed {seed}), 0 disagreements with the model, 0 XDP_ABORTED; {tally:?}",
+    api_shield_tests::figure(&format!(
+        "packet fuzzing: {ran} frames through the program in {:.1?} (seed {seed}), 0 disagreements with the model, 0 XDP_ABORTED; {tally:?}",
         started.elapsed()
-    );
+    ));
     assert!(ran >= count * 99 / 100, "only {ran} of {count} frames ran");
 }
 
@@ -350,7 +350,7 @@ fn fuzzed_frames_under_a_global_dry_run_are_all_passed_and_counted() {
     let config = CONFIG.replace("on_malformed: drop", "on_malformed: drop\ndry_run: true");
     let (seed, count) = (seed() ^ 0xd7, frames_to_fuzz() / 10);
     let (ran, _) = fuzz(&config, seed, count);
-    println!(
-        "reliability: packet fuzzing (global dry run): {ran} frames (seed {seed}), all passed, every would-drop counted"
-    );
+    api_shield_tests::figure(&format!(
+        "packet fuzzing (global dry run): {ran} frames (seed {seed}), all passed, every would-drop counted"
+    ));
 }

@@ -21,7 +21,11 @@ enum Task {
     /// Setup if needed, build, and show the shield working in a throwaway network sandbox.
     Demo,
     /// Setup if needed, then run every test: lints, unit, kernel and network tests (root).
-    Test,
+    Test {
+        /// Longer runs of the fuzzing and fault tests (10x the frames, 5x the kills).
+        #[arg(long)]
+        soak: bool,
+    },
     /// Run the benchmarks (release builds) and write docs/benchmarks.md (root).
     Bench {
         /// A small, fast run (a smoke test of the benchmarks themselves).
@@ -34,7 +38,7 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::setup(),
         Task::Demo => tasks::demo(),
-        Task::Test => tasks::test(),
+        Task::Test { soak } => tasks::test(soak),
         Task::Bench { quick } => tasks::bench(quick),
     }
 }

@@ -102,7 +102,7 @@ pub(crate) fn bench(quick: bool) -> Result<()> {
     run(&mut cmd)
 }
 
-pub(crate) fn test() -> Result<()> {
+pub(crate) fn test(soak: bool) -> Result<()> {
     require_root("test")?;
     setup_if_needed()?;
     mount_bpffs()?;
@@ -140,8 +140,22 @@ pub(crate) fn test() -> Result<()> {
         .env_remove("CARGO"))?;
     build_binaries()?;
     let mut tally = Tally::default();
-    println!("test: unit tests (no kernel)");
-    tally.run(cargo().args([
+    // The reliability tests append their figures (frames fuzzed, faults injected, entries
+    // checked) here; they are printed at the end and recorded in docs/reliability.md.
+    let figures = workspace_root().join("target/reliability-figures.txt");
+    let _ = std::fs::remove_file(&figures);
+    let with_env = |cmd: &mut Command| {
+        cmd.env("API_SHIELD_FIGURES", &figures);
+        if soak {
+            cmd.env("API_SHIELD_SOAK", "1");
+        }
+    };
+    println!(
+        "test: unit tests (no kernel){}",
+        if soak { ", soak" } else { "" }
+    );
+    let mut unit = cargo();
+    unit.args([
         "test",
         "-p",
         "api-shield",
@@ -149,17 +163,26 @@ pub(crate) fn test() -> Result<()> {
         "api-shield-common",
         "-p",
         "xtask",
-    ]))?;
+    ]);
+    with_env(&mut unit);
+    tally.run(&mut unit)?;
     // Kernel tests share CPUs and time: one at a time, so rate checks are not disturbed.
     println!("test: kernel and network tests (BPF_PROG_TEST_RUN, namespaces + veth)");
-    tally.run(
-        cargo()
-            .args(["test", "-p", "api-shield-tests", "--", "--test-threads=1"])
-            .env(
-                "API_SHIELD_BIN",
-                workspace_root().join("target/debug/api-shield"),
-            ),
-    )?;
+    let mut kernel = cargo();
+    kernel
+        .args(["test", "-p", "api-shield-tests", "--", "--test-threads=1"])
+        .env(
+            "API_SHIELD_BIN",
+            workspace_root().join("target/debug/api-shield"),
+        );
+    with_env(&mut kernel);
+    tally.run(&mut kernel)?;
+    if let Ok(text) = std::fs::read_to_string(&figures) {
+        println!("reliability figures (see docs/reliability.md):");
+        for line in text.lines() {
+            println!("  {line}");
+        }
+    }
     // One closing line for every test binary together.
     println!("{} passed, {} failed", tally.passed, tally.failed);
     Ok(())
