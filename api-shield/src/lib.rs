@@ -25,3 +25,9 @@ pub static EBPF_OBJECT: &[u8] =
 #[doc(hidden)]
 pub static BENCH_FLOOR_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/floor"));
+
+/// The benchmarks' spoofed-source variant: the data plane plus programs that randomise the
+/// source first (`bench_random`, `bench_prandom`); only `cargo xtask bench` loads it.
+#[doc(hidden)]
+pub static BENCH_RANDOM_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench_random"));

@@ -296,16 +296,31 @@ pub struct Shield {
 impl Shield {
     /// Loads the program with map capacities from the config; nothing is attached yet.
     pub fn load(capacity: &Capacity) -> Result<Shield> {
-        Shield::load_at(capacity, None)
+        Shield::load_at(capacity, None, EBPF_OBJECT)
+    }
+
+    /// As [`Shield::load`] with another build of the data plane (the benchmarks' variant),
+    /// configured from `config`.
+    #[doc(hidden)]
+    pub fn from_config_object(config: &Config, object: &[u8]) -> Result<Shield> {
+        let mut shield = Shield::load_at(&config.capacity, None, object)?;
+        shield.apply_config(config)?;
+        Ok(shield)
+    }
+
+    /// The loaded object, for the benchmarks' extra programs and maps.
+    #[doc(hidden)]
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
     }
 
     /// As [`Shield::load`], with every map pinned in `dir`: maps already pinned there (by
     /// an earlier daemon) are reused after a shape check, so state and counters continue.
     pub fn load_pinned(capacity: &Capacity, dir: &Path) -> Result<Shield> {
-        Shield::load_at(capacity, Some(dir))
+        Shield::load_at(capacity, Some(dir), EBPF_OBJECT)
     }
 
-    fn load_at(capacity: &Capacity, pin_dir: Option<&Path>) -> Result<Shield> {
+    fn load_at(capacity: &Capacity, pin_dir: Option<&Path>, object: &[u8]) -> Result<Shield> {
         let shapes = map_shapes(capacity)?;
         let mut loader = EbpfLoader::new();
         for shape in &shapes {
@@ -321,7 +336,7 @@ impl Shield {
             }
         }
         let mut ebpf = loader
-            .load(EBPF_OBJECT)
+            .load(object)
             .context("loading the eBPF object (are you root, with CAP_BPF and CAP_NET_ADMIN?)")?;
         let program: &mut Xdp = ebpf
             .program_mut(names::PROGRAM_XDP)

@@ -1,0 +1,97 @@
+//! The benchmarks' spoofed-source variant: the whole data plane (the same source files),
+//! plus two programs that overwrite the frame's source address with a random one
+//! (`bpf_get_prandom_u32() & mask`) first: `bench_random` then judges the frame as
+//! api-shield does, `bench_prandom` only returns XDP_PASS. Their difference is api-shield's
+//! cost with cold caches, as under a spoofed flood. Never loaded by the daemon.
+#![no_std]
+#![no_main]
+#![feature(core_intrinsics)]
+#![expect(
+    internal_features,
+    reason = "atomic intrinsics: the bpf target has no AtomicU64 CAS"
+)]
+
+#[path = "../parse.rs"]
+mod parse;
+#[path = "../tc.rs"]
+mod tc;
+#[path = "../verdict.rs"]
+mod verdict;
+#[path = "../xdp.rs"]
+mod xdp;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    helpers::bpf_get_prandom_u32,
+    macros::{map, xdp},
+    maps::Array,
+    programs::XdpContext,
+};
+
+use crate::{
+    parse::Frame,
+    verdict::{Action, judge},
+};
+
+/// The random part of the source: index 0 holds the mask (0xffff: 64k sources).
+#[map(name = "BENCH_MASK")]
+static BENCH_MASK: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Replaces the low bits of an untagged IPv4 source, or of the last 32 bits of an IPv6
+/// source, with random ones.
+#[inline(always)]
+fn randomize_source(ctx: &XdpContext) {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let mask = BENCH_MASK.get(0).copied().unwrap_or(0);
+    if start + 14 > end {
+        return;
+    }
+    // SAFETY: bounds-checked above and below before each access.
+    let ether_type = u16::from_be(unsafe { core::ptr::read_unaligned((start + 12) as *const u16) });
+    let at = match ether_type {
+        0x0800 => 14 + 12,
+        0x86dd => 14 + 8 + 12,
+        _ => return,
+    };
+    if start + at + 4 > end {
+        return;
+    }
+    let p = (start + at) as *mut u32;
+    // SAFETY: a helper without preconditions; the 4 bytes at `p` lie inside the frame.
+    unsafe {
+        let random = bpf_get_prandom_u32() & mask;
+        let old = u32::from_be(core::ptr::read_unaligned(p));
+        core::ptr::write_unaligned(p, ((old & !mask) | random).to_be());
+    }
+}
+
+#[xdp]
+pub(crate) fn bench_random(ctx: XdpContext) -> u32 {
+    randomize_source(&ctx);
+    let frame = Frame {
+        start: ctx.data(),
+        end: ctx.data_end(),
+        wire_len: ctx.data_end() - ctx.data(),
+        ifindex: 0,
+    };
+    match judge(&frame) {
+        Action::Pass => XDP_PASS,
+        Action::Drop => XDP_DROP,
+    }
+}
+
+#[xdp]
+pub(crate) fn bench_prandom(ctx: XdpContext) -> u32 {
+    randomize_source(&ctx);
+    XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
