@@ -31,3 +31,7 @@ pub static BENCH_FLOOR_OBJECT: &[u8] =
 #[doc(hidden)]
 pub static BENCH_RANDOM_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench_random"));
+
+/// `cargo xtask flood`'s live-frames generator (redirects its frame out of an interface).
+#[doc(hidden)]
+pub static FLOOD_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flood"));

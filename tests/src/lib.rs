@@ -2,6 +2,7 @@
 //! network-namespace sandboxes, real traffic, and running the daemon.
 
 pub mod daemon;
+pub mod flood;
 pub mod frames;
 pub mod http;
 pub mod model;

@@ -26,6 +26,13 @@ enum Task {
         #[arg(long)]
         soak: bool,
     },
+    /// The end-to-end flood through a veth (live-frames generator) against the floor,
+    /// nftables and iptables; prints a table (root). Also a section of `bench`.
+    Flood {
+        /// Fewer, shorter runs.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Run the benchmarks (release builds) and write docs/benchmarks.md (root).
     Bench {
         /// A small, fast run (a smoke test of the benchmarks themselves).
@@ -39,6 +46,7 @@ fn main() -> Result<()> {
         Task::Setup => setup::setup(),
         Task::Demo => tasks::demo(),
         Task::Test { soak } => tasks::test(soak),
+        Task::Flood { quick } => tasks::flood(quick),
         Task::Bench { quick } => tasks::bench(quick),
     }
 }

@@ -76,6 +76,36 @@ pub(crate) fn demo() -> Result<()> {
 }
 
 /// Measurements into docs/benchmarks.md, with release builds; timings are never asserted.
+/// `cargo xtask flood`: the end-to-end flood comparison alone, printed (not written).
+pub(crate) fn flood(quick: bool) -> Result<()> {
+    build_release("flood")?;
+    let root = workspace_root();
+    let mut cmd = Command::new(root.join("target/release/flood"));
+    cmd.current_dir(&root)
+        .env("API_SHIELD_BIN", root.join("target/release/api-shield"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(&mut cmd)
+}
+
+fn build_release(what: &str) -> Result<()> {
+    require_root(what)?;
+    setup_if_needed()?;
+    mount_bpffs()?;
+    println!("build: release binaries for the benchmarks");
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "api-shield",
+        "-p",
+        "api-shield-tests",
+        "--bins",
+    ]))
+}
+
 pub(crate) fn bench(quick: bool) -> Result<()> {
     require_root("bench")?;
     setup_if_needed()?;

@@ -26,6 +26,18 @@ pub(crate) fn bench_floor(ctx: XdpContext) -> u32 {
     XDP_PASS
 }
 
+/// The end-to-end flood's floor: drops every frame, the least a receiver can do.
+#[xdp]
+pub(crate) fn bench_drop(_ctx: XdpContext) -> u32 {
+    aya_ebpf::bindings::xdp_action::XDP_DROP
+}
+
+/// Passes every frame on to the stack, so netfilter peers see the same receive path.
+#[xdp]
+pub(crate) fn bench_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

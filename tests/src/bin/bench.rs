@@ -72,6 +72,11 @@ fn main() -> Result<()> {
         if args.quick { 200_000 } else { 2_000_000 },
         &args.out,
     )?;
+    api_shield_tests::flood::end_to_end(
+        &mut report,
+        if args.quick { 200_000 } else { 2_000_000 },
+        if args.quick { 1 } else { 3 },
+    )?;
     limiter_accuracy(&mut report, if args.quick { 2 } else { 10 })?;
     control_plane_latency(&mut report, if args.quick { 20 } else { 100 })?;
     feed_scale(&mut report, if args.quick { 100_000 } else { 1_000_000 })?;
