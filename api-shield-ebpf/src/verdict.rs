@@ -94,6 +94,9 @@ struct Mode {
     dry_run: bool,
     rules: bool,
     drop_malformed: bool,
+    /// Drop events: bucket time per event and burst; cost 0: none.
+    event_cost: u64,
+    event_capacity: u64,
 }
 
 impl Mode {
@@ -104,11 +107,15 @@ impl Mode {
                 dry_run: s.flags & SETTINGS_DRY_RUN != 0,
                 rules: s.flags & SETTINGS_RULES != 0,
                 drop_malformed: s.drop_malformed != 0,
+                event_cost: s.event_cost,
+                event_capacity: s.event_capacity,
             },
             None => Mode {
                 dry_run: false,
                 rules: false,
                 drop_malformed: false,
+                event_cost: 0,
+                event_capacity: 0,
             },
         }
     }
@@ -144,11 +151,13 @@ impl Verdict {
 /// Decides, counts, and reports drops. Never fails: every path ends in a counted verdict.
 #[inline(always)]
 pub(crate) fn judge(frame: &Frame) -> Action {
-    let v = decide(frame, Mode::read());
+    // One read of the settings serves the verdict and the event.
+    let mode = Mode::read();
+    let v = decide(frame, mode);
     let slot = v.reason as u32 + if v.dry_run { WOULD_DROP_OFFSET } else { 0 };
     count(slot, frame.len());
-    if v.action == Action::Drop || v.dry_run {
-        report(frame, &v, slot);
+    if (v.action == Action::Drop || v.dry_run) && mode.event_cost != 0 {
+        report(frame, &v, slot, mode);
     }
     v.action
 }
@@ -245,13 +254,16 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
         let rule_dry_run = limit.flags & LIMIT_DRY_RUN != 0;
         let conforms = limit.is_unlimited() || {
             key.limit = slot;
-            let mask = if flags & EVENT_SOURCE_V6 != 0 {
-                &limit.mask_v6
+            let (mask, whole) = if flags & EVENT_SOURCE_V6 != 0 {
+                (&limit.mask_v6, limit.prefix_v6 >= 128)
             } else {
-                &limit.mask_v4
+                (&limit.mask_v4, limit.prefix_v4 >= 32)
             };
-            for (byte, m) in key.addr.iter_mut().zip(mask) {
-                *byte &= m;
+            // Most limits key by the whole address: skip the masking then.
+            if !whole {
+                for (byte, m) in key.addr.iter_mut().zip(mask) {
+                    *byte &= m;
+                }
             }
             let penalize = limit.penalty_after != 0 && !(mode.dry_run || rule_dry_run);
             take_tokens(&key, limit, frame.len(), penalize, flags)
@@ -314,13 +326,7 @@ fn malformed(mode: Mode) -> (Action, bool) {
 /// (a GCRA bucket shared by all CPUs); events over that rate, or that find the ring full,
 /// are counted instead.
 #[inline(always)]
-fn report(frame: &Frame, v: &Verdict, slot: u32) {
-    let Some(settings) = SETTINGS.get(0) else {
-        return;
-    };
-    if settings.event_cost == 0 {
-        return;
-    }
+fn report(frame: &Frame, v: &Verdict, slot: u32, mode: Mode) {
     let Some(tat) = EVENT_LIMIT.get_ptr_mut(slot) else {
         return;
     };
@@ -337,26 +343,22 @@ fn report(frame: &Frame, v: &Verdict, slot: u32) {
             (l.protocol, l.dst_port)
         }
     };
-    let sent = take(
-        tat,
-        settings.event_cost,
-        settings.event_capacity,
-        now << TIME_SHIFT,
-    ) && EVENTS
-        .output::<DropEvent>(
-            &DropEvent {
-                timestamp_ns: now,
-                source: v.source,
-                ifindex: frame.ifindex,
-                reason: slot,
-                rule: v.limit,
-                dst_port,
-                protocol,
-                flags: v.flags | if v.dry_run { EVENT_WOULD_DROP } else { 0 },
-            },
-            0,
-        )
-        .is_ok();
+    let sent = take(tat, mode.event_cost, mode.event_capacity, now << TIME_SHIFT)
+        && EVENTS
+            .output::<DropEvent>(
+                &DropEvent {
+                    timestamp_ns: now,
+                    source: v.source,
+                    ifindex: frame.ifindex,
+                    reason: slot,
+                    rule: v.limit,
+                    dst_port,
+                    protocol,
+                    flags: v.flags | if v.dry_run { EVENT_WOULD_DROP } else { 0 },
+                },
+                0,
+            )
+            .is_ok();
     if !sent && let Some(n) = EVENTS_SUPPRESSED.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot.
         unsafe { *n += 1 };
