@@ -3,7 +3,12 @@
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{bindings::xdp_action::XDP_PASS, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action::XDP_PASS,
+    macros::{map, xdp},
+    maps::PerCpuArray,
+    programs::XdpContext,
+};
 
 #[xdp]
 pub(crate) fn bench_floor(ctx: XdpContext) -> u32 {
@@ -26,9 +31,18 @@ pub(crate) fn bench_floor(ctx: XdpContext) -> u32 {
     XDP_PASS
 }
 
-/// The end-to-end flood's floor: drops every frame, the least a receiver can do.
+/// Frames `bench_drop` dropped, per CPU: its count is checked like every receiver's.
+#[map(name = "FLOOR_DROPS")]
+static FLOOR_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The end-to-end flood's floor: counts and drops every frame, the least a receiver that
+/// reports what it did can do.
 #[xdp]
 pub(crate) fn bench_drop(_ctx: XdpContext) -> u32 {
+    if let Some(n) = FLOOR_DROPS.get_ptr_mut(0) {
+        // SAFETY: a per-CPU slot; nothing else writes it on this CPU meanwhile.
+        unsafe { *n += 1 };
+    }
     aya_ebpf::bindings::xdp_action::XDP_DROP
 }
 
