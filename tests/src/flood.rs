@@ -635,7 +635,7 @@ pub fn end_to_end(report: &mut String, frames: u64, rounds: usize) -> Result<()>
     // describe: generator on CPU 0, the receiving veth's NAPI as a kernel thread on CPU 1.
     writeln!(
         report,
-        "### Spread over both CPUs (threaded NAPI)\n\nThe generator pinned to CPU 0, the server veth's NAPI made threaded after XDP is attached and its kernel thread pinned to CPU 1: the receiver now has a CPU of its own, so the generator outruns the slower receivers and the rate is the receiver's capacity (frames its filter handled per second; the rest are lost at the ring).\n"
+        "### Spread over both CPUs (threaded NAPI)\n\nThe generator pinned to CPU 0, the server veth's NAPI made threaded after XDP is attached and its kernel thread pinned to CPU 1: the receiver now has a CPU of its own, so the generator outruns the slower receivers and the rate is the receiver's capacity (frames its filter handled per second of generator time; the rest are lost at the ring). These figures are rougher than the one-CPU table: the generator's own pace changes with how full the receiver's ring is, which is why a receiver can show above the floor.\n"
     )?;
     writeln!(
         report,
