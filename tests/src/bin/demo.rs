@@ -88,7 +88,7 @@ fn main() -> Result<()> {
     let counters = last_counters(&log)?;
     println!("\nshield counters (packets / bytes) per reason:");
     for (reason, (packets, bytes)) in &counters {
-        println!("  {reason:<14} {packets:>10} {bytes:>12}");
+        println!("  {reason:<24} {packets:>10} {bytes:>12}");
     }
     let ok = received(LEGIT) == legit.packets
         && received(BLOCKED) == 0
