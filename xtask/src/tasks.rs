@@ -107,20 +107,7 @@ fn build_release(what: &str) -> Result<()> {
 }
 
 pub(crate) fn bench(quick: bool) -> Result<()> {
-    require_root("bench")?;
-    setup_if_needed()?;
-    mount_bpffs()?;
-    println!("build: release binaries for the benchmarks");
-    run(cargo().args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "api-shield",
-        "-p",
-        "api-shield-tests",
-        "--bins",
-    ]))?;
+    build_release("bench")?;
     let root = workspace_root();
     let mut cmd = Command::new(root.join("target/release/bench"));
     cmd.current_dir(&root)
