@@ -515,6 +515,68 @@ fn pin(pid: i32, cpu: usize) -> Result<()> {
     Ok(())
 }
 
+/// Measures every receiver against every source spread; writes a table row each (ratios to
+/// the floor of the same spread) and returns the rates by (sources, receiver). Spread over
+/// both CPUs, a receiver that cannot be measured gets a row saying why; else it is an error.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the run's parts, passed as they are"
+)]
+fn table<'a>(
+    report: &mut String,
+    sb: &Sandbox,
+    generator: &mut Generator,
+    frame: &[u8],
+    cases: &[(&'a str, u32)],
+    receivers: &[Receiver],
+    (frames, rounds): (u64, usize),
+    spread: bool,
+) -> Result<std::collections::BTreeMap<(&'a str, &'static str), f64>> {
+    writeln!(
+        report,
+        "| receiver | sources | Mpps | x floor | dropped by the filter / sent | lost before the receiver |"
+    )?;
+    writeln!(report, "|---|---|---|---|---|---|")?;
+    let mut results = std::collections::BTreeMap::new();
+    for &(label, mask) in cases {
+        for &r in receivers {
+            let m = match measure(sb, generator, frame, r, mask, frames, rounds, spread) {
+                Ok(m) => m,
+                Err(e) if spread => {
+                    writeln!(
+                        report,
+                        "| {} | {label} | not measured: {e:#} | | | |",
+                        r.name()
+                    )?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            results.insert((label, r.name()), m.mpps);
+            let ratio = results
+                .get(&(label, Receiver::Floor.name()))
+                .map_or(f64::NAN, |f| m.mpps / f);
+            writeln!(
+                report,
+                "| {} | {label} | {:.2} | {ratio:.2} | {} | {} |",
+                r.name(),
+                m.mpps,
+                m.drop_note,
+                m.lost
+            )?;
+            println!(
+                "flood{}: {} with {label}: {:.2} Mpps ({ratio:.2}x floor), dropped {}, lost before the receiver {}",
+                if spread { " (spread)" } else { "" },
+                r.name(),
+                m.mpps,
+                m.drop_note,
+                m.lost
+            );
+        }
+    }
+    Ok(results)
+}
+
 /// A counter of `ifname`'s in `netns` (/sys/class/net/IF/statistics/NAME).
 fn link_stat(netns: &NetNs, ifname: &str, name: &str) -> u64 {
     netns
@@ -556,34 +618,17 @@ pub fn end_to_end(report: &mut String, frames: u64, rounds: usize) -> Result<()>
         report,
         "A live-frames generator (BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES on `api-shield-ebpf/src/bin/flood.rs`) in the client namespace redirects 60-byte UDP frames into the veth as xdp_frames, with no skb, as a NIC would; the server side drops them with api-shield, with an XDP program that only returns XDP_DROP (the floor), or with nftables / iptables behind an XDP_PASS program (the same receive path). Both ends run on the generator's CPU, so its rate is the end-to-end rate. {rounds} runs of {frames} frames per case; sources drawn at random by the generator within 10.0.0.0/8. The rate is what the receiver kept up with: the frames its filter dropped (its own counter: api-shield's stats, nft and iptables rule counters) or, where frames pass on, the frames that reached it (the veth's rx counters), per second of generator time. \"lost before the receiver\" are frames the veth's ring refused when the receiver fell behind.\n"
     )?;
-    writeln!(
+    let results = table(
         report,
-        "| receiver | sources | Mpps | x floor | dropped by the filter / sent | lost before the receiver |"
+        &sb,
+        &mut generator,
+        &frame,
+        &sources,
+        &receivers,
+        (frames, rounds),
+        false,
     )?;
-    writeln!(report, "|---|---|---|---|---|---|")?;
-    let mut floor_rate = std::collections::BTreeMap::new();
-    let mut results = std::collections::BTreeMap::new();
-    for (label, mask) in sources {
-        for r in receivers {
-            let m = measure(&sb, &mut generator, &frame, r, mask, frames, rounds, false)?;
-            let (mpps, drop_note, lost) = (m.mpps, m.drop_note, m.lost);
-            if r == Receiver::Floor {
-                floor_rate.insert(label, mpps);
-            }
-            results.insert((label, r.name()), mpps);
-            let ratio = floor_rate.get(label).map_or(f64::NAN, |f| mpps / f);
-            writeln!(
-                report,
-                "| {} | {label} | {mpps:.2} | {ratio:.2} | {drop_note} | {lost} |",
-                r.name()
-            )?;
-            println!(
-                "flood: {} with {label}: {mpps:.2} Mpps ({ratio:.2}x floor), dropped {drop_note}, lost before the receiver {lost}",
-                r.name()
-            );
-        }
-    }
-    if floor_rate.is_empty() {
+    if !results.contains_key(&(sources[0].0, Receiver::Floor.name())) {
         bail!("no floor measured");
     }
     writeln!(report, "\nAgainst the goals (same run):\n")?;
@@ -637,14 +682,13 @@ pub fn end_to_end(report: &mut String, frames: u64, rounds: usize) -> Result<()>
         report,
         "### Spread over both CPUs (threaded NAPI)\n\nThe generator pinned to CPU 0, the server veth's NAPI made threaded after XDP is attached and its kernel thread pinned to CPU 1: the receiver now has a CPU of its own, so the generator outruns the slower receivers and the rate is the receiver's capacity (frames its filter handled per second of generator time; the rest are lost at the ring). These figures are rougher than the one-CPU table: the generator's own pace changes with how full the receiver's ring is, which is why a receiver can show above the floor.\n"
     )?;
-    writeln!(
+    table(
         report,
-        "| receiver | sources | Mpps | x floor | dropped by the filter / sent | lost before the receiver |"
-    )?;
-    writeln!(report, "|---|---|---|---|---|---|")?;
-    let mut spread_floor = std::collections::BTreeMap::new();
-    for (label, mask) in [sources[0], sources[2]] {
-        for r in [
+        &sb,
+        &mut generator,
+        &frame,
+        &[sources[0], sources[2]],
+        &[
             Receiver::Floor,
             Receiver::ShieldBlock,
             Receiver::NftSet,
@@ -652,39 +696,10 @@ pub fn end_to_end(report: &mut String, frames: u64, rounds: usize) -> Result<()>
             Receiver::ShieldLimit16,
             Receiver::NftLimit16,
             Receiver::Hashlimit16,
-        ] {
-            let m = match measure(&sb, &mut generator, &frame, r, mask, frames, rounds, true) {
-                Ok(m) => m,
-                Err(e) => {
-                    writeln!(
-                        report,
-                        "| {} | {label} | not measured: {e:#} | | | |",
-                        r.name()
-                    )?;
-                    continue;
-                }
-            };
-            if r == Receiver::Floor {
-                spread_floor.insert(label, m.mpps);
-            }
-            let ratio = spread_floor.get(label).map_or(f64::NAN, |f| m.mpps / f);
-            writeln!(
-                report,
-                "| {} | {label} | {:.2} | {ratio:.2} | {} | {} |",
-                r.name(),
-                m.mpps,
-                m.drop_note,
-                m.lost
-            )?;
-            println!(
-                "flood (spread): {} with {label}: {:.2} Mpps ({ratio:.2}x floor), dropped {}, lost {}",
-                r.name(),
-                m.mpps,
-                m.drop_note,
-                m.lost
-            );
-        }
-    }
+        ],
+        (frames, rounds),
+        true,
+    )?;
     writeln!(report)?;
     Ok(())
 }
