@@ -235,21 +235,9 @@ impl Sandbox {
         Ok(sb)
     }
 
-    /// The server end's MAC address: crafted frames need it as their destination, or the
-    /// server's stack discards them as meant for another host.
+    /// The server end's MAC address (see [`mac_address`]).
     pub fn server_mac(&self) -> Result<[u8; 6]> {
-        let text = self
-            .server
-            .exec(&["cat", &format!("/sys/class/net/{}/address", self.server_if)])?;
-        let bytes: Vec<u8> = text
-            .trim()
-            .split(':')
-            .map(|h| u8::from_str_radix(h, 16))
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("parsing MAC {text:?}"))?;
-        bytes
-            .try_into()
-            .map_err(|_| anyhow::anyhow!("MAC {text:?} is not 6 bytes"))
+        mac_address(&self.server, &self.server_if)
     }
 
     /// Gives the client an extra source address (IPv4 /32 or IPv6 /128).
@@ -274,4 +262,19 @@ impl Sandbox {
         self.client.exec(&args)?;
         Ok(())
     }
+}
+
+/// The MAC address of `ifname` in `netns`: crafted frames need it as their destination, or
+/// the receiving stack discards them as meant for another host.
+pub fn mac_address(netns: &NetNs, ifname: &str) -> Result<[u8; 6]> {
+    let text = netns.exec(&["cat", &format!("/sys/class/net/{ifname}/address")])?;
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("parsing MAC {text:?}"))?;
+    bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("MAC {text:?} is not 6 bytes"))
 }

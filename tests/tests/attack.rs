@@ -14,7 +14,7 @@ use std::{
 use api_shield_tests::{
     daemon::{Daemon, tempdir::TempDir},
     frames::{ETH_P_IP, Frag, IPPROTO_TCP, IPPROTO_UDP, TCP_SYN, checksum, eth, ipv4, tcp, udp},
-    netns::{NetNs, ip},
+    netns::{NetNs, ip, mac_address},
     require_root,
     traffic::send_raw_rounds,
 };
@@ -312,24 +312,11 @@ fn under_attack<T>(t: &Topology, frames: &[Vec<u8>], measure: impl FnOnce() -> T
     })
 }
 
-fn server_mac(t: &Topology) -> [u8; 6] {
-    let text = t
-        .server
-        .exec(&["cat", "/sys/class/net/veth-attack/address"])
-        .unwrap();
-    let bytes: Vec<u8> = text
-        .trim()
-        .split(':')
-        .map(|h| u8::from_str_radix(h, 16).unwrap())
-        .collect();
-    bytes.try_into().unwrap()
-}
-
 #[test]
 fn the_legitimate_client_keeps_its_service_under_attack_with_the_shield() {
     require_root();
     let t = topology();
-    let frames = attack_frames(server_mac(&t));
+    let frames = attack_frames(mac_address(&t.server, "veth-attack").unwrap());
     // A fresh nginx (a fresh listen queue) for each case: half-open connections from one
     // case would otherwise starve the next for a minute.
     let fresh = |t: &Topology| Nginx::start(&t.server);
