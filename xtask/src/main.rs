@@ -38,6 +38,11 @@ enum Task {
         /// A small, fast run (a smoke test of the benchmarks themselves).
         #[arg(long)]
         quick: bool,
+        /// Only these sections (comma-separated: per-packet, random, scale, flood,
+        /// accuracy, latency, feeds); written to target/benchmarks-partial.md, leaving
+        /// docs/benchmarks.md as the last full run wrote it.
+        #[arg(long)]
+        only: Option<String>,
     },
 }
 
@@ -47,6 +52,6 @@ fn main() -> Result<()> {
         Task::Demo => tasks::demo(),
         Task::Test { soak } => tasks::test(soak),
         Task::Flood { quick } => tasks::flood(quick),
-        Task::Bench { quick } => tasks::bench(quick),
+        Task::Bench { quick, only } => tasks::bench(quick, only.as_deref()),
     }
 }

@@ -106,13 +106,16 @@ fn build_release(what: &str) -> Result<()> {
     ]))
 }
 
-pub(crate) fn bench(quick: bool) -> Result<()> {
+pub(crate) fn bench(quick: bool, only: Option<&str>) -> Result<()> {
     build_release("bench")?;
     let root = workspace_root();
     let mut cmd = Command::new(root.join("target/release/bench"));
     cmd.current_dir(&root)
-        .env("API_SHIELD_BIN", root.join("target/release/api-shield"))
-        .args(["--out", "docs/benchmarks.md"]);
+        .env("API_SHIELD_BIN", root.join("target/release/api-shield"));
+    match only {
+        Some(sections) => cmd.args(["--only", sections, "--out", "target/benchmarks-partial.md"]),
+        None => cmd.args(["--out", "docs/benchmarks.md"]),
+    };
     if quick {
         cmd.arg("--quick");
     }

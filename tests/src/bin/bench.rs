@@ -16,18 +16,40 @@ use api_shield_tests::{
 struct Args {
     quick: bool,
     out: std::path::PathBuf,
+    /// Sections to run (all when empty): per-packet, random, scale, flood, accuracy,
+    /// latency, feeds. For working on one section; the doc is written from them alone.
+    only: Vec<String>,
 }
+
+const SECTIONS: [&str; 7] = [
+    "per-packet",
+    "random",
+    "scale",
+    "flood",
+    "accuracy",
+    "latency",
+    "feeds",
+];
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
         quick: false,
         out: "docs/benchmarks.md".into(),
+        only: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => args.quick = true,
             "--out" => args.out = it.next().context("--out needs a path")?.into(),
+            "--only" => {
+                for s in it.next().context("--only needs a section list")?.split(',') {
+                    if !SECTIONS.contains(&s) {
+                        bail!("unknown section {s}: one of {}", SECTIONS.join(", "));
+                    }
+                    args.only.push(s.to_string());
+                }
+            }
             other => bail!("unknown argument {other}"),
         }
     }
@@ -52,34 +74,46 @@ fn main() -> Result<()> {
         report,
         "Absolute times move between runs and machines; compare figures from one run. Nothing here is asserted by a test.\n"
     )?;
-    per_packet(
-        &mut report,
-        if args.quick { 200_000 } else { 2_000_000 },
-        if args.quick { 1 } else { 5 },
-    )?;
-    random_sources(
-        &mut report,
-        if args.quick { 200_000 } else { 2_000_000 },
-        if args.quick { 1 } else { 5 },
-    )?;
-    blocklist_scale(
-        &mut report,
-        if args.quick {
-            &[1_000, 10_000]
-        } else {
-            &[1_000, 10_000, 100_000, 1_000_000]
-        },
-        if args.quick { 200_000 } else { 2_000_000 },
-        &args.out,
-    )?;
-    api_shield_tests::flood::end_to_end(
-        &mut report,
-        if args.quick { 200_000 } else { 2_000_000 },
-        if args.quick { 1 } else { 3 },
-    )?;
-    limiter_accuracy(&mut report, if args.quick { 2 } else { 10 })?;
-    control_plane_latency(&mut report, if args.quick { 20 } else { 100 })?;
-    feed_scale(&mut report, if args.quick { 100_000 } else { 1_000_000 })?;
+    let runs = |section: &str| args.only.is_empty() || args.only.iter().any(|s| s == section);
+    let (repeat, rounds) = if args.quick {
+        (200_000, 1)
+    } else {
+        (2_000_000, 5)
+    };
+    if runs("per-packet") {
+        per_packet(&mut report, repeat, rounds)?;
+    }
+    if runs("random") {
+        random_sources(&mut report, repeat, rounds)?;
+    }
+    if runs("scale") {
+        blocklist_scale(
+            &mut report,
+            if args.quick {
+                &[1_000, 10_000]
+            } else {
+                &[1_000, 10_000, 100_000, 1_000_000]
+            },
+            repeat,
+            &args.out,
+        )?;
+    }
+    if runs("flood") {
+        api_shield_tests::flood::end_to_end(
+            &mut report,
+            repeat.into(),
+            if args.quick { 1 } else { 3 },
+        )?;
+    }
+    if runs("accuracy") {
+        limiter_accuracy(&mut report, if args.quick { 2 } else { 10 })?;
+    }
+    if runs("latency") {
+        control_plane_latency(&mut report, if args.quick { 20 } else { 100 })?;
+    }
+    if runs("feeds") {
+        feed_scale(&mut report, if args.quick { 100_000 } else { 1_000_000 })?;
+    }
     std::fs::write(&args.out, &report)
         .with_context(|| format!("writing {}", args.out.display()))?;
     println!("{report}");
