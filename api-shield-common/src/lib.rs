@@ -12,6 +12,8 @@ pub mod names {
     pub const MAP_LIST_V4: &str = "LIST_V4";
     /// LPM trie, IPv6 source prefixes -> [`crate::lists::ListVerdict`].
     pub const MAP_LIST_V6: &str = "LIST_V6";
+    /// Mmapable array of u64: the IPv4 trie summarised per /24 ([`crate::lists::summary`]).
+    pub const MAP_LIST_V4_SUMMARY: &str = "LIST_V4_SUMMARY";
     /// LRU hash, [`crate::limiter::LimiterKey`] -> [`crate::limiter::LimiterState`].
     pub const MAP_LIMITER: &str = "LIMITER";
     /// Array of [`crate::limiter::RateLimit`]; index [`crate::limiter::DEFAULT_LIMIT`].
@@ -45,6 +47,30 @@ pub mod lists {
     pub type ListVerdict = u32;
     pub const LIST_ALLOW: ListVerdict = 1;
     pub const LIST_BLOCK: ListVerdict = 2;
+
+    /// What the IPv4 trie says of each /24, two bits per /24, so that most packets skip
+    /// the trie walk (a kernel call whose cost grows with the list): [`NONE`](summary::NONE),
+    /// no entry covers or lies inside the /24; [`LIST_ALLOW`] or [`LIST_BLOCK`], every
+    /// address of the /24 gets that verdict (a prefix of /24 or shorter covers it, and no
+    /// longer entry lies inside); [`TRIE`](summary::TRIE), ask the trie.
+    pub mod summary {
+        /// No entry covers or lies inside this /24.
+        pub const NONE: u32 = 0;
+        /// Entries longer than /24 lie inside (or the controller is changing it): the trie.
+        pub const TRIE: u32 = 3;
+        /// Cells (one per /24) in a u64 word of the map.
+        pub const CELLS_PER_WORD: u32 = 32;
+        /// Words in the map: 2^24 /24s, 4 MiB.
+        pub const WORDS: u32 = (1 << 24) / CELLS_PER_WORD;
+
+        /// The cell of an IPv4 address (network order): its /24, and where that /24's
+        /// two bits are: (word index, shift).
+        #[inline(always)]
+        pub const fn cell(addr: [u8; 4]) -> (u32, u32) {
+            let slash24 = u32::from_be_bytes(addr) >> 8;
+            (slash24 / CELLS_PER_WORD, (slash24 % CELLS_PER_WORD) * 2)
+        }
+    }
 }
 
 /// Verdict counters: one per-CPU slot of packets and bytes per reason.
@@ -162,6 +188,17 @@ pub mod limiter {
 
     /// `RateLimit::flags`: count-only; over-limit packets pass and count as would-drop.
     pub const LIMIT_DRY_RUN: u32 = 1;
+    /// `RateLimit::flags`: read the time from the kernel tick (`jiffies`, `tick_ns` apart)
+    /// instead of the nanosecond clock. The data plane reads jiffies with one load, where
+    /// `bpf_ktime_get_ns` is a helper call costing about a third of the pass path; the
+    /// controller sets it only where the burst spans at least [`TICK_CLOCK_MIN_TICKS`]
+    /// ticks, so a tick's refill always fits in the bucket and the rate stays exact.
+    pub const LIMIT_TICK_CLOCK: u32 = 2;
+    /// See [`LIMIT_TICK_CLOCK`].
+    pub const TICK_CLOCK_MIN_TICKS: u64 = 2;
+    /// The kernel starts jiffies this many ticks before 2^32 (`INITIAL_JIFFIES` is
+    /// -300 s worth of ticks as a u32), so that ticks since boot = jiffies - 2^32 + this.
+    pub const INITIAL_JIFFIES_SECS: u64 = 300;
 
     /// One limit, precomputed by the controller so the data plane only adds and compares.
     #[repr(C)]
@@ -180,7 +217,7 @@ pub mod limiter {
         pub mask_v4: [u8; 16],
         /// ANDed with an IPv6 source to make its bucket key.
         pub mask_v6: [u8; 16],
-        /// [`LIMIT_DRY_RUN`].
+        /// [`LIMIT_DRY_RUN`] | [`LIMIT_TICK_CLOCK`].
         pub flags: u32,
         /// Drops within `penalty_window` after which the bucket's prefix is reported to the
         /// controller for the penalty box; 0: never.
@@ -190,7 +227,9 @@ pub mod limiter {
         /// Prefix lengths of the masks (for penalty reports).
         pub prefix_v4: u8,
         pub prefix_v6: u8,
-        pub _pad: [u8; 6],
+        pub _pad: [u8; 2],
+        /// Nanoseconds per kernel tick, for [`LIMIT_TICK_CLOCK`].
+        pub tick_ns: u32,
     }
 
     impl RateLimit {
@@ -227,7 +266,7 @@ pub mod limiter {
     }
 
     #[cfg(feature = "user")]
-    // SAFETY: 4 u64, 2 x 16 bytes, 2 u32, u64, 8 bytes: 88 bytes, 8-aligned, no padding.
+    // SAFETY: 4 u64, 2 x 16 bytes, 2 u32, u64, 4 bytes, u32: 88 bytes, 8-aligned, no padding.
     unsafe impl aya::Pod for RateLimit {}
     #[cfg(feature = "user")]
     // SAFETY: 16 bytes + u32, size 20, alignment 4, no padding.

@@ -4,14 +4,16 @@
 // intrinsics still emit LLVM atomics, which BPF CPU v3 (build.rs) lowers to BPF_ATOMIC ops.
 use core::intrinsics::{AtomicOrdering::Relaxed, atomic_cxchg, atomic_xsub};
 
+use core::mem::MaybeUninit;
+
 use api_shield_common::{
     counters::{COUNTER_SLOTS, Counter, LIMITER_CREATED_SLOT, Reason, WOULD_DROP_OFFSET},
     events::{DropEvent, EVENT_SOURCE_KNOWN, EVENT_SOURCE_V6, EVENT_WOULD_DROP, EVENTS_RING_BYTES},
     limiter::{
-        BYTE_COST_FRAC_BITS, DEFAULT_LIMIT, LIMIT_DRY_RUN, LIMIT_SLOTS, LimiterKey, LimiterState,
-        RateLimit, TIME_SHIFT,
+        BYTE_COST_FRAC_BITS, DEFAULT_LIMIT, INITIAL_JIFFIES_SECS, LIMIT_DRY_RUN, LIMIT_SLOTS,
+        LIMIT_TICK_CLOCK, LimiterKey, LimiterState, RateLimit, TIME_SHIFT,
     },
-    lists::{LIST_ALLOW, LIST_BLOCK, ListVerdict},
+    lists::{LIST_ALLOW, LIST_BLOCK, ListVerdict, summary},
     rules::{
         CLASS_OTHER, CLASS_TCP, CLASS_TCP_SYN, CLASS_UDP, PENALTY_RING_BYTES, PENALTY_V6,
         PenaltyEvent, RuleCounter, TABLE_SLOTS, table_index,
@@ -20,7 +22,7 @@ use api_shield_common::{
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, generated::bpf_jiffies64},
     macros::map,
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
@@ -33,6 +35,9 @@ const IPPROTO_UDP: u8 = 17;
 // Capacities here are placeholders: the controller sets each from the config at load.
 #[map(name = "LIST_V4")]
 static LIST_V4: LpmTrie<[u8; 4], ListVerdict> = LpmTrie::with_max_entries(1024, 0);
+/// Flags 1024: BPF_F_MMAPABLE, so the controller writes it as memory (4 MiB of cells).
+#[map(name = "LIST_V4_SUMMARY")]
+static LIST_V4_SUMMARY: Array<u64> = Array::with_max_entries(summary::WORDS, 1024);
 #[map(name = "LIST_V6")]
 static LIST_V6: LpmTrie<[u8; 16], ListVerdict> = LpmTrie::with_max_entries(1024, 0);
 #[map(name = "LIMITER")]
@@ -139,7 +144,7 @@ impl Verdict {
             reason,
             dry_run,
             limit: DEFAULT_LIMIT,
-            source: [0; 16],
+            source: zero_source(),
             flags: 0,
             protocol: 0,
             dst_port: 0,
@@ -164,10 +169,7 @@ pub(crate) fn judge(frame: &Frame) -> Action {
 
 #[inline(always)]
 fn decide(frame: &Frame, mode: Mode) -> Verdict {
-    let mut key = LimiterKey {
-        addr: [0; 16],
-        limit: DEFAULT_LIMIT,
-    };
+    let mut key;
     // Lists first: a listed source gets its verdict whatever follows the IP header.
     let (l4, flags) = match parse_l3(frame) {
         L3::NonIp => return Verdict::without_source(Action::Pass, Reason::NonIp, false),
@@ -176,11 +178,17 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
             return Verdict::without_source(action, Reason::Malformed, dry_run);
         }
         L3::V4 { src, info } => {
-            key.addr[10] = 0xff;
-            key.addr[11] = 0xff;
-            key.addr[12..].copy_from_slice(&src);
-            match LIST_V4.get(Key::new(32, src)) {
-                Some(&LIST_ALLOW) => {
+            key = limiter_key(
+                [
+                    0,
+                    0,
+                    u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+                    u32::from_ne_bytes(src),
+                ],
+                DEFAULT_LIMIT,
+            );
+            match list_v4(src) {
+                LIST_ALLOW => {
                     return listed(
                         (Action::Pass, false),
                         Reason::Allowlisted,
@@ -189,7 +197,7 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
                         Unparsed::V4(info),
                     );
                 }
-                Some(&LIST_BLOCK) => {
+                LIST_BLOCK => {
                     return listed(
                         mode.drop(false),
                         Reason::Blocklisted,
@@ -203,7 +211,15 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
             (parse_l4_v4(frame, &info), EVENT_SOURCE_KNOWN)
         }
         L3::V6 { src, offset } => {
-            key.addr = src;
+            key = limiter_key(
+                [
+                    u32::from_ne_bytes([src[0], src[1], src[2], src[3]]),
+                    u32::from_ne_bytes([src[4], src[5], src[6], src[7]]),
+                    u32::from_ne_bytes([src[8], src[9], src[10], src[11]]),
+                    u32::from_ne_bytes([src[12], src[13], src[14], src[15]]),
+                ],
+                DEFAULT_LIMIT,
+            );
             let flags = EVENT_SOURCE_KNOWN | EVENT_SOURCE_V6;
             match LIST_V6.get(Key::new(128, src)) {
                 Some(&LIST_ALLOW) => {
@@ -278,6 +294,48 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
     } else {
         verdict(malformed(mode), Reason::Malformed)
     }
+}
+
+/// The list verdict of an IPv4 source (0: listed nowhere): from its /24's summary cell
+/// where that says it all (an array read the verifier inlines), else from the trie.
+#[inline(always)]
+fn list_v4(src: [u8; 4]) -> ListVerdict {
+    let (word, shift) = summary::cell(src);
+    let cell = match LIST_V4_SUMMARY.get(word) {
+        Some(w) => (*w >> shift) as u32 & 3,
+        None => summary::TRIE,
+    };
+    if cell != summary::TRIE {
+        return cell;
+    }
+    LIST_V4
+        .get(Key::new(32, src))
+        .copied()
+        .unwrap_or(summary::NONE)
+}
+
+/// A limiter key written as five word stores. The natural `[0; 16]` initialiser compiled
+/// to a call of a memset subprogram, which cost as much per packet as hashing the key.
+#[inline(always)]
+fn limiter_key(addr: [u32; 4], limit: u32) -> LimiterKey {
+    let mut key = MaybeUninit::<LimiterKey>::uninit();
+    let words = key.as_mut_ptr().cast::<u32>();
+    // SAFETY: LimiterKey is #[repr(C)], 16 bytes then a u32, 4-aligned: five u32 slots,
+    // all written before the key is read. Volatile: kept as stores, not merged into memset.
+    unsafe {
+        words.write_volatile(addr[0]);
+        words.add(1).write_volatile(addr[1]);
+        words.add(2).write_volatile(addr[2]);
+        words.add(3).write_volatile(addr[3]);
+        words.add(4).write_volatile(limit);
+        key.assume_init()
+    }
+}
+
+/// An all-zero source address, without a memset call (see [`limiter_key`]).
+#[inline(always)]
+fn zero_source() -> [u8; 16] {
+    limiter_key([0; 4], 0).addr
 }
 
 /// The limit slot of the first rule matching the packet (the controller compiled them).
@@ -401,8 +459,7 @@ fn count_rule(slot: u32, conforms: bool, dry_run: bool, len: usize) {
 /// With `penalize`, a drop also counts toward the bucket's penalty window.
 #[inline(always)]
 fn take_tokens(key: &LimiterKey, limit: &RateLimit, len: usize, penalize: bool, flags: u8) -> bool {
-    // SAFETY: a helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() } << TIME_SHIFT;
+    let now = bucket_now(limit);
     let packet_cost = limit.packet_cost;
     let byte_cost = (len as u64 * limit.byte_cost_fp) >> BYTE_COST_FRAC_BITS;
 
@@ -434,6 +491,26 @@ fn take_tokens(key: &LimiterKey, limit: &RateLimit, len: usize, penalize: bool, 
         };
     };
     take_and_count(state, key, limit, now, byte_cost, len, penalize, flags)
+}
+
+/// Now, in bucket time, from the clock the limit asks for ([`LIMIT_TICK_CLOCK`]).
+#[inline(always)]
+fn bucket_now(limit: &RateLimit) -> u64 {
+    let ns = if limit.flags & LIMIT_TICK_CLOCK != 0 {
+        // Ticks since boot (jiffies start 300 s of ticks short of 2^32) times the tick:
+        // the nanosecond clock's scale and origin, behind it by a constant under a second,
+        // so a reload that moves a limit between the clocks barely disturbs its buckets.
+        // SAFETY: a helper without preconditions (the verifier inlines it as one load).
+        let jiffies = unsafe { bpf_jiffies64() };
+        jiffies
+            .wrapping_sub(1 << 32)
+            .wrapping_mul(u64::from(limit.tick_ns))
+            .wrapping_add(INITIAL_JIFFIES_SECS * 1_000_000_000)
+    } else {
+        // SAFETY: a helper without preconditions.
+        unsafe { bpf_ktime_get_ns() }
+    };
+    ns << TIME_SHIFT
 }
 
 #[allow(

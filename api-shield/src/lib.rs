@@ -15,6 +15,7 @@ pub mod prefix;
 pub mod privileges;
 pub mod registry;
 pub mod shield;
+pub mod summary;
 
 /// The compiled data plane, built from `api-shield-ebpf` by build.rs.
 pub static EBPF_OBJECT: &[u8] =

@@ -2,7 +2,10 @@
 //! parameters per limit slot, and the table that maps a packet to its first matching rule.
 
 use api_shield_common::{
-    limiter::{BYTE_COST_FRAC_BITS, LIMIT_DRY_RUN, RateLimit, UNITS_PER_SEC},
+    limiter::{
+        BYTE_COST_FRAC_BITS, LIMIT_DRY_RUN, LIMIT_TICK_CLOCK, RateLimit, TICK_CLOCK_MIN_TICKS,
+        TIME_SHIFT, UNITS_PER_SEC,
+    },
     rules::{CLASS_OTHER, CLASS_TCP, CLASS_TCP_SYN, CLASS_UDP, TABLE_SLOTS, table_index},
 };
 
@@ -46,7 +49,45 @@ pub fn limit_slot(limit: &Limit, policy: &Policy, penalty: Option<&Penalty>) -> 
         out.byte_capacity =
             ((cost_fp * u128::from(limit.burst_bytes)) >> BYTE_COST_FRAC_BITS).min(MAX_SPAN) as u64;
     }
+    if let Some(tick) = kernel_tick_ns() {
+        choose_clock(&mut out, tick);
+    }
     out
+}
+
+/// Puts the limit on the kernel tick clock ([`LIMIT_TICK_CLOCK`]) when each limited
+/// dimension's burst spans at least [`TICK_CLOCK_MIN_TICKS`] ticks: a tick's refill then
+/// fits in the bucket, so reading the time a tick late never loses tokens and the rate
+/// stays exact. A high rate with a burst shorter than that keeps the nanosecond clock.
+pub fn choose_clock(limit: &mut RateLimit, tick_ns: u32) {
+    let span = (u64::from(tick_ns) * TICK_CLOCK_MIN_TICKS) << TIME_SHIFT;
+    let spans = |cost: u64, capacity: u64| cost == 0 || capacity >= span;
+    limit.tick_ns = tick_ns;
+    if tick_ns > 0
+        && spans(limit.packet_cost, limit.packet_capacity)
+        && spans(limit.byte_cost_fp, limit.byte_capacity)
+    {
+        limit.flags |= LIMIT_TICK_CLOCK;
+    } else {
+        limit.flags &= !LIMIT_TICK_CLOCK;
+    }
+}
+
+/// The kernel tick (1/HZ): the resolution of CLOCK_MONOTONIC_COARSE, which jiffies drive.
+pub fn kernel_tick_ns() -> Option<u32> {
+    static TICK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *TICK.get_or_init(|| {
+        let mut res = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_getres writes one timespec, which we own.
+        let rc = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) };
+        // A tick of a second or more (or none) is no kernel we know: keep the ns clock.
+        (rc == 0 && res.tv_sec == 0 && res.tv_nsec > 0)
+            .then(|| u32::try_from(res.tv_nsec).ok())
+            .flatten()
+    })
 }
 
 /// A 16-byte mask of the first `bits` bits.
@@ -181,7 +222,7 @@ mod tests {
         assert_eq!(l.mask_v4, v4);
         assert_eq!(l.mask_v6, [[0xff; 8], [0; 8]].concat()[..]);
         assert_eq!((l.prefix_v4, l.prefix_v6), (24, 64));
-        assert_eq!(l.flags, LIMIT_DRY_RUN);
+        assert_eq!(l.flags & LIMIT_DRY_RUN, LIMIT_DRY_RUN);
         assert_eq!(l.penalty_after, 0, "no penalty section: no reports");
         let whole = limit_slot(&Limit::default(), &Policy::default(), None);
         assert_eq!((whole.mask_v4, whole.mask_v6), ([0xff; 16], [0xff; 16]));
@@ -230,6 +271,86 @@ mod tests {
             }
         }
         passed
+    }
+
+    /// A packet flood at `pps_sent` for `secs` against `limit`, the clock read as the data
+    /// plane reads it: in whole ticks of `tick_ns`, or exact when `tick_ns` is 0. Returns
+    /// the packets that conform (GCRA on the packet dimension, as in the data plane).
+    fn flood_passes(limit: &RateLimit, pps_sent: u64, secs: u64, tick_ns: u64) -> u64 {
+        let (mut tat, mut passed) = (0u64, 0);
+        for i in 0..pps_sent * secs {
+            let exact = i * 1_000_000_000 / pps_sent;
+            let now = exact
+                .checked_div(tick_ns)
+                .map_or(exact, |ticks| ticks * tick_ns)
+                << TIME_SHIFT;
+            let next = tat.max(now) + limit.packet_cost;
+            if next - now <= limit.packet_capacity {
+                tat = next;
+                passed += 1;
+            }
+        }
+        passed
+    }
+
+    #[test]
+    fn the_tick_clock_only_where_a_tick_fits_in_the_burst() {
+        let limit = |pps, burst_packets, bps, burst_bytes| {
+            let mut l = rate_limit(&Limit {
+                pps,
+                burst_packets,
+                bps,
+                burst_bytes,
+            });
+            choose_clock(&mut l, 4_000_000);
+            l.flags & LIMIT_TICK_CLOCK != 0
+        };
+        // 4 ms ticks: a burst of 100 at 1000/s spans 100 ms; at 1M/s only 0.1 ms.
+        assert!(limit(1000, 100, 0, 0));
+        assert!(!limit(1_000_000, 100, 0, 0));
+        assert!(limit(1_000_000, 8000, 0, 0), "8 ms of burst: two ticks");
+        assert!(!limit(1_000_000, 7999, 0, 0));
+        // Both dimensions must span two ticks: 1500 bytes at 1 GB/s is 1.5 us.
+        assert!(!limit(1000, 100, 1_000_000_000, 1500));
+        assert!(limit(1000, 100, 1_000_000, 100_000));
+        assert!(limit(0, 0, 0, 0), "unlimited: either clock");
+        let mut l = rate_limit(&Limit {
+            pps: 1000,
+            burst_packets: 100,
+            bps: 0,
+            burst_bytes: 0,
+        });
+        choose_clock(&mut l, 0);
+        assert_eq!(l.flags & LIMIT_TICK_CLOCK, 0, "no tick known: the ns clock");
+        // The kernel reports one here (HZ 100 to 1000).
+        assert!(kernel_tick_ns().is_some_and(|t| (1_000_000..=10_000_000).contains(&t)));
+    }
+
+    #[test]
+    fn a_tick_late_clock_keeps_the_rate_when_the_burst_spans_two_ticks() {
+        // 10 s of 5x the rate: burst + rate x time conform, whichever clock, when the
+        // burst spans the ticks; with a burst under a tick, the tick clock loses tokens
+        // (which is why the controller keeps the ns clock there).
+        let fits = rate_limit(&Limit {
+            pps: 1000,
+            burst_packets: 100,
+            bps: 0,
+            burst_bytes: 0,
+        });
+        let expected = 1000 * 10 + 100;
+        for tick in [0, 1_000_000, 4_000_000, 10_000_000] {
+            let passed = flood_passes(&fits, 5000, 10, tick);
+            assert!(passed.abs_diff(expected) <= 10, "tick {tick}: {passed}");
+        }
+        let short = rate_limit(&Limit {
+            pps: 100_000,
+            burst_packets: 100,
+            bps: 0,
+            burst_bytes: 0,
+        });
+        let exact = flood_passes(&short, 500_000, 1, 0);
+        assert!(exact.abs_diff(100_100) <= 2, "{exact}");
+        assert!(flood_passes(&short, 500_000, 1, 4_000_000) < exact / 2);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use std::{
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
@@ -34,7 +35,8 @@ use crate::{
     EBPF_OBJECT,
     config::{AttachMode, Capacity, Config, OnMalformed},
     limits::{event_limit, limit_slot, rule_table},
-    lists::{ListTable, fold},
+    lists::{ListDiff, ListTable, fold},
+    summary::{SummaryMap, touched_cells},
 };
 
 /// The shape a map must have; a pinned map of another shape is never reused silently.
@@ -65,6 +67,13 @@ fn map_shapes(capacity: &Capacity) -> Result<Vec<MapShape>> {
             key_size: 20,
             value_size: 4,
             max_entries: list_entries,
+        },
+        MapShape {
+            name: names::MAP_LIST_V4_SUMMARY,
+            map_type: MapType::Array,
+            key_size: 4,
+            value_size: 8,
+            max_entries: api_shield_common::lists::summary::WORDS,
         },
         MapShape {
             name: names::MAP_LIMITER,
@@ -286,6 +295,8 @@ pub struct Shield {
     attached: Vec<(String, AttachedMode)>,
     /// What the list tries hold now, so updates can be applied as diffs.
     lists: ListTable,
+    /// The IPv4 trie's per-/24 summary, mapped into this process.
+    summary: SummaryMap,
     /// Where maps and the link are pinned, if they are.
     pin_dir: Option<PathBuf>,
     shapes: Vec<MapShape>,
@@ -350,16 +361,27 @@ impl Shield {
             .context("the eBPF object has no TC program")?
             .try_into()?;
         tc.load().context("the kernel refused the TC program")?;
+        let summary = match ebpf.map(names::MAP_LIST_V4_SUMMARY) {
+            Some(aya::maps::Map::Array(data)) => SummaryMap::map(&data.fd().as_fd())?,
+            _ => bail!(
+                "the eBPF object has no {} array",
+                names::MAP_LIST_V4_SUMMARY
+            ),
+        };
         let mut shield = Shield {
             ebpf,
             attached: Vec::new(),
             lists: ListTable::default(),
+            summary,
             pin_dir: pin_dir.map(Path::to_path_buf),
             shapes,
             rule_table: None,
         };
         // Reused tries already hold entries: learn them, so the first update is a diff.
         shield.lists = shield.read_lists()?;
+        // The summary must match the tries before this program is attached (a new map
+        // reads "listed nowhere" everywhere; a reused one may be from another version).
+        shield.summary.write_all(&shield.lists);
         Ok(shield)
     }
 
@@ -514,6 +536,7 @@ impl Shield {
             names::MAP_PENALTIES,
             names::MAP_RULE_TABLE,
             names::MAP_RULE_COUNTERS,
+            names::MAP_LIST_V4_SUMMARY,
         ];
         for shape in self.shapes.iter().filter(|s| !fixed.contains(&s.name)) {
             let map = self
@@ -708,6 +731,20 @@ impl Shield {
     /// those still refused are returned (and not recorded, so the next update retries them).
     pub fn apply_lists(&mut self, next: &ListTable) -> Result<Vec<IpNet>> {
         let diff = self.lists.diff_to(next);
+        // The /24s this changes ask the trie while it changes, then get their new summary.
+        let touched = touched_cells(
+            diff.upserts
+                .iter()
+                .map(|(net, _)| net)
+                .chain(diff.removals.iter()),
+        );
+        self.summary.ask_trie(&touched);
+        let result = self.apply_diff(next, &diff);
+        self.summary.settle(&self.lists, &touched);
+        result
+    }
+
+    fn apply_diff(&mut self, next: &ListTable, diff: &ListDiff) -> Result<Vec<IpNet>> {
         let mut refused = Vec::new();
         for (net, verdict) in &diff.upserts {
             self.upsert_or_refuse(*net, *verdict, &mut refused)?;

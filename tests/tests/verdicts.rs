@@ -1164,3 +1164,64 @@ fn tc_verdicts_are_identical_to_xdp_verdicts_on_the_same_frames() {
         );
     }
 }
+
+/// The IPv4 summary (one /24 at a time, read before the trie) agrees with the lists
+/// through every kind of change: nested prefixes, entries inside a /24, the whole space
+/// (which recomputes the summary in one sweep), and removals back to nothing.
+#[test]
+fn ipv4_list_summary_follows_every_list_change() {
+    use api_shield::lists::{ListTable, fold};
+    use ipnet::IpNet;
+    let mut h = Harness::new(UNLIMITED);
+    let nets = |list: &[&str]| -> Vec<IpNet> { list.iter().map(|s| s.parse().unwrap()).collect() };
+    let probes = [
+        "9.255.255.255",
+        "10.0.0.0",
+        "10.0.0.1",
+        "10.1.0.0",
+        "10.1.2.2",
+        "10.1.2.3",
+        "10.1.2.4",
+        "10.1.255.255",
+        "10.2.0.0",
+        "10.200.0.127",
+        "10.200.0.128",
+        "10.255.255.255",
+        "11.0.0.0",
+        "192.0.2.1",
+        "255.255.255.255",
+    ];
+    let steps: [(&[&str], &[&str]); 6] = [
+        (&[], &["10.0.0.0/8"]),
+        (&["10.1.0.0/16"], &["10.0.0.0/8", "10.1.2.3/32"]),
+        (&["10.1.2.3/32"], &["10.0.0.0/8", "10.200.0.0/25"]),
+        (&["10.1.2.3/32"], &["0.0.0.0/0", "10.200.0.0/25"]),
+        (&[], &["10.200.0.0/25", "255.255.255.255/32"]),
+        (&[], &[]),
+    ];
+    for (i, (allow, block)) in steps.iter().enumerate() {
+        let (allow, block) = (nets(allow), nets(block));
+        let table: ListTable = fold(&allow, &block).table;
+        let refused = h.shield.apply_lists(&table).expect("applying lists");
+        assert!(refused.is_empty());
+        for probe in probes {
+            let addr = v4(probe);
+            // What the trie answers: the longest prefix holding the address.
+            let verdict = (0..=32u8).rev().find_map(|len| {
+                let net = IpNet::new(addr.into(), len).unwrap().trunc();
+                table.entries.get(&net).copied()
+            });
+            let (action, reason) = match verdict {
+                Some(1) => (XDP_PASS, Reason::Allowlisted),
+                Some(2) => (XDP_DROP, Reason::Blocklisted),
+                _ => (XDP_PASS, Reason::Passed),
+            };
+            h.expect(
+                &udp4(addr, 20),
+                action,
+                reason,
+                &format!("step {i}: {probe}"),
+            );
+        }
+    }
+}
