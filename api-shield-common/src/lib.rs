@@ -14,6 +14,8 @@ pub mod names {
     pub const MAP_LIST_V6: &str = "LIST_V6";
     /// Mmapable array of u64: the IPv4 trie summarised per /24 ([`crate::lists::summary`]).
     pub const MAP_LIST_V4_SUMMARY: &str = "LIST_V4_SUMMARY";
+    /// Mmapable array of u64: where the IPv6 trie may match ([`crate::lists::summary_v6`]).
+    pub const MAP_LIST_V6_SUMMARY: &str = "LIST_V6_SUMMARY";
     /// LRU hash, [`crate::limiter::LimiterKey`] -> [`crate::limiter::LimiterState`].
     pub const MAP_LIMITER: &str = "LIMITER";
     /// Array of [`crate::limiter::RateLimit`]; index [`crate::limiter::DEFAULT_LIMIT`].
@@ -69,6 +71,38 @@ pub mod lists {
         pub const fn cell(addr: [u8; 4]) -> (u32, u32) {
             let slash24 = u32::from_be_bytes(addr) >> 8;
             (slash24 / CELLS_PER_WORD, (slash24 % CELLS_PER_WORD) * 2)
+        }
+    }
+
+    /// Where the IPv6 trie may match, as two bitmaps in one array of u64 words; a source
+    /// whose bit is clear in both is listed nowhere and skips the trie. Sources are too
+    /// many to summarise one prefix each, so bits stand for groups, and a set bit only
+    /// says "ask the trie":
+    /// - the first [`SHORT_WORDS`](summary_v6::SHORT_WORDS) words: one bit per /16, set
+    ///   where an entry of /16 or shorter covers it;
+    /// - the rest: one bit per value of address bits 16 to 39 (the /40 without its first
+    ///   16 bits, which few values fill: 2001, 2a00, ...), set where an entry longer than
+    ///   /16 has those bits (every value its own bits leave open, for entries under /40).
+    pub mod summary_v6 {
+        /// Words of the per-/16 bitmap.
+        pub const SHORT_WORDS: u32 = (1 << 16) / 64;
+        /// Words of the bits-16-to-39 bitmap.
+        pub const CELL_WORDS: u32 = (1 << 24) / 64;
+        /// Words in the map: 2 MiB and 8 KiB.
+        pub const WORDS: u32 = SHORT_WORDS + CELL_WORDS;
+
+        /// The bit of an address's /16: (word index, shift).
+        #[inline(always)]
+        pub const fn short_bit(addr: &[u8; 16]) -> (u32, u32) {
+            let top = ((addr[0] as u32) << 8) | addr[1] as u32;
+            (top / 64, top % 64)
+        }
+
+        /// The bit of an address's bits 16 to 39: (word index, shift).
+        #[inline(always)]
+        pub const fn cell_bit(addr: &[u8; 16]) -> (u32, u32) {
+            let cell = ((addr[2] as u32) << 16) | ((addr[3] as u32) << 8) | addr[4] as u32;
+            (SHORT_WORDS + cell / 64, cell % 64)
         }
     }
 }

@@ -13,7 +13,7 @@ use api_shield_common::{
         BYTE_COST_FRAC_BITS, DEFAULT_LIMIT, INITIAL_JIFFIES_SECS, LIMIT_DRY_RUN, LIMIT_SLOTS,
         LIMIT_TICK_CLOCK, LimiterKey, LimiterState, RateLimit, TIME_SHIFT,
     },
-    lists::{LIST_ALLOW, LIST_BLOCK, ListVerdict, summary},
+    lists::{LIST_ALLOW, LIST_BLOCK, ListVerdict, summary, summary_v6},
     rules::{
         CLASS_OTHER, CLASS_TCP, CLASS_TCP_SYN, CLASS_UDP, PENALTY_RING_BYTES, PENALTY_V6,
         PenaltyEvent, RuleCounter, TABLE_SLOTS, table_index,
@@ -38,6 +38,8 @@ static LIST_V4: LpmTrie<[u8; 4], ListVerdict> = LpmTrie::with_max_entries(1024, 
 /// Flags 1024: BPF_F_MMAPABLE, so the controller writes it as memory (4 MiB of cells).
 #[map(name = "LIST_V4_SUMMARY")]
 static LIST_V4_SUMMARY: Array<u64> = Array::with_max_entries(summary::WORDS, 1024);
+#[map(name = "LIST_V6_SUMMARY")]
+static LIST_V6_SUMMARY: Array<u64> = Array::with_max_entries(summary_v6::WORDS, 1024);
 #[map(name = "LIST_V6")]
 static LIST_V6: LpmTrie<[u8; 16], ListVerdict> = LpmTrie::with_max_entries(1024, 0);
 #[map(name = "LIMITER")]
@@ -221,8 +223,8 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
                 DEFAULT_LIMIT,
             );
             let flags = EVENT_SOURCE_KNOWN | EVENT_SOURCE_V6;
-            match LIST_V6.get(Key::new(128, src)) {
-                Some(&LIST_ALLOW) => {
+            match list_v6(&src) {
+                LIST_ALLOW => {
                     return listed(
                         (Action::Pass, false),
                         Reason::Allowlisted,
@@ -231,7 +233,7 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
                         Unparsed::V6(offset),
                     );
                 }
-                Some(&LIST_BLOCK) => {
+                LIST_BLOCK => {
                     return listed(
                         mode.drop(false),
                         Reason::Blocklisted,
@@ -314,6 +316,23 @@ fn list_v4(src: [u8; 4]) -> ListVerdict {
         .unwrap_or(summary::NONE)
 }
 
+/// The list verdict of an IPv6 source (0: listed nowhere): the trie's, unless the
+/// summary bitmaps say no entry can hold the source.
+#[inline(always)]
+fn list_v6(src: &[u8; 16]) -> ListVerdict {
+    let bit = |(word, shift): (u32, u32)| match LIST_V6_SUMMARY.get(word) {
+        Some(w) => (*w >> shift) & 1 != 0,
+        None => true,
+    };
+    if !bit(summary_v6::short_bit(src)) && !bit(summary_v6::cell_bit(src)) {
+        return summary::NONE;
+    }
+    LIST_V6
+        .get(Key::new(128, *src))
+        .copied()
+        .unwrap_or(summary::NONE)
+}
+
 /// A limiter key written as five word stores. The natural `[0; 16]` initialiser compiled
 /// to a call of a memset subprogram, which cost as much per packet as hashing the key.
 #[inline(always)]
@@ -388,8 +407,19 @@ fn report(frame: &Frame, v: &Verdict, slot: u32, mode: Mode) {
     let Some(tat) = EVENT_LIMIT.get_ptr_mut(slot) else {
         return;
     };
-    // SAFETY: a helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The event bucket's burst is a second's worth, always two ticks or more: the tick
+    // clock is exact for it, and spares every drop over the event rate a clock call. The
+    // controller writes the tick into every limit; the default limit is always there.
+    let tick_ns = LIMITS.get(DEFAULT_LIMIT).map_or(0, |l| l.tick_ns);
+    if !take(
+        tat,
+        mode.event_cost,
+        mode.event_capacity,
+        bucket_time(tick_ns != 0, tick_ns),
+    ) {
+        suppressed(slot);
+        return;
+    }
     let (protocol, dst_port) = match v.unparsed {
         Unparsed::Nothing => (v.protocol, v.dst_port),
         Unparsed::V4(info) => {
@@ -401,23 +431,31 @@ fn report(frame: &Frame, v: &Verdict, slot: u32, mode: Mode) {
             (l.protocol, l.dst_port)
         }
     };
-    let sent = take(tat, mode.event_cost, mode.event_capacity, now << TIME_SHIFT)
-        && EVENTS
-            .output::<DropEvent>(
-                &DropEvent {
-                    timestamp_ns: now,
-                    source: v.source,
-                    ifindex: frame.ifindex,
-                    reason: slot,
-                    rule: v.limit,
-                    dst_port,
-                    protocol,
-                    flags: v.flags | if v.dry_run { EVENT_WOULD_DROP } else { 0 },
-                },
-                0,
-            )
-            .is_ok();
-    if !sent && let Some(n) = EVENTS_SUPPRESSED.get_ptr_mut(slot) {
+    let sent = EVENTS
+        .output::<DropEvent>(
+            &DropEvent {
+                // SAFETY: a helper without preconditions.
+                timestamp_ns: unsafe { bpf_ktime_get_ns() },
+                source: v.source,
+                ifindex: frame.ifindex,
+                reason: slot,
+                rule: v.limit,
+                dst_port,
+                protocol,
+                flags: v.flags | if v.dry_run { EVENT_WOULD_DROP } else { 0 },
+            },
+            0,
+        )
+        .is_ok();
+    if !sent {
+        suppressed(slot);
+    }
+}
+
+/// Counts an event not sent: over the event rate, or the ring was full.
+#[inline(always)]
+fn suppressed(slot: u32) {
+    if let Some(n) = EVENTS_SUPPRESSED.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot.
         unsafe { *n += 1 };
     }
@@ -459,7 +497,7 @@ fn count_rule(slot: u32, conforms: bool, dry_run: bool, len: usize) {
 /// With `penalize`, a drop also counts toward the bucket's penalty window.
 #[inline(always)]
 fn take_tokens(key: &LimiterKey, limit: &RateLimit, len: usize, penalize: bool, flags: u8) -> bool {
-    let now = bucket_now(limit);
+    let now = bucket_time(limit.flags & LIMIT_TICK_CLOCK != 0, limit.tick_ns);
     let packet_cost = limit.packet_cost;
     let byte_cost = (len as u64 * limit.byte_cost_fp) >> BYTE_COST_FRAC_BITS;
 
@@ -493,10 +531,11 @@ fn take_tokens(key: &LimiterKey, limit: &RateLimit, len: usize, penalize: bool, 
     take_and_count(state, key, limit, now, byte_cost, len, penalize, flags)
 }
 
-/// Now, in bucket time, from the clock the limit asks for ([`LIMIT_TICK_CLOCK`]).
+/// Now, in bucket time: from the kernel tick (`tick_ns` apart) or the nanosecond clock
+/// (see [`LIMIT_TICK_CLOCK`]).
 #[inline(always)]
-fn bucket_now(limit: &RateLimit) -> u64 {
-    let ns = if limit.flags & LIMIT_TICK_CLOCK != 0 {
+fn bucket_time(tick_clock: bool, tick_ns: u32) -> u64 {
+    let ns = if tick_clock {
         // Ticks since boot (jiffies start 300 s of ticks short of 2^32) times the tick:
         // the nanosecond clock's scale and origin, behind it by a constant under a second,
         // so a reload that moves a limit between the clocks barely disturbs its buckets.
@@ -504,7 +543,7 @@ fn bucket_now(limit: &RateLimit) -> u64 {
         let jiffies = unsafe { bpf_jiffies64() };
         jiffies
             .wrapping_sub(1 << 32)
-            .wrapping_mul(u64::from(limit.tick_ns))
+            .wrapping_mul(u64::from(tick_ns))
             .wrapping_add(INITIAL_JIFFIES_SECS * 1_000_000_000)
     } else {
         // SAFETY: a helper without preconditions.

@@ -36,7 +36,7 @@ use crate::{
     config::{AttachMode, Capacity, Config, OnMalformed},
     limits::{event_limit, limit_slot, rule_table},
     lists::{ListDiff, ListTable, fold},
-    summary::{SummaryMap, touched_cells},
+    summary::SummaryMaps,
 };
 
 /// The shape a map must have; a pinned map of another shape is never reused silently.
@@ -74,6 +74,13 @@ fn map_shapes(capacity: &Capacity) -> Result<Vec<MapShape>> {
             key_size: 4,
             value_size: 8,
             max_entries: api_shield_common::lists::summary::WORDS,
+        },
+        MapShape {
+            name: names::MAP_LIST_V6_SUMMARY,
+            map_type: MapType::Array,
+            key_size: 4,
+            value_size: 8,
+            max_entries: api_shield_common::lists::summary_v6::WORDS,
         },
         MapShape {
             name: names::MAP_LIMITER,
@@ -295,8 +302,8 @@ pub struct Shield {
     attached: Vec<(String, AttachedMode)>,
     /// What the list tries hold now, so updates can be applied as diffs.
     lists: ListTable,
-    /// The IPv4 trie's per-/24 summary, mapped into this process.
-    summary: SummaryMap,
+    /// The tries' summaries, mapped into this process.
+    summary: SummaryMaps,
     /// Where maps and the link are pinned, if they are.
     pin_dir: Option<PathBuf>,
     shapes: Vec<MapShape>,
@@ -361,12 +368,14 @@ impl Shield {
             .context("the eBPF object has no TC program")?
             .try_into()?;
         tc.load().context("the kernel refused the TC program")?;
-        let summary = match ebpf.map(names::MAP_LIST_V4_SUMMARY) {
-            Some(aya::maps::Map::Array(data)) => SummaryMap::map(&data.fd().as_fd())?,
-            _ => bail!(
-                "the eBPF object has no {} array",
-                names::MAP_LIST_V4_SUMMARY
-            ),
+        let summary = match (
+            ebpf.map(names::MAP_LIST_V4_SUMMARY),
+            ebpf.map(names::MAP_LIST_V6_SUMMARY),
+        ) {
+            (Some(aya::maps::Map::Array(v4)), Some(aya::maps::Map::Array(v6))) => {
+                SummaryMaps::map(&v4.fd().as_fd(), &v6.fd().as_fd())?
+            }
+            _ => bail!("the eBPF object lacks the list summary arrays"),
         };
         let mut shield = Shield {
             ebpf,
@@ -537,6 +546,7 @@ impl Shield {
             names::MAP_RULE_TABLE,
             names::MAP_RULE_COUNTERS,
             names::MAP_LIST_V4_SUMMARY,
+            names::MAP_LIST_V6_SUMMARY,
         ];
         for shape in self.shapes.iter().filter(|s| !fixed.contains(&s.name)) {
             let map = self
@@ -731,16 +741,12 @@ impl Shield {
     /// those still refused are returned (and not recorded, so the next update retries them).
     pub fn apply_lists(&mut self, next: &ListTable) -> Result<Vec<IpNet>> {
         let diff = self.lists.diff_to(next);
-        // The /24s this changes ask the trie while it changes, then get their new summary.
-        let touched = touched_cells(
-            diff.upserts
-                .iter()
-                .map(|(net, _)| net)
-                .chain(diff.removals.iter()),
-        );
-        self.summary.ask_trie(&touched);
+        // What this changes asks the trie while it changes, then gets its new summary.
+        let touched = self
+            .summary
+            .before_change(diff.upserts.iter().map(|(net, _)| net), &diff.removals);
         let result = self.apply_diff(next, &diff);
-        self.summary.settle(&self.lists, &touched);
+        self.summary.after_change(&self.lists, &touched);
         result
     }
 

@@ -13,6 +13,7 @@ use anyhow::{Result, bail};
 use api_shield_common::lists::{
     ListVerdict,
     summary::{CELLS_PER_WORD, NONE, TRIE, WORDS},
+    summary_v6,
 };
 use ipnet::{IpNet, Ipv4Net};
 
@@ -131,121 +132,38 @@ fn fill(words: &mut [u64], first: u32, last: u32, value: u32) {
     }
 }
 
-/// The summary map, mapped into this process: written as memory, read by the data plane
-/// with one inlined array load.
-pub struct SummaryMap {
-    words: *mut u64,
+/// The IPv6 bitmaps ([`summary_v6`]) for a set of entries: the bits of every group an
+/// entry may hold an address of. Ranges are merged before they are painted, so a list of
+/// wide prefixes costs no more than the bitmap's size.
+pub fn v6_bitmap<'a>(nets: impl IntoIterator<Item = &'a IpNet>) -> Vec<u64> {
+    let mut short: Vec<(u32, u32)> = Vec::new();
+    let mut cells: Vec<(u32, u32)> = Vec::new();
+    for net in nets {
+        let IpNet::V6(net) = net else { continue };
+        let addr = u128::from(net.network());
+        let len = u32::from(net.prefix_len());
+        if len <= 16 {
+            let first = (addr >> 112) as u32;
+            short.push((first, first + (1 << (16 - len)) - 1));
+        } else {
+            let first = ((addr >> 88) & 0xff_ffff) as u32;
+            let span = if len >= 40 { 1 } else { 1 << (40 - len) };
+            cells.push((first, first + span - 1));
+        }
+    }
+    let mut words = vec![0u64; summary_v6::WORDS as usize];
+    let (short_words, cell_words) = words.split_at_mut(summary_v6::SHORT_WORDS as usize);
+    for (first, last) in merge(short) {
+        set_bits(short_words, first, last);
+    }
+    for (first, last) in merge(cells) {
+        set_bits(cell_words, first, last);
+    }
+    words
 }
 
-// SAFETY: the mapping belongs to this value alone; it is written only through &mut self.
-unsafe impl Send for SummaryMap {}
-
-impl SummaryMap {
-    /// Maps the summary array (created with BPF_F_MMAPABLE) behind `fd`.
-    pub fn map(fd: &impl AsRawFd) -> Result<SummaryMap> {
-        // SAFETY: a fresh shared mapping of the whole map; checked for failure below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                WORDS as usize * 8,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            bail!(
-                "mapping the IPv4 list summary: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        Ok(SummaryMap {
-            words: ptr.cast::<u64>(),
-        })
-    }
-
-    fn word(&self, i: usize) -> u64 {
-        assert!(i < WORDS as usize);
-        // SAFETY: in bounds of the mapping; aligned u64 (an atomic load on x86-64 and arm64).
-        unsafe { self.words.add(i).read_volatile() }
-    }
-
-    fn set_word(&mut self, i: usize, value: u64) {
-        assert!(i < WORDS as usize);
-        // SAFETY: as in `word`; one aligned store, so the data plane sees old or new.
-        unsafe { self.words.add(i).write_volatile(value) }
-    }
-
-    /// The value of `cell` as the data plane reads it now.
-    pub fn cell(&self, cell: u32) -> u32 {
-        let word = self.word((cell / CELLS_PER_WORD) as usize);
-        (word >> ((cell % CELLS_PER_WORD) * 2)) as u32 & 3
-    }
-
-    /// Writes the whole summary of `table` (where it differs from what the map holds).
-    pub fn write_all(&mut self, table: &ListTable) {
-        for (i, w) in summarize(table).into_iter().enumerate() {
-            if self.word(i) != w {
-                self.set_word(i, w);
-            }
-        }
-    }
-
-    /// Sends the cells of `touched` to the trie: before the trie changes under them.
-    pub fn ask_trie(&mut self, touched: &[(u32, u32)]) {
-        for &(first, last) in touched {
-            self.update_cells(first, last, |_| TRIE);
-        }
-    }
-
-    /// Gives the cells of `touched` their value for `table`: after the trie changed.
-    pub fn settle(&mut self, table: &ListTable, touched: &[(u32, u32)]) {
-        let cells: u64 = touched.iter().map(|&(a, b)| u64::from(b - a) + 1).sum();
-        if cells > FULL_RECOMPUTE_CELLS {
-            self.write_all(table);
-            return;
-        }
-        for &(first, last) in touched {
-            self.update_cells(first, last, |cell| cell_value(table, cell));
-        }
-    }
-
-    fn update_cells(&mut self, first: u32, last: u32, value: impl Fn(u32) -> u32) {
-        let mut cell = first;
-        while cell <= last {
-            let i = cell / CELLS_PER_WORD;
-            let end = last.min((i + 1) * CELLS_PER_WORD - 1);
-            let mut w = self.word(i as usize);
-            // All the range's cells in this word, then one store.
-            for c in cell..=end {
-                let shift = (c % CELLS_PER_WORD) * 2;
-                w = (w & !(3 << shift)) | (u64::from(value(c)) << shift);
-            }
-            if self.word(i as usize) != w {
-                self.set_word(i as usize, w);
-            }
-            cell = end + 1;
-        }
-    }
-}
-
-impl Drop for SummaryMap {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, unmapped once.
-        unsafe { libc::munmap(self.words.cast(), WORDS as usize * 8) };
-    }
-}
-
-/// The cells a set of list changes touches, merged into disjoint ranges.
-pub fn touched_cells<'a>(nets: impl IntoIterator<Item = &'a IpNet>) -> Vec<(u32, u32)> {
-    let mut ranges: Vec<(u32, u32)> = nets
-        .into_iter()
-        .filter_map(|net| match net {
-            IpNet::V4(n) => Some(cells_of(n)),
-            IpNet::V6(_) => None,
-        })
-        .collect();
+/// Sorts inclusive ranges and merges those that overlap or touch.
+fn merge(mut ranges: Vec<(u32, u32)>) -> Vec<(u32, u32)> {
     ranges.sort_unstable();
     let mut merged: Vec<(u32, u32)> = Vec::with_capacity(ranges.len());
     for (a, b) in ranges {
@@ -255,6 +173,189 @@ pub fn touched_cells<'a>(nets: impl IntoIterator<Item = &'a IpNet>) -> Vec<(u32,
         }
     }
     merged
+}
+
+/// Sets bits `first..=last` of a bitmap, whole words at a time where it can.
+fn set_bits(words: &mut [u64], first: u32, last: u32) {
+    let mut bit = first;
+    while bit <= last {
+        let word = &mut words[(bit / 64) as usize];
+        if bit.is_multiple_of(64) && last - bit >= 63 {
+            *word = u64::MAX;
+            bit += 64;
+        } else {
+            *word |= 1 << (bit % 64);
+            bit += 1;
+        }
+    }
+}
+
+/// A BPF_F_MMAPABLE array of u64 words, mapped into this process: written as memory
+/// (no syscall per word), read by the data plane with one inlined array load.
+struct MappedWords {
+    ptr: *mut u64,
+    len: usize,
+}
+
+// SAFETY: the mapping belongs to this value alone; it is written only through &mut self.
+unsafe impl Send for MappedWords {}
+
+impl MappedWords {
+    fn map(fd: &impl AsRawFd, len: u32, what: &str) -> Result<MappedWords> {
+        let len = len as usize;
+        // SAFETY: a fresh shared mapping of the whole map; checked for failure below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len * 8,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            bail!("mapping {what}: {}", std::io::Error::last_os_error());
+        }
+        Ok(MappedWords {
+            ptr: ptr.cast::<u64>(),
+            len,
+        })
+    }
+
+    fn word(&self, i: usize) -> u64 {
+        assert!(i < self.len);
+        // SAFETY: in bounds of the mapping; aligned u64 (an atomic load on x86-64 and arm64).
+        unsafe { self.ptr.add(i).read_volatile() }
+    }
+
+    fn set_word(&mut self, i: usize, value: u64) {
+        assert!(i < self.len);
+        // SAFETY: as in `word`; one aligned store, so the data plane sees old or new.
+        unsafe { self.ptr.add(i).write_volatile(value) }
+    }
+
+    /// Makes the map hold `words`, storing only the words that differ.
+    fn write_diff(&mut self, words: &[u64]) {
+        for (i, &w) in words.iter().enumerate() {
+            if self.word(i) != w {
+                self.set_word(i, w);
+            }
+        }
+    }
+
+    /// ORs `bits` into the map.
+    fn set_bits(&mut self, bits: &[u64]) {
+        for (i, &b) in bits.iter().enumerate() {
+            let old = self.word(i);
+            if old | b != old {
+                self.set_word(i, old | b);
+            }
+        }
+    }
+}
+
+impl Drop for MappedWords {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len * 8) };
+    }
+}
+
+/// What a list change touches, from [`SummaryMaps::before_change`] to
+/// [`SummaryMaps::after_change`].
+pub struct Touched {
+    v4: Vec<(u32, u32)>,
+    v6_removed: bool,
+}
+
+/// Both summaries, mapped into this process.
+pub struct SummaryMaps {
+    v4: MappedWords,
+    v6: MappedWords,
+}
+
+impl SummaryMaps {
+    /// Maps the IPv4 and IPv6 summary arrays (created with BPF_F_MMAPABLE).
+    pub fn map(v4: &impl AsRawFd, v6: &impl AsRawFd) -> Result<SummaryMaps> {
+        Ok(SummaryMaps {
+            v4: MappedWords::map(v4, WORDS, "the IPv4 list summary")?,
+            v6: MappedWords::map(v6, summary_v6::WORDS, "the IPv6 list summary")?,
+        })
+    }
+
+    /// Writes both summaries of `table` whole (where they differ from the maps).
+    pub fn write_all(&mut self, table: &ListTable) {
+        self.v4.write_diff(&summarize(table));
+        self.v6.write_diff(&v6_bitmap(table.entries.keys()));
+    }
+
+    /// Before the tries change: the IPv4 /24s the changed prefixes touch ask the trie, and
+    /// the IPv6 bits of added prefixes are set (a set bit only sends packets to the trie).
+    pub fn before_change<'a>(
+        &mut self,
+        upserts: impl IntoIterator<Item = &'a IpNet>,
+        removals: &[IpNet],
+    ) -> Touched {
+        let changed: Vec<&IpNet> = upserts.into_iter().collect();
+        let touched = Touched {
+            v4: touched_cells(changed.iter().copied().chain(removals)),
+            v6_removed: removals.iter().any(|n| matches!(n, IpNet::V6(_))),
+        };
+        for &(first, last) in &touched.v4 {
+            update_cells(&mut self.v4, first, last, |_| TRIE);
+        }
+        if changed.iter().any(|n| matches!(n, IpNet::V6(_))) {
+            self.v6.set_bits(&v6_bitmap(changed));
+        }
+        touched
+    }
+
+    /// After the tries changed to `table`: the touched /24s get their new value, and the
+    /// IPv6 bitmaps are recomputed if prefixes went (their bits may now be clear).
+    pub fn after_change(&mut self, table: &ListTable, touched: &Touched) {
+        let cells: u64 = touched.v4.iter().map(|&(a, b)| u64::from(b - a) + 1).sum();
+        if cells > FULL_RECOMPUTE_CELLS {
+            self.v4.write_diff(&summarize(table));
+        } else {
+            for &(first, last) in &touched.v4 {
+                update_cells(&mut self.v4, first, last, |cell| cell_value(table, cell));
+            }
+        }
+        if touched.v6_removed {
+            self.v6.write_diff(&v6_bitmap(table.entries.keys()));
+        }
+    }
+}
+
+/// Sets IPv4 cells `first..=last` to `value(cell)`, one store per word.
+fn update_cells(map: &mut MappedWords, first: u32, last: u32, value: impl Fn(u32) -> u32) {
+    let mut cell = first;
+    while cell <= last {
+        let i = cell / CELLS_PER_WORD;
+        let end = last.min((i + 1) * CELLS_PER_WORD - 1);
+        let mut w = map.word(i as usize);
+        for c in cell..=end {
+            let shift = (c % CELLS_PER_WORD) * 2;
+            w = (w & !(3 << shift)) | (u64::from(value(c)) << shift);
+        }
+        if map.word(i as usize) != w {
+            map.set_word(i as usize, w);
+        }
+        cell = end + 1;
+    }
+}
+
+/// The IPv4 cells a set of list changes touches, merged into disjoint ranges.
+pub fn touched_cells<'a>(nets: impl IntoIterator<Item = &'a IpNet>) -> Vec<(u32, u32)> {
+    merge(
+        nets.into_iter()
+            .filter_map(|net| match net {
+                IpNet::V4(n) => Some(cells_of(n)),
+                IpNet::V6(_) => None,
+            })
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -375,6 +476,92 @@ mod tests {
                 check_cell(&t, &words, cell);
             }
             check_cell(&t, &words, (0x0a04_0000u32 >> 8) + 1);
+        }
+    }
+
+    /// Whether the data plane would ask the IPv6 trie about `addr`.
+    fn asks_trie(bits: &[u64], addr: std::net::Ipv6Addr) -> bool {
+        let a = addr.octets();
+        let bit = |(word, shift): (u32, u32)| bits[word as usize] >> shift & 1 != 0;
+        bit(summary_v6::short_bit(&a)) || bit(summary_v6::cell_bit(&a))
+    }
+
+    #[test]
+    fn ipv6_bits_cover_every_entry_and_little_else() {
+        let nets: Vec<IpNet> = [
+            "2001:db8:a11::/48",
+            "2001:db8:bad::/48",
+            "fc00::/7",
+            "2400:cb00::/32",
+            "2a02:f000::/20",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let bits = v6_bitmap(&nets);
+        let asks = |s: &str| asks_trie(&bits, s.parse().unwrap());
+        for listed in [
+            "2001:db8:a11::1",
+            "2001:db8:bad:ffff::",
+            "fd12::1",
+            "fc00::",
+            "2400:cb00:ffff::1",
+            "2a02:f0ff::1",
+        ] {
+            assert!(asks(listed), "{listed}");
+        }
+        // Listed nowhere: no trie walk.
+        for clear in [
+            "2001:db8:ffff::7",
+            "2001:db9::1",
+            "fe80::1",
+            "2400:cb01::1",
+            "::1",
+        ] {
+            assert!(!asks(clear), "{clear}");
+        }
+        // Bits 16-39 alias across /16s: sent to the trie, which then says "not listed".
+        assert!(asks("2a00:db8:a11::1"));
+        assert!(v6_bitmap(&[]).iter().all(|w| *w == 0));
+        let everything = v6_bitmap(&["::/0".parse().unwrap()]);
+        assert!(
+            everything[..summary_v6::SHORT_WORDS as usize]
+                .iter()
+                .all(|w| *w == u64::MAX)
+        );
+    }
+
+    #[test]
+    fn random_ipv6_entries_always_send_their_addresses_to_the_trie() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..50 {
+            let nets: Vec<IpNet> = (0..100)
+                .map(|_| {
+                    let addr = (u128::from(next()) << 64) | u128::from(next());
+                    let len = (next() % 129) as u8;
+                    IpNet::V6(ipnet::Ipv6Net::new(addr.into(), len).unwrap().trunc())
+                })
+                .collect();
+            let bits = v6_bitmap(&nets);
+            for net in &nets {
+                let IpNet::V6(n) = net else { unreachable!() };
+                // The first, the last and a random address of every entry.
+                let host =
+                    (u128::from(next()) << 64 | u128::from(next())) & u128::from(n.hostmask());
+                for addr in [
+                    n.network(),
+                    n.broadcast(),
+                    (u128::from(n.network()) | host).into(),
+                ] {
+                    assert!(asks_trie(&bits, addr), "{addr} in {n}");
+                }
+            }
         }
     }
 

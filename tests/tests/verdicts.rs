@@ -1225,3 +1225,59 @@ fn ipv4_list_summary_follows_every_list_change() {
         }
     }
 }
+
+/// The IPv6 summary bitmaps (read before the trie) never hide a listed source, through
+/// additions, removals (which clear bits) and prefixes short enough to cover whole /16s.
+#[test]
+fn ipv6_list_summary_follows_every_list_change() {
+    use api_shield::lists::{ListTable, fold};
+    use ipnet::IpNet;
+    let mut h = Harness::new(UNLIMITED);
+    let nets = |list: &[&str]| -> Vec<IpNet> { list.iter().map(|s| s.parse().unwrap()).collect() };
+    let probes = [
+        "2001:db8::1",
+        "2001:db8:a11::1",
+        "2001:db8:a11:1::1",
+        "2001:db8:a12::1",
+        "2001:db8:bad::ffff",
+        "2001:db8:ffff::7",
+        "2a00:db8:a11::1",
+        "fd00::1",
+        "fe80::1",
+        "::1",
+    ];
+    let steps: [(&[&str], &[&str]); 5] = [
+        (&[], &["2001:db8:a11::/48"]),
+        (
+            &["2001:db8:a11:1::/64"],
+            &["2001:db8:a11::/48", "2001:db8:bad::/48"],
+        ),
+        (&[], &["2001:db8::/32", "fc00::/7"]),
+        (&["2001:db8:a11:1::/64"], &["::/0"]),
+        (&[], &["2001:db8:bad::/48"]),
+    ];
+    for (i, (allow, block)) in steps.iter().enumerate() {
+        let (allow, block) = (nets(allow), nets(block));
+        let table: ListTable = fold(&allow, &block).table;
+        let refused = h.shield.apply_lists(&table).expect("applying lists");
+        assert!(refused.is_empty());
+        for probe in probes {
+            let addr = v6(probe);
+            let verdict = (0..=128u8).rev().find_map(|len| {
+                let net = IpNet::new(addr.into(), len).unwrap().trunc();
+                table.entries.get(&net).copied()
+            });
+            let (action, reason) = match verdict {
+                Some(1) => (XDP_PASS, Reason::Allowlisted),
+                Some(2) => (XDP_DROP, Reason::Blocklisted),
+                _ => (XDP_PASS, Reason::Passed),
+            };
+            h.expect(
+                &udp6(addr, 20),
+                action,
+                reason,
+                &format!("step {i}: {probe}"),
+            );
+        }
+    }
+}
