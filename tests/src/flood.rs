@@ -15,6 +15,8 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, XdpMode};
 
+use ipnet::Ipv4Net;
+
 use crate::{
     daemon::{Daemon, DaemonDirs},
     frames::udp4,
@@ -173,39 +175,30 @@ impl Receiver {
 
 const BLOCKED: &str = "10.0.0.0/8";
 
-/// Sets the receiver up; returns what must live while it receives.
+/// Sets the receiver up; returns what must live while it receives. The blocking
+/// receivers block `list` if it is not empty, else [`BLOCKED`].
 fn set_up(
     sb: &Sandbox,
     r: Receiver,
     dirs: &std::sync::Arc<DaemonDirs>,
+    list: &[Ipv4Net],
 ) -> Result<Box<dyn std::any::Any>> {
-    let nft = |script: &str| -> Result<()> {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", sb.server.name(), "nft", "-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                use std::io::Write as _;
-                c.stdin.take().unwrap().write_all(script.as_bytes())?;
-                c.wait_with_output()
-            })?;
-        ensure!(
-            out.status.success(),
-            "nft: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
+    let listed: Vec<String> = if list.is_empty() {
+        vec![BLOCKED.to_string()]
+    } else {
+        list.iter().map(ToString::to_string).collect()
     };
+    let nft = |script: &str| run_with_input(sb, &["nft", "-f", "-"], script);
     let ifname = &sb.server_if;
     Ok(match r {
         Receiver::Floor => Box::new(attach_floor(&sb.server, ifname, "bench_drop")?),
         Receiver::ShieldBlock | Receiver::ShieldLimit | Receiver::ShieldLimit16 => {
             let body = match r {
-                Receiver::ShieldBlock => {
-                    format!("blocklist: [{BLOCKED}]\nlimits: {{default: {{pps: 0}}}}")
-                }
+                Receiver::ShieldBlock => format!(
+                    "blocklist: [{}]\ncapacity: {{blocklist: {}}}\nlimits: {{default: {{pps: 0}}}}",
+                    listed.join(", "),
+                    listed.len().max(1024)
+                ),
                 Receiver::ShieldLimit => {
                     "limits: {default: {pps: 1000, burst_packets: 1000}}".into()
                 }
@@ -226,8 +219,10 @@ fn set_up(
         _ => {
             let pass = attach_floor(&sb.server, ifname, "bench_pass")?;
             match r {
+                // auto-merge: nft refuses overlapping intervals otherwise.
                 Receiver::NftSet => nft(&format!(
-                    "table netdev apsh {{\n  set s {{\n    type ipv4_addr\n    flags interval\n    elements = {{ {BLOCKED} }}\n  }}\n  chain c {{\n    type filter hook ingress device \"{ifname}\" priority -500; policy accept;\n    ip saddr @s counter drop\n  }}\n}}\n"
+                    "table netdev apsh {{\n  set s {{\n    type ipv4_addr\n    flags interval\n    auto-merge\n    elements = {{ {} }}\n  }}\n  chain c {{\n    type filter hook ingress device \"{ifname}\" priority -500; policy accept;\n    ip saddr @s counter drop\n  }}\n}}\n",
+                    listed.join(", ")
                 ))?,
                 Receiver::NftLimit | Receiver::NftLimit16 => nft(&format!(
                     "table netdev apsh {{\n  set m {{\n    type ipv4_addr\n    size 1048576\n    flags dynamic,timeout\n    timeout 10s\n  }}\n  chain c {{\n    type filter hook ingress device \"{ifname}\" priority -500; policy accept;\n    ip protocol udp update @m {{ {} limit rate over 1000/second burst 1000 packets }} counter drop\n  }}\n}}\n",
@@ -238,9 +233,14 @@ fn set_up(
                     }
                 ))?,
                 Receiver::IptablesIpset => {
-                    sb.server
-                        .exec(&["ipset", "create", "apsh", "hash:net", "maxelem", "1048576"])?;
-                    sb.server.exec(&["ipset", "add", "apsh", BLOCKED])?;
+                    let mut script = format!(
+                        "create apsh hash:net maxelem {}\n",
+                        listed.len().max(1 << 20)
+                    );
+                    for net in &listed {
+                        let _ = writeln!(script, "add apsh {net}");
+                    }
+                    run_with_input(sb, &["ipset", "restore"], &script)?;
                     sb.server.exec(&[
                         "iptables",
                         "-t",
@@ -295,6 +295,32 @@ fn set_up(
             Box::new(pass)
         }
     })
+}
+
+/// Runs `command` in the server namespace with `input` on its stdin.
+fn run_with_input(sb: &Sandbox, command: &[&str], input: &str) -> Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", sb.server.name()])
+        .args(command)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write as _;
+            c.stdin
+                .take()
+                .expect("piped stdin")
+                .write_all(input.as_bytes())?;
+            c.wait_with_output()
+        })?;
+    ensure!(
+        out.status.success(),
+        "{}: {}",
+        command.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }
 
 /// Undoes the netfilter part of a receiver (the namespace goes at the end anyway).
@@ -382,6 +408,8 @@ struct Measured {
     mpps: f64,
     drop_note: String,
     lost: u64,
+    /// From nothing to receiving: loading the program or daemon, rules, sets and lists.
+    set_up_time: Duration,
 }
 
 /// Sets receiver `r` up, floods it (after a warm-up), reads its counters, tears it down.
@@ -397,9 +425,12 @@ fn measure(
     frames: u64,
     rounds: usize,
     spread: bool,
+    list: &[Ipv4Net],
 ) -> Result<Measured> {
     let dirs = DaemonDirs::new()?;
-    let guard = set_up(sb, r, &dirs)?;
+    let started = Instant::now();
+    let guard = set_up(sb, r, &dirs, list)?;
+    let set_up_time = started.elapsed();
     generator.cpu = spread.then_some(0);
     let result = (|| -> Result<Measured> {
         if spread {
@@ -446,6 +477,7 @@ fn measure(
         Ok(Measured {
             mpps: handled as f64 / elapsed_total.as_secs_f64() / 1e6,
             drop_note: filtered.map_or("-".into(), |f| format!("{f} / {sent_total}")),
+            set_up_time,
             lost: sent_total
                 - if spread {
                     handled
@@ -540,7 +572,7 @@ fn table<'a>(
     let mut results = std::collections::BTreeMap::new();
     for &(label, mask) in cases {
         for &r in receivers {
-            let m = match measure(sb, generator, frame, r, mask, frames, rounds, spread) {
+            let m = match measure(sb, generator, frame, r, mask, frames, rounds, spread, &[]) {
                 Ok(m) => m,
                 Err(e) if spread => {
                     writeln!(
@@ -702,4 +734,57 @@ pub fn end_to_end(report: &mut String, frames: u64, rounds: usize) -> Result<()>
     )?;
     writeln!(report)?;
     Ok(())
+}
+
+/// One receiver at one blocklist size, end to end.
+pub struct ScaleMeasure {
+    pub receiver: &'static str,
+    /// Generator time per frame the receiver handled.
+    pub ns_per_frame: f64,
+    /// From nothing to receiving, the list loaded.
+    pub set_up: Duration,
+    pub drop_note: String,
+}
+
+/// The source the blocklist-scale frames come from: callers list it as a /32, the
+/// deepest match there is.
+pub const SCALE_SOURCE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
+
+/// Blocklist scale end to end: for each list, the floor, then api-shield, nftables (an
+/// interval set) and iptables + ipset (hash:net) each blocking that list, flooded from
+/// [`SCALE_SOURCE`] through the veth; ns per frame and set-up time of each.
+pub fn blocklist_scale_e2e(lists: &[Vec<Ipv4Net>], frames: u64) -> Result<Vec<Vec<ScaleMeasure>>> {
+    let sb = Sandbox::new("veth-server")?;
+    let mac = sb.server_mac()?;
+    let mut frame = udp4(SCALE_SOURCE, 18);
+    frame[..6].copy_from_slice(&mac);
+    let mut generator = Generator::load()?;
+    let mut out = Vec::new();
+    for list in lists {
+        let mut row = Vec::new();
+        for r in [
+            Receiver::Floor,
+            Receiver::ShieldBlock,
+            Receiver::NftSet,
+            Receiver::IptablesIpset,
+        ] {
+            let m = measure(&sb, &mut generator, &frame, r, 0, frames, 1, false, list)?;
+            println!(
+                "bench: {} prefixes, {}: {:.0} ns/frame, set up in {:.2?}, dropped {}",
+                list.len(),
+                r.name(),
+                1e3 / m.mpps,
+                m.set_up_time,
+                m.drop_note
+            );
+            row.push(ScaleMeasure {
+                receiver: r.name(),
+                ns_per_frame: 1e3 / m.mpps,
+                set_up: m.set_up_time,
+                drop_note: m.drop_note,
+            });
+        }
+        out.push(row);
+    }
+    Ok(out)
 }
