@@ -279,8 +279,13 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
             };
             // Most limits key by the whole address: skip the masking then.
             if !whole {
-                for (byte, m) in key.addr.iter_mut().zip(mask) {
-                    *byte &= m;
+                let words = (&raw mut key.addr).cast::<u32>();
+                let masks = mask.as_ptr().cast::<u32>();
+                for i in 0..4 {
+                    // SAFETY: four u32 in each: the key's address starts the 4-aligned
+                    // LimiterKey, the masks sit at offsets 32 and 48 of the 8-aligned
+                    // RateLimit map value. Word by word: byte by byte took 64 instructions.
+                    unsafe { *words.add(i) &= masks.add(i).read() };
                 }
             }
             let penalize = limit.penalty_after != 0 && !(mode.dry_run || rule_dry_run);
