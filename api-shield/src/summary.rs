@@ -303,7 +303,7 @@ impl SummaryMaps {
             v6_removed: removals.iter().any(|n| matches!(n, IpNet::V6(_))),
         };
         for &(first, last) in &touched.v4 {
-            update_cells(&mut self.v4, first, last, |_| TRIE);
+            mark_trie(&mut self.v4, first, last);
         }
         if changed.iter().any(|n| matches!(n, IpNet::V6(_))) {
             self.v6.set_bits(&v6_bitmap(changed));
@@ -324,6 +324,25 @@ impl SummaryMaps {
         }
         if touched.v6_removed {
             self.v6.write_diff(&v6_bitmap(table.entries.keys()));
+        }
+    }
+}
+
+/// Sets IPv4 cells `first..=last` to [`TRIE`]: whole words with one store each (a /8 is
+/// 2,048 words), the ends cell by cell.
+fn mark_trie(map: &mut MappedWords, first: u32, last: u32) {
+    let mut cell = first;
+    while cell <= last {
+        let i = cell / CELLS_PER_WORD;
+        if cell.is_multiple_of(CELLS_PER_WORD) && last - cell >= CELLS_PER_WORD - 1 {
+            if map.word(i as usize) != u64::MAX {
+                map.set_word(i as usize, u64::MAX);
+            }
+            cell += CELLS_PER_WORD;
+        } else {
+            let end = last.min((i + 1) * CELLS_PER_WORD - 1);
+            update_cells(map, cell, end, |_| TRIE);
+            cell = end + 1;
         }
     }
 }
