@@ -468,13 +468,7 @@ mod tests {
 
     #[test]
     fn random_nested_tables_agree_with_a_longest_match() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         for _ in 0..20 {
             let mut t = ListTable::default();
             // Entries crowded into 10.0.0.0/14 so that they nest and overlap often.
@@ -482,7 +476,7 @@ mod tests {
                 let addr = 0x0a00_0000 | (next() as u32 & 0x0003_ffff);
                 let len = 14 + (next() % 19) as u8;
                 let net = Ipv4Net::new(Ipv4Addr::from(addr), len).unwrap().trunc();
-                let v = if next() % 2 == 0 {
+                let v = if next().is_multiple_of(2) {
                     LIST_ALLOW
                 } else {
                     LIST_BLOCK
@@ -495,6 +489,16 @@ mod tests {
                 check_cell(&t, &words, cell);
             }
             check_cell(&t, &words, (0x0a04_0000u32 >> 8) + 1);
+        }
+    }
+
+    /// A seeded xorshift64 generator: the same tables on every run.
+    fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
         }
     }
 
@@ -552,13 +556,7 @@ mod tests {
 
     #[test]
     fn random_ipv6_entries_always_send_their_addresses_to_the_trie() {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         for _ in 0..50 {
             let nets: Vec<IpNet> = (0..100)
                 .map(|_| {

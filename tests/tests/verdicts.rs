@@ -1165,50 +1165,23 @@ fn tc_verdicts_are_identical_to_xdp_verdicts_on_the_same_frames() {
     }
 }
 
-/// The IPv4 summary (one /24 at a time, read before the trie) agrees with the lists
-/// through every kind of change: nested prefixes, entries inside a /24, the whole space
-/// (which recomputes the summary in one sweep), and removals back to nothing.
-#[test]
-fn ipv4_list_summary_follows_every_list_change() {
-    use api_shield::lists::{ListTable, fold};
+/// Applies each step's (allowlist, blocklist) to the program's lists and checks every
+/// probe's verdict against the longest match of what the lists hold then.
+fn lists_through_changes(steps: &[(&[&str], &[&str])], probes: &[&str]) {
+    use api_shield::lists::fold;
     use ipnet::IpNet;
     let mut h = Harness::new(UNLIMITED);
     let nets = |list: &[&str]| -> Vec<IpNet> { list.iter().map(|s| s.parse().unwrap()).collect() };
-    let probes = [
-        "9.255.255.255",
-        "10.0.0.0",
-        "10.0.0.1",
-        "10.1.0.0",
-        "10.1.2.2",
-        "10.1.2.3",
-        "10.1.2.4",
-        "10.1.255.255",
-        "10.2.0.0",
-        "10.200.0.127",
-        "10.200.0.128",
-        "10.255.255.255",
-        "11.0.0.0",
-        "192.0.2.1",
-        "255.255.255.255",
-    ];
-    let steps: [(&[&str], &[&str]); 6] = [
-        (&[], &["10.0.0.0/8"]),
-        (&["10.1.0.0/16"], &["10.0.0.0/8", "10.1.2.3/32"]),
-        (&["10.1.2.3/32"], &["10.0.0.0/8", "10.200.0.0/25"]),
-        (&["10.1.2.3/32"], &["0.0.0.0/0", "10.200.0.0/25"]),
-        (&[], &["10.200.0.0/25", "255.255.255.255/32"]),
-        (&[], &[]),
-    ];
     for (i, (allow, block)) in steps.iter().enumerate() {
-        let (allow, block) = (nets(allow), nets(block));
-        let table: ListTable = fold(&allow, &block).table;
+        let table = fold(&nets(allow), &nets(block)).table;
         let refused = h.shield.apply_lists(&table).expect("applying lists");
         assert!(refused.is_empty());
         for probe in probes {
-            let addr = v4(probe);
+            let addr: std::net::IpAddr = probe.parse().unwrap();
+            let width = if addr.is_ipv4() { 32 } else { 128 };
             // What the trie answers: the longest prefix holding the address.
-            let verdict = (0..=32u8).rev().find_map(|len| {
-                let net = IpNet::new(addr.into(), len).unwrap().trunc();
+            let verdict = (0..=width).rev().find_map(|len| {
+                let net = IpNet::new(addr, len).unwrap().trunc();
                 table.entries.get(&net).copied()
             });
             let (action, reason) = match verdict {
@@ -1216,68 +1189,75 @@ fn ipv4_list_summary_follows_every_list_change() {
                 Some(2) => (XDP_DROP, Reason::Blocklisted),
                 _ => (XDP_PASS, Reason::Passed),
             };
-            h.expect(
-                &udp4(addr, 20),
-                action,
-                reason,
-                &format!("step {i}: {probe}"),
-            );
+            let frame = match addr {
+                std::net::IpAddr::V4(a) => udp4(a, 20),
+                std::net::IpAddr::V6(a) => udp6(a, 20),
+            };
+            h.expect(&frame, action, reason, &format!("step {i}: {probe}"));
         }
     }
+}
+
+/// The IPv4 summary (one /24 at a time, read before the trie) agrees with the lists
+/// through every kind of change: nested prefixes, entries inside a /24, the whole space
+/// (which recomputes the summary in one sweep), and removals back to nothing.
+#[test]
+fn ipv4_list_summary_follows_every_list_change() {
+    lists_through_changes(
+        &[
+            (&[], &["10.0.0.0/8"]),
+            (&["10.1.0.0/16"], &["10.0.0.0/8", "10.1.2.3/32"]),
+            (&["10.1.2.3/32"], &["10.0.0.0/8", "10.200.0.0/25"]),
+            (&["10.1.2.3/32"], &["0.0.0.0/0", "10.200.0.0/25"]),
+            (&[], &["10.200.0.0/25", "255.255.255.255/32"]),
+            (&[], &[]),
+        ],
+        &[
+            "9.255.255.255",
+            "10.0.0.0",
+            "10.0.0.1",
+            "10.1.0.0",
+            "10.1.2.2",
+            "10.1.2.3",
+            "10.1.2.4",
+            "10.1.255.255",
+            "10.2.0.0",
+            "10.200.0.127",
+            "10.200.0.128",
+            "10.255.255.255",
+            "11.0.0.0",
+            "192.0.2.1",
+            "255.255.255.255",
+        ],
+    );
 }
 
 /// The IPv6 summary bitmaps (read before the trie) never hide a listed source, through
 /// additions, removals (which clear bits) and prefixes short enough to cover whole /16s.
 #[test]
 fn ipv6_list_summary_follows_every_list_change() {
-    use api_shield::lists::{ListTable, fold};
-    use ipnet::IpNet;
-    let mut h = Harness::new(UNLIMITED);
-    let nets = |list: &[&str]| -> Vec<IpNet> { list.iter().map(|s| s.parse().unwrap()).collect() };
-    let probes = [
-        "2001:db8::1",
-        "2001:db8:a11::1",
-        "2001:db8:a11:1::1",
-        "2001:db8:a12::1",
-        "2001:db8:bad::ffff",
-        "2001:db8:ffff::7",
-        "2a00:db8:a11::1",
-        "fd00::1",
-        "fe80::1",
-        "::1",
-    ];
-    let steps: [(&[&str], &[&str]); 5] = [
-        (&[], &["2001:db8:a11::/48"]),
-        (
-            &["2001:db8:a11:1::/64"],
-            &["2001:db8:a11::/48", "2001:db8:bad::/48"],
-        ),
-        (&[], &["2001:db8::/32", "fc00::/7"]),
-        (&["2001:db8:a11:1::/64"], &["::/0"]),
-        (&[], &["2001:db8:bad::/48"]),
-    ];
-    for (i, (allow, block)) in steps.iter().enumerate() {
-        let (allow, block) = (nets(allow), nets(block));
-        let table: ListTable = fold(&allow, &block).table;
-        let refused = h.shield.apply_lists(&table).expect("applying lists");
-        assert!(refused.is_empty());
-        for probe in probes {
-            let addr = v6(probe);
-            let verdict = (0..=128u8).rev().find_map(|len| {
-                let net = IpNet::new(addr.into(), len).unwrap().trunc();
-                table.entries.get(&net).copied()
-            });
-            let (action, reason) = match verdict {
-                Some(1) => (XDP_PASS, Reason::Allowlisted),
-                Some(2) => (XDP_DROP, Reason::Blocklisted),
-                _ => (XDP_PASS, Reason::Passed),
-            };
-            h.expect(
-                &udp6(addr, 20),
-                action,
-                reason,
-                &format!("step {i}: {probe}"),
-            );
-        }
-    }
+    lists_through_changes(
+        &[
+            (&[], &["2001:db8:a11::/48"]),
+            (
+                &["2001:db8:a11:1::/64"],
+                &["2001:db8:a11::/48", "2001:db8:bad::/48"],
+            ),
+            (&[], &["2001:db8::/32", "fc00::/7"]),
+            (&["2001:db8:a11:1::/64"], &["::/0"]),
+            (&[], &["2001:db8:bad::/48"]),
+        ],
+        &[
+            "2001:db8::1",
+            "2001:db8:a11::1",
+            "2001:db8:a11:1::1",
+            "2001:db8:a12::1",
+            "2001:db8:bad::ffff",
+            "2001:db8:ffff::7",
+            "2a00:db8:a11::1",
+            "fd00::1",
+            "fe80::1",
+            "::1",
+        ],
+    );
 }
