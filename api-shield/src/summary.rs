@@ -1,11 +1,13 @@
-//! The IPv4 list summary: two bits per /24 saying what the trie answers for every address
-//! in it ([`api_shield_common::lists::summary`]), so that the data plane skips the trie
-//! walk (a kernel call whose cost grows with the list) for most packets.
+//! The list summaries the data plane reads before the tries, so that most packets skip the
+//! trie walk (a kernel call whose cost grows with the list): for IPv4, two bits per /24
+//! saying what the trie answers for every address in it
+//! ([`api_shield_common::lists::summary`]); for IPv6, bitmaps clear only where no entry
+//! can match ([`api_shield_common::lists::summary_v6`]).
 //!
-//! It is kept in step with the trie by `Shield::apply_lists`: the /24s a change touches
-//! are first set to "ask the trie", then the trie changes, then those /24s get their new
-//! value. At every moment each cell either says what the trie says or sends the packet to
-//! the trie, so no packet gets a verdict the lists never held.
+//! They are kept in step with the tries by `Shield::apply_lists`: what a change touches is
+//! first set to "ask the trie", then the trie changes, then it gets its new value. At every
+//! moment a cell or bit either says what the trie says or sends the packet to the trie, so
+//! no packet gets a verdict the lists never held.
 
 use std::{net::Ipv4Addr, os::fd::AsRawFd};
 
