@@ -8,10 +8,16 @@
 pub mod names {
     pub const PROGRAM_XDP: &str = "api_shield";
     pub const PROGRAM_TC: &str = "api_shield_tc";
-    /// LPM trie, IPv4 source prefixes -> [`crate::lists::ListVerdict`].
+    /// LPM trie, IPv4 source prefixes shorter than /32 -> [`crate::lists::ListVerdict`].
+    /// Operators see it as the whole IPv4 list: its fill counts [`MAP_LIST_V4_EXACT`] too.
     pub const MAP_LIST_V4: &str = "LIST_V4";
-    /// LPM trie, IPv6 source prefixes -> [`crate::lists::ListVerdict`].
+    /// LPM trie, IPv6 source prefixes shorter than /128 -> [`crate::lists::ListVerdict`].
     pub const MAP_LIST_V6: &str = "LIST_V6";
+    /// Hash, IPv4 addresses listed as /32 -> [`crate::lists::ListVerdict`]: most of a large
+    /// feed, found by one hash lookup where the trie walk lengthens with the list.
+    pub const MAP_LIST_V4_EXACT: &str = "LIST_V4_EXACT";
+    /// Hash, IPv6 addresses listed as /128 -> [`crate::lists::ListVerdict`].
+    pub const MAP_LIST_V6_EXACT: &str = "LIST_V6_EXACT";
     /// Mmapable array of u64: the IPv4 trie summarised per /24 ([`crate::lists::summary`]).
     pub const MAP_LIST_V4_SUMMARY: &str = "LIST_V4_SUMMARY";
     /// Mmapable array of u64: where the IPv6 trie may match ([`crate::lists::summary_v6`]).
@@ -50,46 +56,59 @@ pub mod lists {
     pub const LIST_ALLOW: ListVerdict = 1;
     pub const LIST_BLOCK: ListVerdict = 2;
 
-    /// What the IPv4 trie says of each /24, two bits per /24, so that most packets skip
-    /// the trie walk (a kernel call whose cost grows with the list): [`NONE`](summary::NONE),
-    /// no entry covers or lies inside the /24; [`LIST_ALLOW`] or [`LIST_BLOCK`], every
-    /// address of the /24 gets that verdict (a prefix of /24 or shorter covers it, and no
-    /// longer entry lies inside); [`TRIE`](summary::TRIE), ask the trie.
+    /// What the IPv4 lists say of each /24, four bits per /24, so that most packets skip
+    /// the trie walk (a kernel call whose cost grows with the list). The low two bits, the
+    /// /24's base verdict: [`NONE`](summary::NONE), [`LIST_ALLOW`] or [`LIST_BLOCK`], that
+    /// of the longest entry of /24 or shorter covering it; then two flags:
+    /// [`EXACT`](summary::EXACT), /32 entries lie inside (ask the exact map first);
+    /// [`TRIE`](summary::TRIE), entries of /25 to /31 lie inside (the trie's answer, not
+    /// the base, stands). Both flags: the controller is changing the /24.
     pub mod summary {
         /// No entry covers or lies inside this /24.
         pub const NONE: u32 = 0;
-        /// Entries longer than /24 lie inside (or the controller is changing it): the trie.
-        pub const TRIE: u32 = 3;
+        /// The bits of the base verdict.
+        pub const BASE: u32 = 3;
+        /// /32 entries lie inside: look the address up in the exact map first.
+        pub const EXACT: u32 = 4;
+        /// Entries of /25 to /31 lie inside: the trie's answer, not the base.
+        pub const TRIE: u32 = 8;
+        /// Bits per cell.
+        pub const CELL_BITS: u32 = 4;
         /// Cells (one per /24) in a u64 word of the map.
-        pub const CELLS_PER_WORD: u32 = 32;
-        /// Words in the map: 2^24 /24s, 4 MiB.
+        pub const CELLS_PER_WORD: u32 = 64 / CELL_BITS;
+        /// Words in the map: 2^24 /24s, 8 MiB.
         pub const WORDS: u32 = (1 << 24) / CELLS_PER_WORD;
 
         /// The cell of an IPv4 address (network order): its /24, and where that /24's
-        /// two bits are: (word index, shift).
+        /// bits are: (word index, shift).
         #[inline(always)]
         pub const fn cell(addr: [u8; 4]) -> (u32, u32) {
             let slash24 = u32::from_be_bytes(addr) >> 8;
-            (slash24 / CELLS_PER_WORD, (slash24 % CELLS_PER_WORD) * 2)
+            (
+                slash24 / CELLS_PER_WORD,
+                (slash24 % CELLS_PER_WORD) * CELL_BITS,
+            )
         }
     }
 
-    /// Where the IPv6 trie may match, as two bitmaps in one array of u64 words; a source
-    /// whose bit is clear in both is listed nowhere and skips the trie. Sources are too
-    /// many to summarise one prefix each, so bits stand for groups, and a set bit only
-    /// says "ask the trie":
+    /// Where the IPv6 lists may match, as three bitmaps in one array of u64 words; a
+    /// source whose bits are all clear is listed nowhere and skips the lookups. Sources
+    /// are too many to summarise one prefix each, so bits stand for groups, and a set bit
+    /// only says "ask":
     /// - the first [`SHORT_WORDS`](summary_v6::SHORT_WORDS) words: one bit per /16, set
-    ///   where an entry of /16 or shorter covers it;
-    /// - the rest: one bit per value of address bits 16 to 39 (the /40 without its first
-    ///   16 bits, which few values fill: 2001, 2a00, ...), set where an entry longer than
-    ///   /16 has those bits (every value its own bits leave open, for entries under /40).
+    ///   where an entry of /16 or shorter covers it (ask the trie);
+    /// - then one bit per value of address bits 16 to 39 (the /40 without its first 16
+    ///   bits, which few values fill: 2001, 2a00, ...), set where an entry of /17 to /127
+    ///   has those bits (every value its own bits leave open, for entries under /40): ask
+    ///   the trie;
+    /// - then the same per /128 entry: ask the exact map.
     pub mod summary_v6 {
         /// Words of the per-/16 bitmap.
         pub const SHORT_WORDS: u32 = (1 << 16) / 64;
-        /// Words of the bits-16-to-39 bitmap.
+        /// Words of each bits-16-to-39 bitmap.
         pub const CELL_WORDS: u32 = (1 << 24) / 64;
-        /// Words in the map: 2 MiB and 8 KiB.
-        pub const WORDS: u32 = SHORT_WORDS + CELL_WORDS;
+        /// Words in the map: 8 KiB and twice 2 MiB.
+        pub const WORDS: u32 = SHORT_WORDS + 2 * CELL_WORDS;
 
         /// The bit of an address's /16: (word index, shift).
         #[inline(always)]
@@ -98,11 +117,18 @@ pub mod lists {
             (top / 64, top % 64)
         }
 
-        /// The bit of an address's bits 16 to 39: (word index, shift).
+        /// The trie bit of an address's bits 16 to 39: (word index, shift).
         #[inline(always)]
         pub const fn cell_bit(addr: &[u8; 16]) -> (u32, u32) {
             let cell = ((addr[2] as u32) << 16) | ((addr[3] as u32) << 8) | addr[4] as u32;
             (SHORT_WORDS + cell / 64, cell % 64)
+        }
+
+        /// The exact-map bit of an address's bits 16 to 39: (word index, shift).
+        #[inline(always)]
+        pub const fn exact_bit(addr: &[u8; 16]) -> (u32, u32) {
+            let (word, shift) = cell_bit(addr);
+            (word + CELL_WORDS, shift)
         }
     }
 }

@@ -24,7 +24,7 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_ktime_get_ns, generated::bpf_jiffies64},
     macros::map,
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 
 use crate::parse::{Frame, Ipv4Info, L3, L4, parse_l3, parse_l4_v4, parse_l4_v6};
@@ -42,6 +42,11 @@ static LIST_V4_SUMMARY: Array<u64> = Array::with_max_entries(summary::WORDS, 102
 static LIST_V6_SUMMARY: Array<u64> = Array::with_max_entries(summary_v6::WORDS, 1024);
 #[map(name = "LIST_V6")]
 static LIST_V6: LpmTrie<[u8; 16], ListVerdict> = LpmTrie::with_max_entries(1024, 0);
+/// Flags 1: BPF_F_NO_PREALLOC, so an empty list costs only the buckets.
+#[map(name = "LIST_V4_EXACT")]
+static LIST_V4_EXACT: HashMap<[u8; 4], ListVerdict> = HashMap::with_max_entries(1024, 1);
+#[map(name = "LIST_V6_EXACT")]
+static LIST_V6_EXACT: HashMap<[u8; 16], ListVerdict> = HashMap::with_max_entries(1024, 1);
 #[map(name = "LIMITER")]
 static LIMITER: LruHashMap<LimiterKey, LimiterState> = LruHashMap::with_max_entries(1024, 0);
 #[map(name = "LIMITS")]
@@ -303,17 +308,24 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
     }
 }
 
-/// The list verdict of an IPv4 source (0: listed nowhere): from its /24's summary cell
-/// where that says it all (an array read the verifier inlines), else from the trie.
+/// The list verdict of an IPv4 source (0: listed nowhere), as its /24's summary cell (an
+/// array read the verifier inlines) directs: the exact map's if the source is listed as a
+/// /32 there, else the trie's where entries of /25 to /31 lie in the /24, else the cell's.
 #[inline(always)]
 fn list_v4(src: [u8; 4]) -> ListVerdict {
     let (word, shift) = summary::cell(src);
     let cell = match LIST_V4_SUMMARY.get(word) {
-        Some(w) => (*w >> shift) as u32 & 3,
-        None => summary::TRIE,
+        Some(w) => (*w >> shift) as u32 & 0xf,
+        None => summary::EXACT | summary::TRIE,
     };
-    if cell != summary::TRIE {
-        return cell;
+    if cell & summary::EXACT != 0 {
+        // SAFETY: the value is copied out at once.
+        if let Some(v) = unsafe { LIST_V4_EXACT.get(src) } {
+            return *v;
+        }
+    }
+    if cell & summary::TRIE == 0 {
+        return cell & summary::BASE;
     }
     LIST_V4
         .get(Key::new(32, src))
@@ -321,14 +333,20 @@ fn list_v4(src: [u8; 4]) -> ListVerdict {
         .unwrap_or(summary::NONE)
 }
 
-/// The list verdict of an IPv6 source (0: listed nowhere): the trie's, unless the
-/// summary bitmaps say no entry can hold the source.
+/// The list verdict of an IPv6 source (0: listed nowhere): the exact map's, then the
+/// trie's, each asked only where the summary bitmaps say an entry may hold the source.
 #[inline(always)]
 fn list_v6(src: &[u8; 16]) -> ListVerdict {
     let bit = |(word, shift): (u32, u32)| match LIST_V6_SUMMARY.get(word) {
         Some(w) => (*w >> shift) & 1 != 0,
         None => true,
     };
+    if bit(summary_v6::exact_bit(src)) {
+        // SAFETY: the value is copied out at once.
+        if let Some(v) = unsafe { LIST_V6_EXACT.get(src) } {
+            return *v;
+        }
+    }
     if !bit(summary_v6::short_bit(src)) && !bit(summary_v6::cell_bit(src)) {
         return summary::NONE;
     }

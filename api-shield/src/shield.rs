@@ -68,6 +68,22 @@ fn map_shapes(capacity: &Capacity) -> Result<Vec<MapShape>> {
             value_size: 4,
             max_entries: list_entries,
         },
+        // Each family's /32 (/128) entries live in its exact map, the rest in its trie; the
+        // controller keeps their sum within the family's capacity.
+        MapShape {
+            name: names::MAP_LIST_V4_EXACT,
+            map_type: MapType::Hash,
+            key_size: 4,
+            value_size: 4,
+            max_entries: list_entries,
+        },
+        MapShape {
+            name: names::MAP_LIST_V6_EXACT,
+            map_type: MapType::Hash,
+            key_size: 16,
+            value_size: 4,
+            max_entries: list_entries,
+        },
         MapShape {
             name: names::MAP_LIST_V4_SUMMARY,
             map_type: MapType::Array,
@@ -183,6 +199,26 @@ fn check_pinned_shape(path: &Path, want: &MapShape) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Whether `net` is one address (/32, /128): an exact map's entry, not a trie's.
+fn is_whole_address(net: &IpNet) -> bool {
+    net.prefix_len() == net.max_prefix_len()
+}
+
+/// Entries each address family's lists can still take (see `Shield::list_room`).
+struct ListRoom {
+    v4: usize,
+    v6: usize,
+}
+
+impl ListRoom {
+    fn of(&mut self, net: &IpNet) -> &mut usize {
+        match net {
+            IpNet::V4(_) => &mut self.v4,
+            IpNet::V6(_) => &mut self.v6,
+        }
+    }
 }
 
 /// Whether a map update failed because the map is at capacity.
@@ -412,6 +448,18 @@ impl Shield {
             )?;
             table.entries.insert(net, verdict);
         }
+        for item in self.exact_v4()?.iter() {
+            let (addr, verdict) = item?;
+            table
+                .entries
+                .insert(IpNet::new(IpAddr::V4(Ipv4Addr::from(addr)), 32)?, verdict);
+        }
+        for item in self.exact_v6()?.iter() {
+            let (addr, verdict) = item?;
+            table
+                .entries
+                .insert(IpNet::new(IpAddr::V6(Ipv6Addr::from(addr)), 128)?, verdict);
+        }
         Ok(table)
     }
 
@@ -520,6 +568,7 @@ impl Shield {
         Ok(match map {
             aya::maps::Map::LpmTrie(data)
             | aya::maps::Map::Array(data)
+            | aya::maps::Map::HashMap(data)
             | aya::maps::Map::LruHashMap(data)
             | aya::maps::Map::PerCpuArray(data) => data.info()?.id(),
             _ => bail!("map {name}: no id for this map type"),
@@ -547,27 +596,47 @@ impl Shield {
             names::MAP_RULE_COUNTERS,
             names::MAP_LIST_V4_SUMMARY,
             names::MAP_LIST_V6_SUMMARY,
+            // Counted with their family's trie, which stands for the whole list.
+            names::MAP_LIST_V4_EXACT,
+            names::MAP_LIST_V6_EXACT,
         ];
+        let map = |name: &str| {
+            self.ebpf
+                .map(name)
+                .with_context(|| format!("map {name} missing"))
+        };
         for shape in self.shapes.iter().filter(|s| !fixed.contains(&s.name)) {
-            let map = self
-                .ebpf
-                .map(shape.name)
-                .with_context(|| format!("map {} missing", shape.name))?;
             let entries = match shape.map_type {
                 MapType::LpmTrie if shape.key_size == 8 => {
-                    LpmTrie::<_, [u8; 4], ListVerdict>::try_from(map)?
+                    LpmTrie::<_, [u8; 4], ListVerdict>::try_from(map(shape.name)?)?
+                        .keys()
+                        .filter(Result::is_ok)
+                        .count()
+                        + HashMap::<_, [u8; 4], ListVerdict>::try_from(map(
+                            names::MAP_LIST_V4_EXACT,
+                        )?)?
                         .keys()
                         .filter(Result::is_ok)
                         .count()
                 }
-                MapType::LpmTrie => LpmTrie::<_, [u8; 16], ListVerdict>::try_from(map)?
-                    .keys()
-                    .filter(Result::is_ok)
-                    .count(),
-                MapType::LruHash => HashMap::<_, LimiterKey, LimiterState>::try_from(map)?
-                    .keys()
-                    .filter(Result::is_ok)
-                    .count(),
+                MapType::LpmTrie => {
+                    LpmTrie::<_, [u8; 16], ListVerdict>::try_from(map(shape.name)?)?
+                        .keys()
+                        .filter(Result::is_ok)
+                        .count()
+                        + HashMap::<_, [u8; 16], ListVerdict>::try_from(map(
+                            names::MAP_LIST_V6_EXACT,
+                        )?)?
+                        .keys()
+                        .filter(Result::is_ok)
+                        .count()
+                }
+                MapType::LruHash => {
+                    HashMap::<_, LimiterKey, LimiterState>::try_from(map(shape.name)?)?
+                        .keys()
+                        .filter(Result::is_ok)
+                        .count()
+                }
                 _ => shape.max_entries as usize,
             };
             out.push((shape.name, entries, shape.max_entries));
@@ -751,33 +820,228 @@ impl Shield {
     }
 
     fn apply_diff(&mut self, next: &ListTable, diff: &ListDiff) -> Result<Vec<IpNet>> {
+        let mut room = self.list_room()?;
         let mut refused = Vec::new();
-        for (net, verdict) in &diff.upserts {
-            self.upsert_or_refuse(*net, *verdict, &mut refused)?;
+        let (exact, prefixes): (Vec<(IpNet, ListVerdict)>, Vec<_>) = diff
+            .upserts
+            .iter()
+            .partition(|(net, _)| is_whole_address(net));
+        for (net, verdict) in prefixes {
+            self.upsert_or_refuse(net, verdict, &mut room, &mut refused)?;
         }
-        for net in &diff.removals {
+        self.upsert_exact(&exact, &mut room, &mut refused)?;
+        let (exact, prefixes): (Vec<IpNet>, Vec<IpNet>) =
+            diff.removals.iter().partition(|net| is_whole_address(net));
+        let removed = self.remove_exact(&exact)?;
+        for net in &exact[..removed] {
+            self.lists.entries.remove(net);
+            *room.of(net) += 1;
+        }
+        for net in prefixes.iter().chain(&exact[removed..]) {
             self.list_remove(*net)
                 .with_context(|| format!("removing {net} from the lists"))?;
             self.lists.entries.remove(net);
+            *room.of(net) += 1;
         }
         if !refused.is_empty() && !diff.removals.is_empty() {
             let retry = std::mem::take(&mut refused);
             for net in retry {
-                self.upsert_or_refuse(net, next.entries[&net], &mut refused)?;
+                self.upsert_or_refuse(net, next.entries[&net], &mut room, &mut refused)?;
             }
         }
         Ok(refused)
+    }
+
+    /// Entries each family's lists can still take: its capacity (the trie's size) less
+    /// what its trie and exact map hold, which share it.
+    fn list_room(&self) -> Result<ListRoom> {
+        let capacity = |name: &str| {
+            self.shapes
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.max_entries as usize)
+                .with_context(|| format!("no shape for {name}"))
+        };
+        let v4 = self
+            .lists
+            .entries
+            .keys()
+            .filter(|n| n.addr().is_ipv4())
+            .count();
+        let v6 = self.lists.entries.len() - v4;
+        Ok(ListRoom {
+            v4: capacity(names::MAP_LIST_V4)?.saturating_sub(v4),
+            v6: capacity(names::MAP_LIST_V6)?.saturating_sub(v6),
+        })
+    }
+
+    /// Removes whole addresses (IPv4 ones first) from the exact maps in batches: how many
+    /// of `exact`, from its start, are gone; the caller removes the rest one by one.
+    fn remove_exact(&mut self, exact: &[IpNet]) -> Result<usize> {
+        const CHUNK: usize = 1 << 14;
+        let v4 = exact.partition_point(|n| n.addr().is_ipv4());
+        let (mut done, mut stopped) = (0, false);
+        for (family, name) in [
+            (&exact[..v4], names::MAP_LIST_V4_EXACT),
+            (&exact[v4..], names::MAP_LIST_V6_EXACT),
+        ] {
+            for chunk in family.chunks(CHUNK) {
+                if stopped {
+                    return Ok(done);
+                }
+                let mut keys = Vec::with_capacity(chunk.len() * 16);
+                for net in chunk {
+                    match net.addr() {
+                        IpAddr::V4(a) => keys.extend_from_slice(&a.octets()),
+                        IpAddr::V6(a) => keys.extend_from_slice(&a.octets()),
+                    }
+                }
+                let n = self.batch(name, &keys, None, chunk.len())?;
+                done += n;
+                stopped = n < chunk.len();
+            }
+        }
+        Ok(done)
+    }
+
+    /// Adds whole addresses to the exact maps in batches (BPF_MAP_UPDATE_BATCH: one call
+    /// per many entries, where a trie takes one per entry); those that find no room are
+    /// refused, as in [`Shield::upsert_or_refuse`], which finishes a batch the kernel stopped.
+    fn upsert_exact(
+        &mut self,
+        entries: &[(IpNet, ListVerdict)],
+        room: &mut ListRoom,
+        refused: &mut Vec<IpNet>,
+    ) -> Result<()> {
+        const CHUNK: usize = 1 << 14;
+        for family_v4 in [true, false] {
+            let mut taken: Vec<(IpNet, ListVerdict)> = Vec::new();
+            for &(net, verdict) in entries
+                .iter()
+                .filter(|(n, _)| n.addr().is_ipv4() == family_v4)
+            {
+                let new = !self.lists.entries.contains_key(&net);
+                if new && *room.of(&net) == 0 {
+                    refused.push(net);
+                    continue;
+                }
+                if new {
+                    *room.of(&net) -= 1;
+                }
+                taken.push((net, verdict));
+            }
+            let name = if family_v4 {
+                names::MAP_LIST_V4_EXACT
+            } else {
+                names::MAP_LIST_V6_EXACT
+            };
+            for chunk in taken.chunks(CHUNK) {
+                let mut keys = Vec::with_capacity(chunk.len() * 16);
+                let mut values = Vec::with_capacity(chunk.len() * 4);
+                for (net, verdict) in chunk {
+                    match net.addr() {
+                        IpAddr::V4(a) => keys.extend_from_slice(&a.octets()),
+                        IpAddr::V6(a) => keys.extend_from_slice(&a.octets()),
+                    }
+                    values.extend_from_slice(&verdict.to_ne_bytes());
+                }
+                let done = self.batch(name, &keys, Some(&values), chunk.len())?;
+                for &(net, verdict) in &chunk[..done] {
+                    self.lists.entries.insert(net, verdict);
+                }
+                // Stopped short (out of memory, say): the rest one by one, with their
+                // room given back first, so each gets its own verdict or error.
+                for &(net, verdict) in &chunk[done..] {
+                    if !self.lists.entries.contains_key(&net) {
+                        *room.of(&net) += 1;
+                    }
+                    self.upsert_or_refuse(net, verdict, room, refused)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// BPF_MAP_UPDATE_BATCH (or, without values, BPF_MAP_DELETE_BATCH) of `count` packed
+    /// keys and values on map `name`: how many the kernel did before it stopped, all of
+    /// them unless something failed. The caller does the rest one by one, which reports
+    /// each failure as it is (a full map, a missing entry, or no batch support at all).
+    fn batch(
+        &mut self,
+        name: &str,
+        keys: &[u8],
+        values: Option<&[u8]>,
+        count: usize,
+    ) -> Result<usize> {
+        use std::os::fd::AsRawFd as _;
+        /// The batch member of `union bpf_attr`.
+        #[repr(C)]
+        struct BatchAttr {
+            in_batch: u64,
+            out_batch: u64,
+            keys: u64,
+            values: u64,
+            count: u32,
+            map_fd: u32,
+            elem_flags: u64,
+            flags: u64,
+        }
+        const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+        const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+        let fd = match self.map_mut(name)? {
+            aya::maps::Map::HashMap(data) => data.fd().as_fd().as_raw_fd(),
+            _ => bail!("map {name} is not a hash map"),
+        };
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys.as_ptr() as u64,
+            values: values.map_or(0, |v| v.as_ptr() as u64),
+            count: u32::try_from(count).context("batch too large")?,
+            map_fd: fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        let cmd = if values.is_some() {
+            BPF_MAP_UPDATE_BATCH
+        } else {
+            BPF_MAP_DELETE_BATCH
+        };
+        // SAFETY: `attr` points at `count` keys (and values) of the map's sizes, alive for
+        // the call; the kernel writes back only `attr.count`, also when it fails.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                &raw mut attr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        Ok(if ret < 0 {
+            (attr.count as usize).min(count)
+        } else {
+            count
+        })
     }
 
     fn upsert_or_refuse(
         &mut self,
         net: IpNet,
         verdict: ListVerdict,
+        room: &mut ListRoom,
         refused: &mut Vec<IpNet>,
     ) -> Result<()> {
+        let new = !self.lists.entries.contains_key(&net);
+        if new && *room.of(&net) == 0 {
+            refused.push(net);
+            return Ok(());
+        }
         match self.list_insert(net, verdict) {
             Ok(()) => {
                 self.lists.entries.insert(net, verdict);
+                if new {
+                    *room.of(&net) -= 1;
+                }
                 Ok(())
             }
             Err(e) if is_map_full(&e) => {
@@ -792,12 +1056,16 @@ impl Shield {
         &self.lists
     }
 
+    /// Adds or updates one entry: a whole address (/32, /128) in its family's exact map,
+    /// any other prefix in its trie.
     fn list_insert(&mut self, net: IpNet, verdict: ListVerdict) -> Result<()> {
         let len = u32::from(net.prefix_len());
         match net.addr() {
+            IpAddr::V4(a) if len == 32 => self.exact_v4()?.insert(a.octets(), verdict, 0)?,
             IpAddr::V4(a) => self
                 .trie_v4()?
                 .insert(&Key::new(len, a.octets()), verdict, 0)?,
+            IpAddr::V6(a) if len == 128 => self.exact_v6()?.insert(a.octets(), verdict, 0)?,
             IpAddr::V6(a) => self
                 .trie_v6()?
                 .insert(&Key::new(len, a.octets()), verdict, 0)?,
@@ -808,10 +1076,20 @@ impl Shield {
     fn list_remove(&mut self, net: IpNet) -> Result<()> {
         let len = u32::from(net.prefix_len());
         match net.addr() {
+            IpAddr::V4(a) if len == 32 => self.exact_v4()?.remove(&a.octets())?,
             IpAddr::V4(a) => self.trie_v4()?.remove(&Key::new(len, a.octets()))?,
+            IpAddr::V6(a) if len == 128 => self.exact_v6()?.remove(&a.octets())?,
             IpAddr::V6(a) => self.trie_v6()?.remove(&Key::new(len, a.octets()))?,
         }
         Ok(())
+    }
+
+    fn exact_v4(&mut self) -> Result<HashMap<&mut MapData, [u8; 4], ListVerdict>> {
+        Ok(HashMap::try_from(self.map_mut(names::MAP_LIST_V4_EXACT)?)?)
+    }
+
+    fn exact_v6(&mut self) -> Result<HashMap<&mut MapData, [u8; 16], ListVerdict>> {
+        Ok(HashMap::try_from(self.map_mut(names::MAP_LIST_V6_EXACT)?)?)
     }
 
     fn trie_v4(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 4], ListVerdict>> {

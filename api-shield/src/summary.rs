@@ -1,20 +1,20 @@
-//! The list summaries the data plane reads before the tries, so that most packets skip the
-//! trie walk (a kernel call whose cost grows with the list): for IPv4, two bits per /24
-//! saying what the trie answers for every address in it
+//! The list summaries the data plane reads before the list maps, so that most packets skip
+//! the trie walk (a kernel call whose cost grows with the list): for IPv4, four bits per
+//! /24 saying what the lists answer for every address in it, or which map to ask
 //! ([`api_shield_common::lists::summary`]); for IPv6, bitmaps clear only where no entry
 //! can match ([`api_shield_common::lists::summary_v6`]).
 //!
-//! They are kept in step with the tries by `Shield::apply_lists`: what a change touches is
-//! first set to "ask the trie", then the trie changes, then it gets its new value. At every
-//! moment a cell or bit either says what the trie says or sends the packet to the trie, so
-//! no packet gets a verdict the lists never held.
+//! They are kept in step with the maps by `Shield::apply_lists`: what a change touches is
+//! first set to "ask the exact map, then the trie", then the maps change, then it gets its
+//! new value. At every moment a cell or bit either says what the maps say or sends the
+//! packet to them, so no packet gets a verdict the lists never held.
 
 use std::{net::Ipv4Addr, os::fd::AsRawFd};
 
 use anyhow::{Result, bail};
 use api_shield_common::lists::{
     ListVerdict,
-    summary::{CELLS_PER_WORD, NONE, TRIE, WORDS},
+    summary::{CELL_BITS, CELLS_PER_WORD, EXACT, NONE, TRIE, WORDS},
     summary_v6,
 };
 use ipnet::{IpNet, Ipv4Net};
@@ -43,33 +43,39 @@ fn v4_entries(table: &ListTable) -> impl Iterator<Item = (Ipv4Net, ListVerdict)>
     })
 }
 
-/// The value of one cell for `table`: [`TRIE`] if an entry longer than /24 lies inside it,
-/// else the verdict of the longest entry covering it, else [`NONE`].
+/// The flag a cell gets for an entry longer than /24 inside it.
+fn inner_flag(len: u8) -> u32 {
+    if len == 32 { EXACT } else { TRIE }
+}
+
+/// The value of one cell for `table`: the verdict of the longest entry of /24 or shorter
+/// covering it ([`NONE`] if none), with [`EXACT`] if /32 entries lie inside and [`TRIE`]
+/// if entries of /25 to /31 do.
 pub fn cell_value(table: &ListTable, cell: u32) -> u32 {
     let base = Ipv4Addr::from(cell << 8);
     let last = Ipv4Addr::from((cell << 8) | 0xff);
     // Entries whose network lies in this /24: ordered by (address, length), so one range.
     let lo = IpNet::V4(Ipv4Net::new(base, 0).expect("length 0 is valid"));
     let hi = IpNet::V4(Ipv4Net::new(last, 32).expect("length 32 is valid"));
-    if table
+    let flags = table
         .entries
         .range(lo..=hi)
-        .any(|(net, _)| net.prefix_len() > 24)
-    {
-        return TRIE;
-    }
-    (0..=24u8)
+        .filter(|(net, _)| net.prefix_len() > 24)
+        .fold(0, |f, (net, _)| f | inner_flag(net.prefix_len()));
+    let verdict = (0..=24u8)
         .rev()
         .find_map(|len| {
             let net = IpNet::V4(Ipv4Net::new(base, len).expect("length <= 24").trunc());
             table.entries.get(&net).copied()
         })
-        .unwrap_or(NONE)
+        .unwrap_or(NONE);
+    verdict | flags
 }
 
 /// Every cell's value for `table`, packed as the map holds them (cell `c` in word
-/// `c / 32`, bits `2 * (c % 32)`). One sweep over the entries in address order, each
-/// cell painted once with its innermost covering prefix.
+/// `c / 16`, bits `4 * (c % 16)`). One sweep over the entries in address order, each
+/// cell painted once with its innermost covering prefix; then the flags of the longer
+/// entries.
 pub fn summarize(table: &ListTable) -> Vec<u64> {
     let mut words = vec![0u64; WORDS as usize];
     let mut ranges: Vec<(u32, u32, ListVerdict)> = v4_entries(table)
@@ -107,17 +113,31 @@ pub fn summarize(table: &ListTable) -> Vec<u64> {
     }
     for (net, _) in v4_entries(table).filter(|(net, _)| net.prefix_len() > 24) {
         let (cell, _) = cells_of(&net);
-        set(&mut words, cell, TRIE);
+        let (word, shift) = position(cell);
+        words[word] |= u64::from(inner_flag(net.prefix_len())) << shift;
     }
     words
 }
 
-fn set(words: &mut [u64], cell: u32, value: u32) {
-    let (word, shift) = (
+/// A cell's four bits in a word of cells.
+const CELL_MASK: u64 = (1 << CELL_BITS) - 1;
+
+/// Where cell `cell` is: (word index, shift).
+fn position(cell: u32) -> (usize, u32) {
+    (
         (cell / CELLS_PER_WORD) as usize,
-        (cell % CELLS_PER_WORD) * 2,
-    );
-    words[word] = (words[word] & !(3 << shift)) | (u64::from(value) << shift);
+        (cell % CELLS_PER_WORD) * CELL_BITS,
+    )
+}
+
+/// A word whose every cell holds `value`.
+fn whole_word(value: u32) -> u64 {
+    u64::from(value) * (u64::MAX / CELL_MASK)
+}
+
+fn set(words: &mut [u64], cell: u32, value: u32) {
+    let (word, shift) = position(cell);
+    words[word] = (words[word] & !(CELL_MASK << shift)) | (u64::from(value) << shift);
 }
 
 /// Sets cells `first..=last` to `value`, whole words at a time where it can.
@@ -125,7 +145,7 @@ fn fill(words: &mut [u64], first: u32, last: u32, value: u32) {
     let mut cell = first;
     while cell <= last {
         if cell.is_multiple_of(CELLS_PER_WORD) && last - cell + 1 >= CELLS_PER_WORD {
-            words[(cell / CELLS_PER_WORD) as usize] = u64::from(value) * 0x5555_5555_5555_5555;
+            words[(cell / CELLS_PER_WORD) as usize] = whole_word(value);
             cell += CELLS_PER_WORD;
         } else {
             set(words, cell, value);
@@ -135,31 +155,39 @@ fn fill(words: &mut [u64], first: u32, last: u32, value: u32) {
 }
 
 /// The IPv6 bitmaps ([`summary_v6`]) for a set of entries: the bits of every group an
-/// entry may hold an address of. Ranges are merged before they are painted, so a list of
-/// wide prefixes costs no more than the bitmap's size.
+/// entry may hold an address of, in the trie's bitmaps or, for /128 entries, the exact
+/// map's. Ranges are merged before they are painted, so a list of wide prefixes costs no
+/// more than the bitmap's size.
 pub fn v6_bitmap<'a>(nets: impl IntoIterator<Item = &'a IpNet>) -> Vec<u64> {
     let mut short: Vec<(u32, u32)> = Vec::new();
     let mut cells: Vec<(u32, u32)> = Vec::new();
+    let mut exact: Vec<(u32, u32)> = Vec::new();
     for net in nets {
         let IpNet::V6(net) = net else { continue };
         let addr = u128::from(net.network());
         let len = u32::from(net.prefix_len());
-        if len <= 16 {
-            let first = (addr >> 112) as u32;
-            short.push((first, first + (1 << (16 - len)) - 1));
-        } else {
-            let first = ((addr >> 88) & 0xff_ffff) as u32;
-            let span = if len >= 40 { 1 } else { 1 << (40 - len) };
-            cells.push((first, first + span - 1));
+        let cell = ((addr >> 88) & 0xff_ffff) as u32;
+        match len {
+            0..=16 => {
+                let first = (addr >> 112) as u32;
+                short.push((first, first + (1 << (16 - len)) - 1));
+            }
+            17..=39 => cells.push((cell, cell + (1 << (40 - len)) - 1)),
+            40..=127 => cells.push((cell, cell)),
+            _ => exact.push((cell, cell)),
         }
     }
     let mut words = vec![0u64; summary_v6::WORDS as usize];
-    let (short_words, cell_words) = words.split_at_mut(summary_v6::SHORT_WORDS as usize);
-    for (first, last) in merge(short) {
-        set_bits(short_words, first, last);
-    }
-    for (first, last) in merge(cells) {
-        set_bits(cell_words, first, last);
+    let (short_words, rest) = words.split_at_mut(summary_v6::SHORT_WORDS as usize);
+    let (cell_words, exact_words) = rest.split_at_mut(summary_v6::CELL_WORDS as usize);
+    for (bitmap, ranges) in [
+        (short_words, short),
+        (cell_words, cells),
+        (exact_words, exact),
+    ] {
+        for (first, last) in merge(ranges) {
+            set_bits(bitmap, first, last);
+        }
     }
     words
 }
@@ -292,8 +320,9 @@ impl SummaryMaps {
         self.v6.write_diff(&v6_bitmap(table.entries.keys()));
     }
 
-    /// Before the tries change: the IPv4 /24s the changed prefixes touch ask the trie, and
-    /// the IPv6 bits of added prefixes are set (a set bit only sends packets to the trie).
+    /// Before the maps change: the IPv4 /24s the changed prefixes touch ask the exact map
+    /// and the trie, and the IPv6 bits of added prefixes are set (a set bit only sends
+    /// packets to a map).
     pub fn before_change<'a>(
         &mut self,
         upserts: impl IntoIterator<Item = &'a IpNet>,
@@ -305,7 +334,7 @@ impl SummaryMaps {
             v6_removed: removals.iter().any(|n| matches!(n, IpNet::V6(_))),
         };
         for &(first, last) in &touched.v4 {
-            mark_trie(&mut self.v4, first, last);
+            mark_changing(&mut self.v4, first, last);
         }
         if changed.iter().any(|n| matches!(n, IpNet::V6(_))) {
             self.v6.set_bits(&v6_bitmap(changed));
@@ -313,7 +342,7 @@ impl SummaryMaps {
         touched
     }
 
-    /// After the tries changed to `table`: the touched /24s get their new value, and the
+    /// After the maps changed to `table`: the touched /24s get their new value, and the
     /// IPv6 bitmaps are recomputed if prefixes went (their bits may now be clear).
     pub fn after_change(&mut self, table: &ListTable, touched: &Touched) {
         let cells: u64 = touched.v4.iter().map(|&(a, b)| u64::from(b - a) + 1).sum();
@@ -330,20 +359,23 @@ impl SummaryMaps {
     }
 }
 
-/// Sets IPv4 cells `first..=last` to [`TRIE`]: whole words with one store each (a /8 is
-/// 2,048 words), the ends cell by cell.
-fn mark_trie(map: &mut MappedWords, first: u32, last: u32) {
+/// While a /24 changes: ask the exact map, then the trie.
+const CHANGING: u32 = EXACT | TRIE;
+
+/// Sets IPv4 cells `first..=last` to [`CHANGING`]: whole words with one store each (a /8
+/// is 4,096 words), the ends cell by cell.
+fn mark_changing(map: &mut MappedWords, first: u32, last: u32) {
     let mut cell = first;
     while cell <= last {
         let i = cell / CELLS_PER_WORD;
         if cell.is_multiple_of(CELLS_PER_WORD) && last - cell >= CELLS_PER_WORD - 1 {
-            if map.word(i as usize) != u64::MAX {
-                map.set_word(i as usize, u64::MAX);
+            if map.word(i as usize) != whole_word(CHANGING) {
+                map.set_word(i as usize, whole_word(CHANGING));
             }
             cell += CELLS_PER_WORD;
         } else {
             let end = last.min((i + 1) * CELLS_PER_WORD - 1);
-            update_cells(map, cell, end, |_| TRIE);
+            update_cells(map, cell, end, |_| CHANGING);
             cell = end + 1;
         }
     }
@@ -357,8 +389,8 @@ fn update_cells(map: &mut MappedWords, first: u32, last: u32, value: impl Fn(u32
         let end = last.min((i + 1) * CELLS_PER_WORD - 1);
         let mut w = map.word(i as usize);
         for c in cell..=end {
-            let shift = (c % CELLS_PER_WORD) * 2;
-            w = (w & !(3 << shift)) | (u64::from(value(c)) << shift);
+            let (_, shift) = position(c);
+            w = (w & !(CELL_MASK << shift)) | (u64::from(value(c)) << shift);
         }
         if map.word(i as usize) != w {
             map.set_word(i as usize, w);
@@ -381,7 +413,7 @@ pub fn touched_cells<'a>(nets: impl IntoIterator<Item = &'a IpNet>) -> Vec<(u32,
 
 #[cfg(test)]
 mod tests {
-    use api_shield_common::lists::{LIST_ALLOW, LIST_BLOCK};
+    use api_shield_common::lists::{LIST_ALLOW, LIST_BLOCK, summary::BASE};
 
     use super::*;
 
@@ -394,10 +426,11 @@ mod tests {
     }
 
     fn cell_in(words: &[u64], cell: u32) -> u32 {
-        (words[(cell / CELLS_PER_WORD) as usize] >> ((cell % CELLS_PER_WORD) * 2)) as u32 & 3
+        let (word, shift) = position(cell);
+        (words[word] >> shift & CELL_MASK) as u32
     }
 
-    /// What the trie answers for `addr`: the longest entry holding it (0: none).
+    /// What the lists answer for `addr`: the longest entry holding it (0: none).
     fn longest_match(t: &ListTable, addr: u32) -> ListVerdict {
         (0..=32u8)
             .rev()
@@ -408,18 +441,25 @@ mod tests {
             .unwrap_or(NONE)
     }
 
-    /// Every claim the summary makes holds for every address of the /24.
+    /// Every claim the summary makes holds for every address of the /24: the data plane's
+    /// answer (the exact map's for a listed /32 where the cell says so, else the trie's
+    /// where it says so, else the base) is the longest match.
     fn check_cell(t: &ListTable, words: &[u64], cell: u32) {
         let value = cell_in(words, cell);
         assert_eq!(value, cell_value(t, cell), "cell {cell}: sweep vs one cell");
-        if value == TRIE {
+        if value & TRIE != 0 {
             return;
         }
         for host in 0..256 {
             let addr = (cell << 8) | host;
+            let exact = Ipv4Net::new(Ipv4Addr::from(addr), 32).unwrap();
+            let answer = match t.entries.get(&IpNet::V4(exact)) {
+                Some(v) if value & EXACT != 0 => *v,
+                _ => value & BASE,
+            };
             assert_eq!(
                 longest_match(t, addr),
-                value,
+                answer,
                 "{} in cell {cell}",
                 Ipv4Addr::from(addr)
             );
@@ -446,25 +486,31 @@ mod tests {
             ("10.255.255.1", LIST_BLOCK),
             ("10.1.0.1", LIST_ALLOW),
             ("10.1.2.1", LIST_BLOCK),
-            ("10.1.3.1", TRIE),
-            ("10.2.0.1", TRIE),
+            ("10.1.3.1", TRIE | LIST_ALLOW),
+            ("10.2.0.1", EXACT | LIST_BLOCK),
             ("10.2.1.1", LIST_BLOCK),
             ("11.0.0.1", NONE),
             ("9.255.255.255", NONE),
             ("192.0.2.200", LIST_BLOCK),
             ("198.51.101.9", LIST_ALLOW),
             ("198.51.102.9", NONE),
-            ("255.255.255.1", TRIE),
+            ("255.255.255.1", EXACT),
             ("0.0.0.0", NONE),
         ] {
             assert_eq!(cell_in(&words, cell(addr)), want, "{addr}");
         }
-        for c in [0, cell("10.0.0.0"), cell("10.1.3.0"), cell("255.255.255.0")] {
+        for c in [
+            0,
+            cell("10.0.0.0"),
+            cell("10.1.3.0"),
+            cell("10.2.0.0"),
+            cell("255.255.255.0"),
+        ] {
             check_cell(&t, &words, c);
         }
         // The whole space under one prefix, and no entries at all.
         let all = summarize(&table(&[("0.0.0.0/0", LIST_BLOCK)]));
-        assert!(all.iter().all(|w| *w == 0xaaaa_aaaa_aaaa_aaaa));
+        assert!(all.iter().all(|w| *w == 0x2222_2222_2222_2222));
         assert!(summarize(&ListTable::default()).iter().all(|w| *w == 0));
     }
 
@@ -511,6 +557,12 @@ mod tests {
         bit(summary_v6::short_bit(&a)) || bit(summary_v6::cell_bit(&a))
     }
 
+    /// Whether the data plane would ask the IPv6 exact map about `addr`.
+    fn asks_exact(bits: &[u64], addr: std::net::Ipv6Addr) -> bool {
+        let (word, shift) = summary_v6::exact_bit(&addr.octets());
+        bits[word as usize] >> shift & 1 != 0
+    }
+
     #[test]
     fn ipv6_bits_cover_every_entry_and_little_else() {
         let nets: Vec<IpNet> = [
@@ -519,12 +571,17 @@ mod tests {
             "fc00::/7",
             "2400:cb00::/32",
             "2a02:f000::/20",
+            "2001:db8:7::7/128",
         ]
         .iter()
         .map(|s| s.parse().unwrap())
         .collect();
         let bits = v6_bitmap(&nets);
         let asks = |s: &str| asks_trie(&bits, s.parse().unwrap());
+        // A /128 entry: the exact map, not the trie; its neighbours in the cell too.
+        let exact = |s: &str| asks_exact(&bits, s.parse().unwrap());
+        assert!(exact("2001:db8:7::7") && exact("2001:db8:7::8") && !asks("2001:db8:7::7"));
+        assert!(!exact("2001:db8:a11::1") && !exact("2001:db8:107::7"));
         for listed in [
             "2001:db8:a11::1",
             "2001:db8:bad:ffff::",
@@ -557,7 +614,7 @@ mod tests {
     }
 
     #[test]
-    fn random_ipv6_entries_always_send_their_addresses_to_the_trie() {
+    fn random_ipv6_entries_always_send_their_addresses_to_their_map() {
         let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         for _ in 0..50 {
             let nets: Vec<IpNet> = (0..100)
@@ -578,7 +635,11 @@ mod tests {
                     n.broadcast(),
                     (u128::from(n.network()) | host).into(),
                 ] {
-                    assert!(asks_trie(&bits, addr), "{addr} in {n}");
+                    if n.prefix_len() == 128 {
+                        assert!(asks_exact(&bits, addr), "{addr} in {n}");
+                    } else {
+                        assert!(asks_trie(&bits, addr), "{addr} in {n}");
+                    }
                 }
             }
         }

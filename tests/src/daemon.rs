@@ -338,12 +338,13 @@ pub mod tempdir {
 }
 
 /// What the list maps pinned for `iface` under `pin_dir` hold: prefix -> verdict
-/// (1 allow, 2 block), read straight from the kernel.
+/// (1 allow, 2 block), read straight from the kernel (the tries, and the exact maps of
+/// whole addresses).
 pub fn pinned_lists(
     pin_dir: &std::path::Path,
     iface: &str,
 ) -> Result<std::collections::BTreeMap<ipnet::IpNet, u32>> {
-    use aya::maps::{LpmTrie, Map, MapData};
+    use aya::maps::{HashMap, LpmTrie, Map, MapData};
     let mut out = std::collections::BTreeMap::new();
     let dir = pin_dir.join(iface);
     let v4: LpmTrie<MapData, [u8; 4], u32> =
@@ -359,6 +360,24 @@ pub fn pinned_lists(
         let (key, verdict) = item?;
         let net = ipnet::Ipv6Net::new(key.data().into(), key.prefix_len() as u8)?;
         out.insert(ipnet::IpNet::V6(net), verdict);
+    }
+    let v4: HashMap<MapData, [u8; 4], u32> =
+        HashMap::try_from(Map::HashMap(MapData::from_pin(dir.join("LIST_V4_EXACT"))?))?;
+    for item in v4.iter() {
+        let (addr, verdict) = item?;
+        out.insert(
+            ipnet::IpNet::V4(ipnet::Ipv4Net::new(addr.into(), 32)?),
+            verdict,
+        );
+    }
+    let v6: HashMap<MapData, [u8; 16], u32> =
+        HashMap::try_from(Map::HashMap(MapData::from_pin(dir.join("LIST_V6_EXACT"))?))?;
+    for item in v6.iter() {
+        let (addr, verdict) = item?;
+        out.insert(
+            ipnet::IpNet::V6(ipnet::Ipv6Net::new(addr.into(), 128)?),
+            verdict,
+        );
     }
     Ok(out)
 }

@@ -1198,9 +1198,11 @@ fn lists_through_changes(steps: &[(&[&str], &[&str])], probes: &[&str]) {
     }
 }
 
-/// The IPv4 summary (one /24 at a time, read before the trie) agrees with the lists
-/// through every kind of change: nested prefixes, entries inside a /24, the whole space
-/// (which recomputes the summary in one sweep), and removals back to nothing.
+/// The IPv4 summary (one /24 at a time, read before the exact map and the trie) agrees
+/// with the lists through every kind of change: nested prefixes, entries inside a /24
+/// (whole addresses in the exact map, longer prefixes in the trie, both in one /24, an
+/// address changing list), the whole space (which recomputes the summary in one sweep),
+/// and removals back to nothing.
 #[test]
 fn ipv4_list_summary_follows_every_list_change() {
     lists_through_changes(
@@ -1210,10 +1212,19 @@ fn ipv4_list_summary_follows_every_list_change() {
             (&["10.1.2.3/32"], &["10.0.0.0/8", "10.200.0.0/25"]),
             (&["10.1.2.3/32"], &["0.0.0.0/0", "10.200.0.0/25"]),
             (&[], &["10.200.0.0/25", "255.255.255.255/32"]),
+            (
+                &["10.1.2.3/32"],
+                &["10.0.0.0/8", "10.1.2.0/25", "10.1.2.9/32", "10.1.2.200/32"],
+            ),
+            (&[], &["10.1.2.3/32", "10.1.2.9/32"]),
             (&[], &[]),
         ],
         &[
             "9.255.255.255",
+            "10.1.2.9",
+            "10.1.2.10",
+            "10.1.2.200",
+            "10.1.2.201",
             "10.0.0.0",
             "10.0.0.1",
             "10.1.0.0",
@@ -1246,9 +1257,24 @@ fn ipv6_list_summary_follows_every_list_change() {
             (&[], &["2001:db8::/32", "fc00::/7"]),
             (&["2001:db8:a11:1::/64"], &["::/0"]),
             (&[], &["2001:db8:bad::/48"]),
+            (
+                &["2001:db8:a11::7/128"],
+                &[
+                    "2001:db8:a11::/48",
+                    "2001:db8:a11::8/128",
+                    "2001:db8:c0::1/128",
+                ],
+            ),
+            (&[], &["2001:db8:a11::7/128", "2001:db8:bad::/48"]),
+            (&[], &[]),
         ],
         &[
             "2001:db8::1",
+            "2001:db8:a11::7",
+            "2001:db8:a11::8",
+            "2001:db8:a11::9",
+            "2001:db8:c0::1",
+            "2001:db8:c0::2",
             "2001:db8:a11::1",
             "2001:db8:a11:1::1",
             "2001:db8:a12::1",
