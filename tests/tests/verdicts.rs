@@ -1287,3 +1287,89 @@ fn ipv6_list_summary_follows_every_list_change() {
         ],
     );
 }
+
+/// Whole addresses (in the exact maps, added and removed in batches of 16k) and prefixes
+/// (in the tries) share each family's capacity: what does not fit is refused and stays
+/// out of the maps, and goes in once removals make room.
+#[test]
+fn whole_addresses_and_prefixes_share_the_list_capacity() {
+    use api_shield::lists::fold;
+    use ipnet::IpNet;
+    let mut h = Harness::new(&format!(
+        "{UNLIMITED}capacity: {{blocklist: 40000, allowlist: 16}}\n"
+    ));
+    // Per family 40,016: 1,000 /24s, 39,000 /32s, then 100 /32s of which 16 fit.
+    let spread = |i: u32| Ipv4Addr::from(0x0a00_0000 + i * 3);
+    let extra = |i: u32| Ipv4Addr::from(0x0c00_0000 + i);
+    let v4 = |a: Ipv4Addr, len: u8| IpNet::new(a.into(), len).unwrap();
+    let v6 =
+        |i: u128| IpNet::new(Ipv6Addr::from(0x2001_0db8_0001_u128 << 80 | i).into(), 128).unwrap();
+    let mut block: Vec<IpNet> = (0..1_000u32)
+        .map(|i| v4(Ipv4Addr::from(0x0b00_0000 + (i << 8)), 24))
+        .chain((0..39_000).map(|i| v4(spread(i), 32)))
+        .chain((0..100).map(|i| v4(extra(i), 32)))
+        .chain((0..20_000).map(v6))
+        .collect();
+    let refused = h.shield.apply_lists(&fold(&[], &block).table).unwrap();
+    let want: Vec<IpNet> = (16..100).map(|i| v4(extra(i), 32)).collect();
+    assert_eq!(refused, want);
+    let drop = |h: &mut Harness, frame: Vec<u8>, what: &str| {
+        h.expect(&frame, XDP_DROP, Reason::Blocklisted, what)
+    };
+    let pass = |h: &mut Harness, frame: Vec<u8>, what: &str| {
+        h.expect(&frame, XDP_PASS, Reason::Passed, what)
+    };
+    drop(&mut h, udp4(spread(0), 20), "first /32");
+    drop(
+        &mut h,
+        udp4(spread(38_999), 20),
+        "last /32 of the first batches",
+    );
+    drop(
+        &mut h,
+        udp4(Ipv4Addr::new(11, 3, 231, 9), 20),
+        "inside a /24",
+    );
+    drop(&mut h, udp4(extra(15), 20), "the last /32 that fit");
+    pass(&mut h, udp4(extra(16), 20), "refused: not in the maps");
+    pass(
+        &mut h,
+        udp4(Ipv4Addr::from(u32::from(spread(7)) + 1), 20),
+        "between listed /32s",
+    );
+    drop(
+        &mut h,
+        udp6(Ipv6Addr::from(0x2001_0db8_0001_u128 << 80 | 19_999), 20),
+        "a /128",
+    );
+    pass(
+        &mut h,
+        udp6(Ipv6Addr::from(0x2001_0db8_0001_u128 << 80 | 20_000), 20),
+        "next to it",
+    );
+
+    // Removing 30,000 /32s and 18,000 /128s (two batches and more) makes room.
+    block.retain(|net| match net {
+        IpNet::V4(n) => {
+            !(u32::from(n.addr()) >= 0x0a00_0000 && u32::from(n.addr()) < u32::from(spread(30_000)))
+        }
+        IpNet::V6(n) => u128::from(n.addr()) & 0xffff_ffff >= 18_000,
+    });
+    let refused = h.shield.apply_lists(&fold(&[], &block).table).unwrap();
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(h.shield.lists().entries.len(), block.len());
+    pass(&mut h, udp4(spread(0), 20), "removed /32");
+    pass(&mut h, udp4(spread(29_999), 20), "last removed /32");
+    drop(&mut h, udp4(spread(30_000), 20), "kept /32");
+    drop(&mut h, udp4(extra(99), 20), "refused before, in now");
+    pass(
+        &mut h,
+        udp6(Ipv6Addr::from(0x2001_0db8_0001_u128 << 80 | 17_999), 20),
+        "removed /128",
+    );
+    drop(
+        &mut h,
+        udp6(Ipv6Addr::from(0x2001_0db8_0001_u128 << 80 | 18_000), 20),
+        "kept /128",
+    );
+}
