@@ -334,7 +334,7 @@ fn per_packet(report: &mut String, repeat: u32, rounds: usize) -> Result<()> {
     }
     writeln!(
         report,
-        "\nWhere the time goes (measured here with single-purpose programs, the floor subtracted): each kernel call costs 10-35 ns on this machine (retpolines and safe-RET mitigations make every call and return dear), so the data plane makes as few as it can. The blocked and allowlisted paths read the list summaries (an array load the verifier inlines: a /24's verdict for IPv4, a may-be-listed bit for IPv6) and reach the LPM trie (a call, 10-20 ns on these small lists) only where a /24 holds entries longer than itself or an IPv6 bit is set. The pass and rate-limited paths also run the limiter: one LRU hash lookup of the source's bucket (a call, ~25 ns) and a compare-and-swap per dimension; the clock is the kernel tick (`jiffies`, one inlined load) wherever a limit's burst spans two ticks, instead of `bpf_ktime_get_ns` (~33 ns). xdp-filter makes its lookups without a limiter, so the pass path's limiter is what separates the two. Host load moves the pass path more than the floor (it reads some eight cache lines where the floor reads one): the same build measured 66-70 ns for the IPv4 pass path in quiet moments while this section was written, 90-100 ns in busy ones, with the floor at 22-28 ns throughout.\n"
+        "\nWhere the time goes (measured here with single-purpose programs, the floor subtracted): each kernel call costs 10-35 ns on this machine (retpolines and safe-RET mitigations make every call and return dear), so the data plane makes as few as it can. The blocked and allowlisted paths read the list summaries (array loads the verifier inlines: a /24's verdict for IPv4, may-be-listed bits for IPv6) and make a lookup (a call) only where the summary sends them: the exact-match hash for whole addresses, the LPM trie (10-20 ns on these small lists) for other prefixes longer than /24 or, for IPv6, where a bit is set; here the IPv6 frames' /48s take the trie. The pass and rate-limited paths also run the limiter: one LRU hash lookup of the source's bucket (a call, ~25 ns) and a compare-and-swap per dimension; the clock is the kernel tick (`jiffies`, one inlined load) wherever a limit's burst spans two ticks, instead of `bpf_ktime_get_ns` (~33 ns). xdp-filter makes its lookups without a limiter, so the pass path's limiter is what separates the two. Host load moves the pass path more than the floor (it reads some eight cache lines where the floor reads one): the same build measured 66-70 ns for the IPv4 pass path in quiet moments while this section was written, 90-100 ns in busy ones, with the floor at 22-28 ns throughout.\n"
     )?;
     drop(unload);
     if !libxdp_dir_existed {
@@ -570,7 +570,7 @@ fn blocklist_scale(
     writeln!(report, "## Blocklist scale\n")?;
     writeln!(
         report,
-        "The blocklist holds N distinct prefixes (70% IPv4 /8-/32, 30% IPv6 /16-/128). Per-packet cost of a repeat source by BPF_PROG_TEST_RUN (64-byte frames, {repeat} runs, median of 3): blocked (inside a listed /32), passed (listed nowhere, limiter taken), blocked IPv6 (inside a listed /48). First-seen sources, every frame from another one (the spoofed-source build of the random-sources section, its prandom-only program subtracted; no limit configured, so the figure is the list lookup alone, not the limiter's new bucket): IPv4 sources at random over all 2^32 addresses, IPv6 sources with their first 32 bits at random. Load time: all N into empty maps, one update per prefix (LPM tries take no batch updates); memory: the two list tries and their two summaries (6 MiB whatever the size) as the kernel accounts them. Goals: from 1k to 1M prefixes a repeat source's cost grows <= 1.1x, a first-seen source's <= 1.4x; 1M prefixes load in <= 3 s.\n"
+        "The blocklist holds N distinct prefixes (70% IPv4 /8-/32, 30% IPv6 /16-/128). Per-packet cost of a repeat source by BPF_PROG_TEST_RUN (64-byte frames, {repeat} runs, median of 3): blocked (inside a listed /32), passed (listed nowhere, limiter taken), blocked IPv6 (inside a listed /48). First-seen sources, every frame from another one (the spoofed-source build of the random-sources section, its prandom-only program subtracted; no limit configured, so the figure is the list lookup alone, not the limiter's new bucket): IPv4 sources at random over all 2^32 addresses, IPv6 sources with their first 32 bits at random. Load time: all N into empty maps, one update per prefix into the tries (LPM tries take no batch updates), whole addresses into the exact-match hashes in batches of 16,384; memory: the two tries, the two exact-match hashes and the two summaries, as the kernel accounts them. Goals: from 1k to 1M prefixes a repeat source's cost grows <= 1.1x, a first-seen source's <= 1.4x; 1M prefixes load in <= 3 s.\n"
     )?;
     writeln!(
         report,
@@ -762,7 +762,7 @@ fn blocklist_scale(
     )?;
     writeln!(
         report,
-        "Why a repeat source's cost still grows where it does: a source inside a /32 (or any entry longer than /24) is in a /24 the IPv4 summary marks \"ask the trie\", and the trie walk lengthens with the list; so does the IPv6 walk, whose summary only spares sources listed nowhere. A source listed nowhere (the passed column) skips the trie once its /24 holds no entry, so its cost stays flat. A verdict cached per source would flatten the rest, at the price of a hash lookup on every blocked packet, which costs more than the walk does at 1k prefixes; not adopted.\n"
+        "What keeps IPv4 flat: a source listed as a whole address (/32: 40% of this list's IPv4 entries, and most of a large real feed) is found by one lookup in the exact-match hash, whatever the list's size; a source whose /24 the summary settles (listed nowhere, or only under prefixes of /24 or shorter) makes no lookup at all, first seen or not. What still grows: a source inside an entry of /25 to /31 walks the IPv4 trie (shorter now that whole addresses live in the hash), and an IPv6 source inside a prefix (here a /48) walks the IPv6 trie, which lengthens with the list. The first-seen IPv6 column is that walk with cold caches: this list's IPv6 part is 300,000 prefixes spread at random over the whole space (30,000 of them /16s), so at 1M most random IPv6 sources fall where the summary cannot rule an entry out, and each walks a 240,000-entry trie from memory. A verdict cached per source would flatten the repeat IPv6 case, at the price of a hash insert for every first-seen source in those ranges, which makes a spoofed flood dearer; not adopted. Memory: the exact-match hashes take their buckets up front (16 bytes per entry of capacity, rounded up to a power of two: 32 MiB for the two at 1M) and the summaries 12 MiB, the rest grows with the entries.\n"
     )?;
     Ok(())
 }
@@ -1162,7 +1162,7 @@ fn feed_scale(report: &mut String, lines: usize) -> Result<()> {
     writeln!(report, "## Feed scale\n")?;
     writeln!(
         report,
-        "A file feed of {lines} distinct prefixes ({:.1} MiB: 60% IPv4 /32, 30% IPv4 /24, 10% IPv6 /64), applied through `api-shield feeds refresh` (parse, checks, diff, LPM trie updates, last-good save). Goal: at most 5 s for 1,000,000 lines.\n",
+        "A file feed of {lines} distinct prefixes ({:.1} MiB: 60% IPv4 /32, 30% IPv4 /24, 10% IPv6 /64), applied through `api-shield feeds refresh` (parse, checks, diff, list map updates, last-good save). Goal: at most 5 s for 1,000,000 lines.\n",
         size as f64 / 1048576.0
     )?;
     writeln!(report, "| step | time | goal |")?;
@@ -1188,7 +1188,7 @@ fn feed_scale(report: &mut String, lines: usize) -> Result<()> {
     )?;
     writeln!(
         report,
-        "Where the time goes: about half is the kernel's one update per prefix (LPM tries take no batch updates: the blocklist-scale section's load rate of this run), the rest the parse, checks, diff and last-good save; both move with host load (3.9-5.4 s for the first version across runs while this was written). Keeping the list summaries in step adds about 0.1 s per million prefixes (measured in the daemon: marking the touched /24s before the trie updates, one sweep and the IPv6 bitmap after).\n"
+        "Where the time goes: the 40% of entries that are prefixes go into the LPM tries one update each (they take no batch updates; about 1 s at the blocklist-scale section's load rate), the 60% that are whole addresses into the exact-match hashes in batches of 16,384 (before these took the tries too, the first version took 3.9-5.4 s across runs); the rest is the parse, checks, diff and last-good save, which move with host load. Keeping the list summaries in step adds about 0.1 s per million prefixes (measured in the daemon: marking the touched /24s before the map updates, one sweep and the IPv6 bitmap after).\n"
     )?;
     Ok(())
 }
