@@ -201,6 +201,27 @@ fn check_pinned_shape(path: &Path, want: &MapShape) -> Result<()> {
     Ok(())
 }
 
+/// Entries of one family's lists: its trie's and its exact map's (`N`: address bytes).
+fn family_entries<const N: usize>(trie: &aya::maps::Map, exact: &aya::maps::Map) -> Result<usize> {
+    let in_trie = LpmTrie::<_, [u8; N], ListVerdict>::try_from(trie)?
+        .keys()
+        .filter(Result::is_ok)
+        .count();
+    let in_exact = HashMap::<_, [u8; N], ListVerdict>::try_from(exact)?
+        .keys()
+        .filter(Result::is_ok)
+        .count();
+    Ok(in_trie + in_exact)
+}
+
+/// The address of `net`, as an exact map's key.
+fn address_bytes(net: &IpNet) -> Vec<u8> {
+    match net.addr() {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
 /// Whether `net` is one address (/32, /128): an exact map's entry, not a trie's.
 fn is_whole_address(net: &IpNet) -> bool {
     net.prefix_len() == net.max_prefix_len()
@@ -608,28 +629,10 @@ impl Shield {
         for shape in self.shapes.iter().filter(|s| !fixed.contains(&s.name)) {
             let entries = match shape.map_type {
                 MapType::LpmTrie if shape.key_size == 8 => {
-                    LpmTrie::<_, [u8; 4], ListVerdict>::try_from(map(shape.name)?)?
-                        .keys()
-                        .filter(Result::is_ok)
-                        .count()
-                        + HashMap::<_, [u8; 4], ListVerdict>::try_from(map(
-                            names::MAP_LIST_V4_EXACT,
-                        )?)?
-                        .keys()
-                        .filter(Result::is_ok)
-                        .count()
+                    family_entries::<4>(map(shape.name)?, map(names::MAP_LIST_V4_EXACT)?)?
                 }
                 MapType::LpmTrie => {
-                    LpmTrie::<_, [u8; 16], ListVerdict>::try_from(map(shape.name)?)?
-                        .keys()
-                        .filter(Result::is_ok)
-                        .count()
-                        + HashMap::<_, [u8; 16], ListVerdict>::try_from(map(
-                            names::MAP_LIST_V6_EXACT,
-                        )?)?
-                        .keys()
-                        .filter(Result::is_ok)
-                        .count()
+                    family_entries::<16>(map(shape.name)?, map(names::MAP_LIST_V6_EXACT)?)?
                 }
                 MapType::LruHash => {
                     HashMap::<_, LimiterKey, LimiterState>::try_from(map(shape.name)?)?
@@ -889,13 +892,7 @@ impl Shield {
                 if stopped {
                     return Ok(done);
                 }
-                let mut keys = Vec::with_capacity(chunk.len() * 16);
-                for net in chunk {
-                    match net.addr() {
-                        IpAddr::V4(a) => keys.extend_from_slice(&a.octets()),
-                        IpAddr::V6(a) => keys.extend_from_slice(&a.octets()),
-                    }
-                }
+                let keys: Vec<u8> = chunk.iter().flat_map(address_bytes).collect();
                 let n = self.batch(name, &keys, None, chunk.len())?;
                 done += n;
                 stopped = n < chunk.len();
@@ -936,15 +933,11 @@ impl Shield {
                 names::MAP_LIST_V6_EXACT
             };
             for chunk in taken.chunks(CHUNK) {
-                let mut keys = Vec::with_capacity(chunk.len() * 16);
-                let mut values = Vec::with_capacity(chunk.len() * 4);
-                for (net, verdict) in chunk {
-                    match net.addr() {
-                        IpAddr::V4(a) => keys.extend_from_slice(&a.octets()),
-                        IpAddr::V6(a) => keys.extend_from_slice(&a.octets()),
-                    }
-                    values.extend_from_slice(&verdict.to_ne_bytes());
-                }
+                let keys: Vec<u8> = chunk
+                    .iter()
+                    .flat_map(|(net, _)| address_bytes(net))
+                    .collect();
+                let values: Vec<u8> = chunk.iter().flat_map(|(_, v)| v.to_ne_bytes()).collect();
                 let done = self.batch(name, &keys, Some(&values), chunk.len())?;
                 for &(net, verdict) in &chunk[..done] {
                     self.lists.entries.insert(net, verdict);

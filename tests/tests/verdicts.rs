@@ -1302,8 +1302,8 @@ fn whole_addresses_and_prefixes_share_the_list_capacity() {
     let spread = |i: u32| Ipv4Addr::from(0x0a00_0000 + i * 3);
     let extra = |i: u32| Ipv4Addr::from(0x0c00_0000 + i);
     let v4 = |a: Ipv4Addr, len: u8| IpNet::new(a.into(), len).unwrap();
-    let v6 =
-        |i: u128| IpNet::new(Ipv6Addr::from(0x2001_0db8_0001_u128 << 80 | i).into(), 128).unwrap();
+    let host6 = |i: u128| Ipv6Addr::from(0x2001_0db8_0001_u128 << 80 | i);
+    let v6 = |i: u128| IpNet::new(host6(i).into(), 128).unwrap();
     let mut block: Vec<IpNet> = (0..1_000u32)
         .map(|i| v4(Ipv4Addr::from(0x0b00_0000 + (i << 8)), 24))
         .chain((0..39_000).map(|i| v4(spread(i), 32)))
@@ -1337,16 +1337,8 @@ fn whole_addresses_and_prefixes_share_the_list_capacity() {
         udp4(Ipv4Addr::from(u32::from(spread(7)) + 1), 20),
         "between listed /32s",
     );
-    drop(
-        &mut h,
-        udp6(Ipv6Addr::from(0x2001_0db8_0001_u128 << 80 | 19_999), 20),
-        "a /128",
-    );
-    pass(
-        &mut h,
-        udp6(Ipv6Addr::from(0x2001_0db8_0001_u128 << 80 | 20_000), 20),
-        "next to it",
-    );
+    drop(&mut h, udp6(host6(19_999), 20), "a /128");
+    pass(&mut h, udp6(host6(20_000), 20), "next to it");
 
     // Removing 30,000 /32s and 18,000 /128s (two batches and more) makes room.
     block.retain(|net| match net {
@@ -1362,14 +1354,6 @@ fn whole_addresses_and_prefixes_share_the_list_capacity() {
     pass(&mut h, udp4(spread(29_999), 20), "last removed /32");
     drop(&mut h, udp4(spread(30_000), 20), "kept /32");
     drop(&mut h, udp4(extra(99), 20), "refused before, in now");
-    pass(
-        &mut h,
-        udp6(Ipv6Addr::from(0x2001_0db8_0001_u128 << 80 | 17_999), 20),
-        "removed /128",
-    );
-    drop(
-        &mut h,
-        udp6(Ipv6Addr::from(0x2001_0db8_0001_u128 << 80 | 18_000), 20),
-        "kept /128",
-    );
+    pass(&mut h, udp6(host6(17_999), 20), "removed /128");
+    drop(&mut h, udp6(host6(18_000), 20), "kept /128");
 }
