@@ -11,13 +11,13 @@ pub mod names {
     /// LPM trie, IPv4 source prefixes shorter than /32 -> [`crate::lists::ListVerdict`].
     /// Operators see it as the whole IPv4 list: its fill counts [`MAP_LIST_V4_EXACT`] too.
     pub const MAP_LIST_V4: &str = "LIST_V4";
-    /// LPM trie, IPv6 source prefixes shorter than /128 -> [`crate::lists::ListVerdict`].
+    /// LPM trie, IPv6 source prefixes -> [`crate::lists::ListVerdict`].
     pub const MAP_LIST_V6: &str = "LIST_V6";
     /// Hash, IPv4 addresses listed as /32 -> [`crate::lists::ListVerdict`]: most of a large
-    /// feed, found by one hash lookup where the trie walk lengthens with the list.
+    /// feed, found by one hash lookup where the trie walk lengthens with the list. (IPv6
+    /// lists hold few /128s, so they keep the trie alone: an exact map's bit check cost
+    /// every IPv6 lookup more than it saved.)
     pub const MAP_LIST_V4_EXACT: &str = "LIST_V4_EXACT";
-    /// Hash, IPv6 addresses listed as /128 -> [`crate::lists::ListVerdict`].
-    pub const MAP_LIST_V6_EXACT: &str = "LIST_V6_EXACT";
     /// Mmapable array of u64: the IPv4 trie summarised per /24 ([`crate::lists::summary`]).
     pub const MAP_LIST_V4_SUMMARY: &str = "LIST_V4_SUMMARY";
     /// Mmapable array of u64: where the IPv6 trie may match ([`crate::lists::summary_v6`]).
@@ -91,24 +91,22 @@ pub mod lists {
         }
     }
 
-    /// Where the IPv6 lists may match, as three bitmaps in one array of u64 words; a
-    /// source whose bits are all clear is listed nowhere and skips the lookups. Sources
-    /// are too many to summarise one prefix each, so bits stand for groups, and a set bit
-    /// only says "ask":
+    /// Where the IPv6 trie may match, as two bitmaps in one array of u64 words; a source
+    /// whose bit is clear in both is listed nowhere and skips the trie. Sources are too
+    /// many to summarise one prefix each, so bits stand for groups, and a set bit only
+    /// says "ask the trie":
     /// - the first [`SHORT_WORDS`](summary_v6::SHORT_WORDS) words: one bit per /16, set
-    ///   where an entry of /16 or shorter covers it (ask the trie);
-    /// - then one bit per value of address bits 16 to 39 (the /40 without its first 16
-    ///   bits, which few values fill: 2001, 2a00, ...), set where an entry of /17 to /127
-    ///   has those bits (every value its own bits leave open, for entries under /40): ask
-    ///   the trie;
-    /// - then the same per /128 entry: ask the exact map.
+    ///   where an entry of /16 or shorter covers it;
+    /// - the rest: one bit per value of address bits 16 to 39 (the /40 without its first
+    ///   16 bits, which few values fill: 2001, 2a00, ...), set where an entry longer than
+    ///   /16 has those bits (every value its own bits leave open, for entries under /40).
     pub mod summary_v6 {
         /// Words of the per-/16 bitmap.
         pub const SHORT_WORDS: u32 = (1 << 16) / 64;
-        /// Words of each bits-16-to-39 bitmap.
+        /// Words of the bits-16-to-39 bitmap.
         pub const CELL_WORDS: u32 = (1 << 24) / 64;
-        /// Words in the map: 8 KiB and twice 2 MiB.
-        pub const WORDS: u32 = SHORT_WORDS + 2 * CELL_WORDS;
+        /// Words in the map: 2 MiB and 8 KiB.
+        pub const WORDS: u32 = SHORT_WORDS + CELL_WORDS;
 
         /// The bit of an address's /16: (word index, shift).
         #[inline(always)]
@@ -117,18 +115,11 @@ pub mod lists {
             (top / 64, top % 64)
         }
 
-        /// The trie bit of an address's bits 16 to 39: (word index, shift).
+        /// The bit of an address's bits 16 to 39: (word index, shift).
         #[inline(always)]
         pub const fn cell_bit(addr: &[u8; 16]) -> (u32, u32) {
             let cell = ((addr[2] as u32) << 16) | ((addr[3] as u32) << 8) | addr[4] as u32;
             (SHORT_WORDS + cell / 64, cell % 64)
-        }
-
-        /// The exact-map bit of an address's bits 16 to 39: (word index, shift).
-        #[inline(always)]
-        pub const fn exact_bit(addr: &[u8; 16]) -> (u32, u32) {
-            let (word, shift) = cell_bit(addr);
-            (word + CELL_WORDS, shift)
         }
     }
 }

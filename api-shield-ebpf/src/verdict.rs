@@ -45,8 +45,6 @@ static LIST_V6: LpmTrie<[u8; 16], ListVerdict> = LpmTrie::with_max_entries(1024,
 /// Flags 1: BPF_F_NO_PREALLOC, so an empty list costs only the buckets.
 #[map(name = "LIST_V4_EXACT")]
 static LIST_V4_EXACT: HashMap<[u8; 4], ListVerdict> = HashMap::with_max_entries(1024, 1);
-#[map(name = "LIST_V6_EXACT")]
-static LIST_V6_EXACT: HashMap<[u8; 16], ListVerdict> = HashMap::with_max_entries(1024, 1);
 #[map(name = "LIMITER")]
 static LIMITER: LruHashMap<LimiterKey, LimiterState> = LruHashMap::with_max_entries(1024, 0);
 #[map(name = "LIMITS")]
@@ -333,20 +331,14 @@ fn list_v4(src: [u8; 4]) -> ListVerdict {
         .unwrap_or(summary::NONE)
 }
 
-/// The list verdict of an IPv6 source (0: listed nowhere): the exact map's, then the
-/// trie's, each asked only where the summary bitmaps say an entry may hold the source.
+/// The list verdict of an IPv6 source (0: listed nowhere): the trie's, unless the
+/// summary bitmaps say no entry can hold the source.
 #[inline(always)]
 fn list_v6(src: &[u8; 16]) -> ListVerdict {
     let bit = |(word, shift): (u32, u32)| match LIST_V6_SUMMARY.get(word) {
         Some(w) => (*w >> shift) & 1 != 0,
         None => true,
     };
-    if bit(summary_v6::exact_bit(src)) {
-        // SAFETY: the value is copied out at once.
-        if let Some(v) = unsafe { LIST_V6_EXACT.get(src) } {
-            return *v;
-        }
-    }
     if !bit(summary_v6::short_bit(src)) && !bit(summary_v6::cell_bit(src)) {
         return summary::NONE;
     }

@@ -68,19 +68,12 @@ fn map_shapes(capacity: &Capacity) -> Result<Vec<MapShape>> {
             value_size: 4,
             max_entries: list_entries,
         },
-        // Each family's /32 (/128) entries live in its exact map, the rest in its trie; the
-        // controller keeps their sum within the family's capacity.
+        // IPv4 /32 entries live in the exact map, the rest in the trie; the controller keeps
+        // their sum within the family's capacity.
         MapShape {
             name: names::MAP_LIST_V4_EXACT,
             map_type: MapType::Hash,
             key_size: 4,
-            value_size: 4,
-            max_entries: list_entries,
-        },
-        MapShape {
-            name: names::MAP_LIST_V6_EXACT,
-            map_type: MapType::Hash,
-            key_size: 16,
             value_size: 4,
             max_entries: list_entries,
         },
@@ -201,20 +194,8 @@ fn check_pinned_shape(path: &Path, want: &MapShape) -> Result<()> {
     Ok(())
 }
 
-/// Entries of one family's lists: its trie's and its exact map's (`N`: address bytes).
-fn family_entries<const N: usize>(trie: &aya::maps::Map, exact: &aya::maps::Map) -> Result<usize> {
-    let in_trie = LpmTrie::<_, [u8; N], ListVerdict>::try_from(trie)?
-        .keys()
-        .filter(Result::is_ok)
-        .count();
-    let in_exact = HashMap::<_, [u8; N], ListVerdict>::try_from(exact)?
-        .keys()
-        .filter(Result::is_ok)
-        .count();
-    Ok(in_trie + in_exact)
-}
-
-/// The address of `net`, as an exact map's key.
+/// The address of `net` in network order: the exact map's key, for the IPv4 addresses
+/// that go there.
 fn address_bytes(net: &IpNet) -> Vec<u8> {
     match net.addr() {
         IpAddr::V4(a) => a.octets().to_vec(),
@@ -222,9 +203,12 @@ fn address_bytes(net: &IpNet) -> Vec<u8> {
     }
 }
 
-/// Whether `net` is one address (/32, /128): an exact map's entry, not a trie's.
+/// Entries per batch update of the exact map.
+const BATCH_CHUNK: usize = 1 << 14;
+
+/// Whether `net` is one IPv4 address: the exact map's entry, not the trie's.
 fn is_whole_address(net: &IpNet) -> bool {
-    net.prefix_len() == net.max_prefix_len()
+    matches!(net, IpNet::V4(n) if n.prefix_len() == 32)
 }
 
 /// Entries each address family's lists can still take (see `Shield::list_room`).
@@ -475,12 +459,6 @@ impl Shield {
                 .entries
                 .insert(IpNet::new(IpAddr::V4(Ipv4Addr::from(addr)), 32)?, verdict);
         }
-        for item in self.exact_v6()?.iter() {
-            let (addr, verdict) = item?;
-            table
-                .entries
-                .insert(IpNet::new(IpAddr::V6(Ipv6Addr::from(addr)), 128)?, verdict);
-        }
         Ok(table)
     }
 
@@ -617,9 +595,8 @@ impl Shield {
             names::MAP_RULE_COUNTERS,
             names::MAP_LIST_V4_SUMMARY,
             names::MAP_LIST_V6_SUMMARY,
-            // Counted with their family's trie, which stands for the whole list.
+            // Counted with the IPv4 trie, which stands for the whole IPv4 list.
             names::MAP_LIST_V4_EXACT,
-            names::MAP_LIST_V6_EXACT,
         ];
         let map = |name: &str| {
             self.ebpf
@@ -629,10 +606,22 @@ impl Shield {
         for shape in self.shapes.iter().filter(|s| !fixed.contains(&s.name)) {
             let entries = match shape.map_type {
                 MapType::LpmTrie if shape.key_size == 8 => {
-                    family_entries::<4>(map(shape.name)?, map(names::MAP_LIST_V4_EXACT)?)?
+                    LpmTrie::<_, [u8; 4], ListVerdict>::try_from(map(shape.name)?)?
+                        .keys()
+                        .filter(Result::is_ok)
+                        .count()
+                        + HashMap::<_, [u8; 4], ListVerdict>::try_from(map(
+                            names::MAP_LIST_V4_EXACT,
+                        )?)?
+                        .keys()
+                        .filter(Result::is_ok)
+                        .count()
                 }
                 MapType::LpmTrie => {
-                    family_entries::<16>(map(shape.name)?, map(names::MAP_LIST_V6_EXACT)?)?
+                    LpmTrie::<_, [u8; 16], ListVerdict>::try_from(map(shape.name)?)?
+                        .keys()
+                        .filter(Result::is_ok)
+                        .count()
                 }
                 MapType::LruHash => {
                     HashMap::<_, LimiterKey, LimiterState>::try_from(map(shape.name)?)?
@@ -856,7 +845,7 @@ impl Shield {
     }
 
     /// Entries each family's lists can still take: its capacity (the trie's size) less
-    /// what its trie and exact map hold, which share it.
+    /// what it holds (for IPv4, the trie and the exact map share it).
     fn list_room(&self) -> Result<ListRoom> {
         let capacity = |name: &str| {
             self.shapes
@@ -878,31 +867,23 @@ impl Shield {
         })
     }
 
-    /// Removes whole addresses (IPv4 ones first) from the exact maps in batches: how many
-    /// of `exact`, from its start, are gone; the caller removes the rest one by one.
+    /// Removes IPv4 addresses from the exact map in batches: how many of `exact`, from
+    /// its start, are gone; the caller removes the rest one by one.
     fn remove_exact(&mut self, exact: &[IpNet]) -> Result<usize> {
-        const CHUNK: usize = 1 << 14;
-        let v4 = exact.partition_point(|n| n.addr().is_ipv4());
-        let (mut done, mut stopped) = (0, false);
-        for (family, name) in [
-            (&exact[..v4], names::MAP_LIST_V4_EXACT),
-            (&exact[v4..], names::MAP_LIST_V6_EXACT),
-        ] {
-            for chunk in family.chunks(CHUNK) {
-                if stopped {
-                    return Ok(done);
-                }
-                let keys: Vec<u8> = chunk.iter().flat_map(address_bytes).collect();
-                let n = self.batch(name, &keys, None, chunk.len())?;
-                done += n;
-                stopped = n < chunk.len();
+        let mut done = 0;
+        for chunk in exact.chunks(BATCH_CHUNK) {
+            let keys: Vec<u8> = chunk.iter().flat_map(address_bytes).collect();
+            let n = self.batch(names::MAP_LIST_V4_EXACT, &keys, None, chunk.len())?;
+            done += n;
+            if n < chunk.len() {
+                break;
             }
         }
         Ok(done)
     }
 
-    /// Adds whole addresses to the exact maps in batches (BPF_MAP_UPDATE_BATCH: one call
-    /// per many entries, where a trie takes one per entry); those that find no room are
+    /// Adds IPv4 addresses to the exact map in batches (BPF_MAP_UPDATE_BATCH: one call per
+    /// many entries, where a trie takes one per entry); those that find no room are
     /// refused, as in [`Shield::upsert_or_refuse`], which finishes a batch the kernel stopped.
     fn upsert_exact(
         &mut self,
@@ -910,46 +891,35 @@ impl Shield {
         room: &mut ListRoom,
         refused: &mut Vec<IpNet>,
     ) -> Result<()> {
-        const CHUNK: usize = 1 << 14;
-        for family_v4 in [true, false] {
-            let mut taken: Vec<(IpNet, ListVerdict)> = Vec::new();
-            for &(net, verdict) in entries
-                .iter()
-                .filter(|(n, _)| n.addr().is_ipv4() == family_v4)
-            {
-                let new = !self.lists.entries.contains_key(&net);
-                if new && *room.of(&net) == 0 {
-                    refused.push(net);
-                    continue;
-                }
-                if new {
-                    *room.of(&net) -= 1;
-                }
-                taken.push((net, verdict));
+        let mut taken: Vec<(IpNet, ListVerdict)> = Vec::new();
+        for &(net, verdict) in entries {
+            let new = !self.lists.entries.contains_key(&net);
+            if new && *room.of(&net) == 0 {
+                refused.push(net);
+                continue;
             }
-            let name = if family_v4 {
-                names::MAP_LIST_V4_EXACT
-            } else {
-                names::MAP_LIST_V6_EXACT
-            };
-            for chunk in taken.chunks(CHUNK) {
-                let keys: Vec<u8> = chunk
-                    .iter()
-                    .flat_map(|(net, _)| address_bytes(net))
-                    .collect();
-                let values: Vec<u8> = chunk.iter().flat_map(|(_, v)| v.to_ne_bytes()).collect();
-                let done = self.batch(name, &keys, Some(&values), chunk.len())?;
-                for &(net, verdict) in &chunk[..done] {
-                    self.lists.entries.insert(net, verdict);
+            if new {
+                *room.of(&net) -= 1;
+            }
+            taken.push((net, verdict));
+        }
+        for chunk in taken.chunks(BATCH_CHUNK) {
+            let keys: Vec<u8> = chunk
+                .iter()
+                .flat_map(|(net, _)| address_bytes(net))
+                .collect();
+            let values: Vec<u8> = chunk.iter().flat_map(|(_, v)| v.to_ne_bytes()).collect();
+            let done = self.batch(names::MAP_LIST_V4_EXACT, &keys, Some(&values), chunk.len())?;
+            for &(net, verdict) in &chunk[..done] {
+                self.lists.entries.insert(net, verdict);
+            }
+            // Stopped short (out of memory, say): the rest one by one, with their room
+            // given back first, so each gets its own verdict or error.
+            for &(net, verdict) in &chunk[done..] {
+                if !self.lists.entries.contains_key(&net) {
+                    *room.of(&net) += 1;
                 }
-                // Stopped short (out of memory, say): the rest one by one, with their
-                // room given back first, so each gets its own verdict or error.
-                for &(net, verdict) in &chunk[done..] {
-                    if !self.lists.entries.contains_key(&net) {
-                        *room.of(&net) += 1;
-                    }
-                    self.upsert_or_refuse(net, verdict, room, refused)?;
-                }
+                self.upsert_or_refuse(net, verdict, room, refused)?;
             }
         }
         Ok(())
@@ -1049,8 +1019,8 @@ impl Shield {
         &self.lists
     }
 
-    /// Adds or updates one entry: a whole address (/32, /128) in its family's exact map,
-    /// any other prefix in its trie.
+    /// Adds or updates one entry: an IPv4 address (/32) in the exact map, any other prefix
+    /// in its family's trie.
     fn list_insert(&mut self, net: IpNet, verdict: ListVerdict) -> Result<()> {
         let len = u32::from(net.prefix_len());
         match net.addr() {
@@ -1058,7 +1028,6 @@ impl Shield {
             IpAddr::V4(a) => self
                 .trie_v4()?
                 .insert(&Key::new(len, a.octets()), verdict, 0)?,
-            IpAddr::V6(a) if len == 128 => self.exact_v6()?.insert(a.octets(), verdict, 0)?,
             IpAddr::V6(a) => self
                 .trie_v6()?
                 .insert(&Key::new(len, a.octets()), verdict, 0)?,
@@ -1071,7 +1040,6 @@ impl Shield {
         match net.addr() {
             IpAddr::V4(a) if len == 32 => self.exact_v4()?.remove(&a.octets())?,
             IpAddr::V4(a) => self.trie_v4()?.remove(&Key::new(len, a.octets()))?,
-            IpAddr::V6(a) if len == 128 => self.exact_v6()?.remove(&a.octets())?,
             IpAddr::V6(a) => self.trie_v6()?.remove(&Key::new(len, a.octets()))?,
         }
         Ok(())
@@ -1079,10 +1047,6 @@ impl Shield {
 
     fn exact_v4(&mut self) -> Result<HashMap<&mut MapData, [u8; 4], ListVerdict>> {
         Ok(HashMap::try_from(self.map_mut(names::MAP_LIST_V4_EXACT)?)?)
-    }
-
-    fn exact_v6(&mut self) -> Result<HashMap<&mut MapData, [u8; 16], ListVerdict>> {
-        Ok(HashMap::try_from(self.map_mut(names::MAP_LIST_V6_EXACT)?)?)
     }
 
     fn trie_v4(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 4], ListVerdict>> {

@@ -155,13 +155,11 @@ fn fill(words: &mut [u64], first: u32, last: u32, value: u32) {
 }
 
 /// The IPv6 bitmaps ([`summary_v6`]) for a set of entries: the bits of every group an
-/// entry may hold an address of, in the trie's bitmaps or, for /128 entries, the exact
-/// map's. Ranges are merged before they are painted, so a list of wide prefixes costs no
-/// more than the bitmap's size.
+/// entry may hold an address of. Ranges are merged before they are painted, so a list of
+/// wide prefixes costs no more than the bitmap's size.
 pub fn v6_bitmap<'a>(nets: impl IntoIterator<Item = &'a IpNet>) -> Vec<u64> {
     let mut short: Vec<(u32, u32)> = Vec::new();
     let mut cells: Vec<(u32, u32)> = Vec::new();
-    let mut exact: Vec<(u32, u32)> = Vec::new();
     for net in nets {
         let IpNet::V6(net) = net else { continue };
         let addr = u128::from(net.network());
@@ -173,18 +171,12 @@ pub fn v6_bitmap<'a>(nets: impl IntoIterator<Item = &'a IpNet>) -> Vec<u64> {
                 short.push((first, first + (1 << (16 - len)) - 1));
             }
             17..=39 => cells.push((cell, cell + (1 << (40 - len)) - 1)),
-            40..=127 => cells.push((cell, cell)),
-            _ => exact.push((cell, cell)),
+            _ => cells.push((cell, cell)),
         }
     }
     let mut words = vec![0u64; summary_v6::WORDS as usize];
-    let (short_words, rest) = words.split_at_mut(summary_v6::SHORT_WORDS as usize);
-    let (cell_words, exact_words) = rest.split_at_mut(summary_v6::CELL_WORDS as usize);
-    for (bitmap, ranges) in [
-        (short_words, short),
-        (cell_words, cells),
-        (exact_words, exact),
-    ] {
+    let (short_words, cell_words) = words.split_at_mut(summary_v6::SHORT_WORDS as usize);
+    for (bitmap, ranges) in [(short_words, short), (cell_words, cells)] {
         for (first, last) in merge(ranges) {
             set_bits(bitmap, first, last);
         }
@@ -322,7 +314,7 @@ impl SummaryMaps {
 
     /// Before the maps change: the IPv4 /24s the changed prefixes touch ask the exact map
     /// and the trie, and the IPv6 bits of added prefixes are set (a set bit only sends
-    /// packets to a map).
+    /// packets to the trie).
     pub fn before_change<'a>(
         &mut self,
         upserts: impl IntoIterator<Item = &'a IpNet>,
@@ -557,12 +549,6 @@ mod tests {
         bit(summary_v6::short_bit(&a)) || bit(summary_v6::cell_bit(&a))
     }
 
-    /// Whether the data plane would ask the IPv6 exact map about `addr`.
-    fn asks_exact(bits: &[u64], addr: std::net::Ipv6Addr) -> bool {
-        let (word, shift) = summary_v6::exact_bit(&addr.octets());
-        bits[word as usize] >> shift & 1 != 0
-    }
-
     #[test]
     fn ipv6_bits_cover_every_entry_and_little_else() {
         let nets: Vec<IpNet> = [
@@ -578,10 +564,8 @@ mod tests {
         .collect();
         let bits = v6_bitmap(&nets);
         let asks = |s: &str| asks_trie(&bits, s.parse().unwrap());
-        // A /128 entry: the exact map, not the trie; its neighbours in the cell too.
-        let exact = |s: &str| asks_exact(&bits, s.parse().unwrap());
-        assert!(exact("2001:db8:7::7") && exact("2001:db8:7::8") && !asks("2001:db8:7::7"));
-        assert!(!exact("2001:db8:a11::1") && !exact("2001:db8:107::7"));
+        // A /128 entry sends its address to the trie, and its neighbours in the cell too.
+        assert!(asks("2001:db8:7::7") && asks("2001:db8:7::8") && !asks("2001:db8:107::7"));
         for listed in [
             "2001:db8:a11::1",
             "2001:db8:bad:ffff::",
@@ -614,7 +598,7 @@ mod tests {
     }
 
     #[test]
-    fn random_ipv6_entries_always_send_their_addresses_to_their_map() {
+    fn random_ipv6_entries_always_send_their_addresses_to_the_trie() {
         let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         for _ in 0..50 {
             let nets: Vec<IpNet> = (0..100)
@@ -635,11 +619,7 @@ mod tests {
                     n.broadcast(),
                     (u128::from(n.network()) | host).into(),
                 ] {
-                    if n.prefix_len() == 128 {
-                        assert!(asks_exact(&bits, addr), "{addr} in {n}");
-                    } else {
-                        assert!(asks_trie(&bits, addr), "{addr} in {n}");
-                    }
+                    assert!(asks_trie(&bits, addr), "{addr} in {n}");
                 }
             }
         }

@@ -338,8 +338,8 @@ pub mod tempdir {
 }
 
 /// What the list maps pinned for `iface` under `pin_dir` hold: prefix -> verdict
-/// (1 allow, 2 block), read straight from the kernel (the tries, and the exact maps of
-/// whole addresses).
+/// (1 allow, 2 block), read straight from the kernel (the tries, and the exact map of
+/// IPv4 addresses).
 pub fn pinned_lists(
     pin_dir: &std::path::Path,
     iface: &str,
@@ -367,15 +367,6 @@ pub fn pinned_lists(
         let (addr, verdict) = item?;
         out.insert(
             ipnet::IpNet::V4(ipnet::Ipv4Net::new(addr.into(), 32)?),
-            verdict,
-        );
-    }
-    let v6: HashMap<MapData, [u8; 16], u32> =
-        HashMap::try_from(Map::HashMap(MapData::from_pin(dir.join("LIST_V6_EXACT"))?))?;
-    for item in v6.iter() {
-        let (addr, verdict) = item?;
-        out.insert(
-            ipnet::IpNet::V6(ipnet::Ipv6Net::new(addr.into(), 128)?),
             verdict,
         );
     }

@@ -1288,9 +1288,9 @@ fn ipv6_list_summary_follows_every_list_change() {
     );
 }
 
-/// Whole addresses (in the exact maps, added and removed in batches of 16k) and prefixes
-/// (in the tries) share each family's capacity: what does not fit is refused and stays
-/// out of the maps, and goes in once removals make room.
+/// IPv4 addresses (in the exact map, added and removed in batches of 16k) and prefixes
+/// (in the trie) share the family's capacity, as IPv6 prefixes share theirs: what does
+/// not fit is refused and stays out of the maps, and goes in once removals make room.
 #[test]
 fn whole_addresses_and_prefixes_share_the_list_capacity() {
     use api_shield::lists::fold;
@@ -1340,7 +1340,7 @@ fn whole_addresses_and_prefixes_share_the_list_capacity() {
     drop(&mut h, udp6(host6(19_999), 20), "a /128");
     pass(&mut h, udp6(host6(20_000), 20), "next to it");
 
-    // Removing 30,000 /32s and 18,000 /128s (two batches and more) makes room.
+    // Removing 30,000 /32s (two batches and more) and 18,000 /128s makes room.
     block.retain(|net| match net {
         IpNet::V4(n) => {
             !(u32::from(n.addr()) >= 0x0a00_0000 && u32::from(n.addr()) < u32::from(spread(30_000)))
