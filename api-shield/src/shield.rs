@@ -971,7 +971,7 @@ impl Shield {
             BPF_MAP_DELETE_BATCH
         };
         // SAFETY: `attr` points at `count` keys (and values) of the map's sizes, alive for
-        // the call; the kernel writes back only `attr.count`, also when it fails.
+        // the call; the kernel writes back only `attr.count`.
         let ret = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -980,10 +980,15 @@ impl Shield {
                 std::mem::size_of::<BatchAttr>(),
             )
         };
-        Ok(if ret < 0 {
-            (attr.count as usize).min(count)
-        } else {
-            count
+        if ret >= 0 {
+            return Ok(count);
+        }
+        // Refused before the first entry (no batch support, bad attributes): the kernel
+        // wrote no count. Past that, it says how far it got.
+        const ENOTSUPP: i32 = 524;
+        Ok(match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | ENOTSUPP) => 0,
+            _ => (attr.count as usize).min(count),
         })
     }
 
