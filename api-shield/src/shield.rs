@@ -194,21 +194,15 @@ fn check_pinned_shape(path: &Path, want: &MapShape) -> Result<()> {
     Ok(())
 }
 
-/// The address of `net` in network order: the exact map's key, for the IPv4 addresses
-/// that go there.
-fn address_bytes(net: &IpNet) -> Vec<u8> {
-    match net.addr() {
-        IpAddr::V4(a) => a.octets().to_vec(),
-        IpAddr::V6(a) => a.octets().to_vec(),
-    }
-}
-
 /// Entries per batch update of the exact map.
 const BATCH_CHUNK: usize = 1 << 14;
 
-/// Whether `net` is one IPv4 address: the exact map's entry, not the trie's.
-fn is_whole_address(net: &IpNet) -> bool {
-    matches!(net, IpNet::V4(n) if n.prefix_len() == 32)
+/// The IPv4 address `net` is, if it is one (/32): the exact map's entry, not the trie's.
+fn exact_address(net: &IpNet) -> Option<Ipv4Addr> {
+    match net {
+        IpNet::V4(n) if n.prefix_len() == 32 => Some(n.addr()),
+        _ => None,
+    }
 }
 
 /// Entries each address family's lists can still take (see `Shield::list_room`).
@@ -814,20 +808,22 @@ impl Shield {
     fn apply_diff(&mut self, next: &ListTable, diff: &ListDiff) -> Result<Vec<IpNet>> {
         let mut room = self.list_room()?;
         let mut refused = Vec::new();
-        let (exact, prefixes): (Vec<(IpNet, ListVerdict)>, Vec<_>) = diff
-            .upserts
-            .iter()
-            .partition(|(net, _)| is_whole_address(net));
-        for (net, verdict) in prefixes {
-            self.upsert_or_refuse(net, verdict, &mut room, &mut refused)?;
+        let mut exact = Vec::new();
+        for &(net, verdict) in &diff.upserts {
+            match exact_address(&net) {
+                Some(addr) => exact.push((addr, verdict)),
+                None => self.upsert_or_refuse(net, verdict, &mut room, &mut refused)?,
+            }
         }
         self.upsert_exact(&exact, &mut room, &mut refused)?;
-        let (exact, prefixes): (Vec<IpNet>, Vec<IpNet>) =
-            diff.removals.iter().partition(|net| is_whole_address(net));
+        let (exact, prefixes): (Vec<IpNet>, Vec<IpNet>) = diff
+            .removals
+            .iter()
+            .partition(|net| exact_address(net).is_some());
         let removed = self.remove_exact(&exact)?;
         for net in &exact[..removed] {
             self.lists.entries.remove(net);
-            *room.of(net) += 1;
+            room.v4 += 1;
         }
         for net in prefixes.iter().chain(&exact[removed..]) {
             self.list_remove(*net)
@@ -867,13 +863,17 @@ impl Shield {
         })
     }
 
-    /// Removes IPv4 addresses from the exact map in batches: how many of `exact`, from
-    /// its start, are gone; the caller removes the rest one by one.
+    /// Removes IPv4 addresses (/32 entries) from the exact map in batches: how many of
+    /// `exact`, from its start, are gone; the caller removes the rest one by one.
     fn remove_exact(&mut self, exact: &[IpNet]) -> Result<usize> {
         let mut done = 0;
         for chunk in exact.chunks(BATCH_CHUNK) {
-            let keys: Vec<u8> = chunk.iter().flat_map(address_bytes).collect();
-            let n = self.batch(names::MAP_LIST_V4_EXACT, &keys, None, chunk.len())?;
+            let keys: Vec<[u8; 4]> = chunk
+                .iter()
+                .filter_map(exact_address)
+                .map(|a| a.octets())
+                .collect();
+            let n = self.exact_batch(&keys, None)?;
             done += n;
             if n < chunk.len() {
                 break;
@@ -887,37 +887,36 @@ impl Shield {
     /// refused, as in [`Shield::upsert_or_refuse`], which finishes a batch the kernel stopped.
     fn upsert_exact(
         &mut self,
-        entries: &[(IpNet, ListVerdict)],
+        entries: &[(Ipv4Addr, ListVerdict)],
         room: &mut ListRoom,
         refused: &mut Vec<IpNet>,
     ) -> Result<()> {
-        let mut taken: Vec<(IpNet, ListVerdict)> = Vec::new();
-        for &(net, verdict) in entries {
-            let new = !self.lists.entries.contains_key(&net);
-            if new && *room.of(&net) == 0 {
-                refused.push(net);
+        let net_of = |addr: Ipv4Addr| IpNet::from(IpAddr::V4(addr));
+        let mut taken: Vec<(Ipv4Addr, ListVerdict)> = Vec::new();
+        for &(addr, verdict) in entries {
+            let new = !self.lists.entries.contains_key(&net_of(addr));
+            if new && room.v4 == 0 {
+                refused.push(net_of(addr));
                 continue;
             }
             if new {
-                *room.of(&net) -= 1;
+                room.v4 -= 1;
             }
-            taken.push((net, verdict));
+            taken.push((addr, verdict));
         }
         for chunk in taken.chunks(BATCH_CHUNK) {
-            let keys: Vec<u8> = chunk
-                .iter()
-                .flat_map(|(net, _)| address_bytes(net))
-                .collect();
-            let values: Vec<u8> = chunk.iter().flat_map(|(_, v)| v.to_ne_bytes()).collect();
-            let done = self.batch(names::MAP_LIST_V4_EXACT, &keys, Some(&values), chunk.len())?;
-            for &(net, verdict) in &chunk[..done] {
-                self.lists.entries.insert(net, verdict);
+            let keys: Vec<[u8; 4]> = chunk.iter().map(|(a, _)| a.octets()).collect();
+            let values: Vec<ListVerdict> = chunk.iter().map(|&(_, v)| v).collect();
+            let done = self.exact_batch(&keys, Some(&values))?;
+            for &(addr, verdict) in &chunk[..done] {
+                self.lists.entries.insert(net_of(addr), verdict);
             }
             // Stopped short (out of memory, say): the rest one by one, with their room
             // given back first, so each gets its own verdict or error.
-            for &(net, verdict) in &chunk[done..] {
+            for &(addr, verdict) in &chunk[done..] {
+                let net = net_of(addr);
                 if !self.lists.entries.contains_key(&net) {
-                    *room.of(&net) += 1;
+                    room.v4 += 1;
                 }
                 self.upsert_or_refuse(net, verdict, room, refused)?;
             }
@@ -925,18 +924,16 @@ impl Shield {
         Ok(())
     }
 
-    /// BPF_MAP_UPDATE_BATCH (or, without values, BPF_MAP_DELETE_BATCH) of `count` packed
-    /// keys and values on map `name`: how many the kernel did before it stopped, all of
+    /// BPF_MAP_UPDATE_BATCH of `keys` and `values` on the exact map (without values,
+    /// BPF_MAP_DELETE_BATCH of `keys`): how many the kernel did before it stopped, all of
     /// them unless something failed. The caller does the rest one by one, which reports
     /// each failure as it is (a full map, a missing entry, or no batch support at all).
-    fn batch(
-        &mut self,
-        name: &str,
-        keys: &[u8],
-        values: Option<&[u8]>,
-        count: usize,
-    ) -> Result<usize> {
+    fn exact_batch(&mut self, keys: &[[u8; 4]], values: Option<&[ListVerdict]>) -> Result<usize> {
         use std::os::fd::AsRawFd as _;
+        let count = keys.len();
+        if values.is_some_and(|v| v.len() != count) {
+            bail!("a batch of {count} keys with another number of values");
+        }
         /// The batch member of `union bpf_attr`.
         #[repr(C)]
         struct BatchAttr {
@@ -951,9 +948,9 @@ impl Shield {
         }
         const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
         const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
-        let fd = match self.map_mut(name)? {
+        let fd = match self.map_mut(names::MAP_LIST_V4_EXACT)? {
             aya::maps::Map::HashMap(data) => data.fd().as_fd().as_raw_fd(),
-            _ => bail!("map {name} is not a hash map"),
+            _ => bail!("map {} is not a hash map", names::MAP_LIST_V4_EXACT),
         };
         let mut attr = BatchAttr {
             in_batch: 0,
@@ -970,8 +967,8 @@ impl Shield {
         } else {
             BPF_MAP_DELETE_BATCH
         };
-        // SAFETY: `attr` points at `count` keys (and values) of the map's sizes, alive for
-        // the call; the kernel writes back only `attr.count`.
+        // SAFETY: `attr` points at `count` keys (and values) of the exact map's sizes (4 and
+        // 4 bytes, its shape), alive for the call; the kernel writes back only `attr.count`.
         let ret = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
