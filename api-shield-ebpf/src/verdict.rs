@@ -313,7 +313,7 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
 fn list_v4(src: [u8; 4]) -> ListVerdict {
     let (word, shift) = summary::cell(src);
     let cell = match LIST_V4_SUMMARY.get(word) {
-        Some(w) => (*w >> shift) as u32 & 0xf,
+        Some(w) => (*w >> shift) as u32 & ((1 << summary::CELL_BITS) - 1),
         None => summary::EXACT | summary::TRIE,
     };
     if cell & summary::EXACT != 0 {
