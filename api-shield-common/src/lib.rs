@@ -20,7 +20,8 @@ pub mod names {
     pub const MAP_LIST_V4_EXACT: &str = "LIST_V4_EXACT";
     /// Mmapable array of u64: the IPv4 trie summarised per /24 ([`crate::lists::summary`]).
     pub const MAP_LIST_V4_SUMMARY: &str = "LIST_V4_SUMMARY";
-    /// Mmapable array of u64: where the IPv6 trie may match ([`crate::lists::summary_v6`]).
+    /// Mmapable array of u64: the IPv6 trie summarised per /24, and a bitmap of where its
+    /// entries of /40 or longer lie ([`crate::lists::summary_v6`]).
     pub const MAP_LIST_V6_SUMMARY: &str = "LIST_V6_SUMMARY";
     /// LRU hash, [`crate::limiter::LimiterKey`] -> [`crate::limiter::LimiterState`].
     pub const MAP_LIMITER: &str = "LIMITER";
@@ -91,35 +92,41 @@ pub mod lists {
         }
     }
 
-    /// Where the IPv6 trie may match, as two bitmaps in one array of u64 words; a source
-    /// whose bit is clear in both is listed nowhere and skips the trie. Sources are too
-    /// many to summarise one prefix each, so bits stand for groups, and a set bit only
-    /// says "ask the trie":
-    /// - the first [`SHORT_WORDS`](summary_v6::SHORT_WORDS) words: one bit per /16, set
-    ///   where an entry of /16 or shorter covers it;
-    /// - the rest: one bit per value of address bits 16 to 39 (the /40 without its first
-    ///   16 bits, which few values fill: 2001, 2a00, ...), set where an entry longer than
-    ///   /16 has those bits (every value its own bits leave open, for entries under /40).
+    /// What the IPv6 lists say of each /24 (the first 24 address bits), as [`summary`]
+    /// says of IPv4's, so that most packets skip the trie walk: four bits per /24, the
+    /// base verdict of the longest entry of /24 or shorter covering it, then two flags:
+    /// [`LONG`](summary_v6::LONG), entries of /40 or longer lie inside (ask the /40
+    /// bitmap, then the trie); [`TRIE`](summary::TRIE), entries of /25 to /39 lie inside
+    /// (the trie's answer stands). Both flags: the controller is changing the /24.
+    ///
+    /// After the cells, one bit per value of address bits 16 to 39 (a /40 without its
+    /// first 16 bits; within one /24 that is the /40 itself), set where an entry of /40 or
+    /// longer lies: a clear bit says no such entry holds the source. The bits alias
+    /// across /24s, and a set bit only sends the packet to the trie.
     pub mod summary_v6 {
-        /// Words of the per-/16 bitmap.
-        pub const SHORT_WORDS: u32 = (1 << 16) / 64;
-        /// Words of the bits-16-to-39 bitmap.
-        pub const CELL_WORDS: u32 = (1 << 24) / 64;
-        /// Words in the map: 2 MiB and 8 KiB.
-        pub const WORDS: u32 = SHORT_WORDS + CELL_WORDS;
+        use super::summary;
 
-        /// The bit of an address's /16: (word index, shift).
+        /// Entries of /40 or longer lie inside: ask the /40 bitmap, then the trie.
+        pub const LONG: u32 = summary::EXACT;
+        /// Words of the /24 cells: 2^24 cells of [`summary::CELL_BITS`], 8 MiB.
+        pub const CELL_WORDS: u32 = summary::WORDS;
+        /// Words of the /40 bitmap: 2^24 bits, 2 MiB.
+        pub const LONG_WORDS: u32 = (1 << 24) / 64;
+        /// Words in the map.
+        pub const WORDS: u32 = CELL_WORDS + LONG_WORDS;
+
+        /// The cell of an IPv6 address: its /24, and where that /24's bits are:
+        /// (word index, shift).
         #[inline(always)]
-        pub const fn short_bit(addr: &[u8; 16]) -> (u32, u32) {
-            let top = ((addr[0] as u32) << 8) | addr[1] as u32;
-            (top / 64, top % 64)
+        pub const fn cell(addr: &[u8; 16]) -> (u32, u32) {
+            summary::cell([addr[0], addr[1], addr[2], 0])
         }
 
-        /// The bit of an address's bits 16 to 39: (word index, shift).
+        /// The /40 bitmap's bit of an address (bits 16 to 39): (word index, shift).
         #[inline(always)]
-        pub const fn cell_bit(addr: &[u8; 16]) -> (u32, u32) {
-            let cell = ((addr[2] as u32) << 16) | ((addr[3] as u32) << 8) | addr[4] as u32;
-            (SHORT_WORDS + cell / 64, cell % 64)
+        pub const fn long_bit(addr: &[u8; 16]) -> (u32, u32) {
+            let bits = ((addr[2] as u32) << 16) | ((addr[3] as u32) << 8) | addr[4] as u32;
+            (CELL_WORDS + bits / 64, bits % 64)
         }
     }
 }

@@ -35,7 +35,8 @@ const IPPROTO_UDP: u8 = 17;
 // Capacities here are placeholders: the controller sets each from the config at load.
 #[map(name = "LIST_V4")]
 static LIST_V4: LpmTrie<[u8; 4], ListVerdict> = LpmTrie::with_max_entries(1024, 0);
-/// Flags 1024: BPF_F_MMAPABLE, so the controller writes it as memory (4 MiB of cells).
+/// Flags 1024: BPF_F_MMAPABLE, so the controller writes them as memory (8 MiB of cells
+/// each, and the IPv6 /40 bitmap).
 #[map(name = "LIST_V4_SUMMARY")]
 static LIST_V4_SUMMARY: Array<u64> = Array::with_max_entries(summary::WORDS, 1024);
 #[map(name = "LIST_V6_SUMMARY")]
@@ -331,16 +332,26 @@ fn list_v4(src: [u8; 4]) -> ListVerdict {
         .unwrap_or(summary::NONE)
 }
 
-/// The list verdict of an IPv6 source (0: listed nowhere): the trie's, unless the
-/// summary bitmaps say no entry can hold the source.
+/// The list verdict of an IPv6 source (0: listed nowhere), as its /24's summary cell
+/// directs: the trie's where entries of /25 to /39 lie in the /24, or entries of /40 or
+/// longer do and the source's /40 bit is set; else the cell's.
 #[inline(always)]
 fn list_v6(src: &[u8; 16]) -> ListVerdict {
-    let bit = |(word, shift): (u32, u32)| match LIST_V6_SUMMARY.get(word) {
-        Some(w) => (*w >> shift) & 1 != 0,
-        None => true,
+    let (word, shift) = summary_v6::cell(src);
+    let cell = match LIST_V6_SUMMARY.get(word) {
+        Some(w) => (*w >> shift) as u32 & ((1 << summary::CELL_BITS) - 1),
+        None => summary::TRIE,
     };
-    if !bit(summary_v6::short_bit(src)) && !bit(summary_v6::cell_bit(src)) {
-        return summary::NONE;
+    let ask_trie = cell & summary::TRIE != 0
+        || (cell & summary_v6::LONG != 0 && {
+            let (word, shift) = summary_v6::long_bit(src);
+            match LIST_V6_SUMMARY.get(word) {
+                Some(w) => (*w >> shift) & 1 != 0,
+                None => true,
+            }
+        });
+    if !ask_trie {
+        return cell & summary::BASE;
     }
     LIST_V6
         .get(Key::new(128, *src))

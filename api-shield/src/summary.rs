@@ -1,32 +1,74 @@
 //! The list summaries the data plane reads before the list maps, so that most packets skip
-//! the trie walk (a kernel call whose cost grows with the list): for IPv4, four bits per
-//! /24 saying what the lists answer for every address in it, or which map to ask
-//! ([`api_shield_common::lists::summary`]); for IPv6, bitmaps clear only where no entry
-//! can match ([`api_shield_common::lists::summary_v6`]).
+//! the trie walk (a kernel call whose cost grows with the list): for each family, four
+//! bits per /24 (the first 24 address bits) saying what the lists answer for every address
+//! in it, or which map to ask ([`api_shield_common::lists::summary`],
+//! [`api_shield_common::lists::summary_v6`]); for IPv6 also a bitmap, clear only where no
+//! entry of /40 or longer can hold the address.
 //!
 //! They are kept in step with the maps by `Shield::apply_lists`: what a change touches is
-//! first set to "ask the exact map, then the trie", then the maps change, then it gets its
-//! new value. At every moment a cell or bit either says what the maps say or sends the
-//! packet to them, so no packet gets a verdict the lists never held.
+//! first set to "ask the maps", then the maps change, then it gets its new value. At every
+//! moment a cell or bit either says what the maps say or sends the packet to them, so no
+//! packet gets a verdict the lists never held.
 
-use std::{net::Ipv4Addr, os::fd::AsRawFd};
+use std::os::fd::AsRawFd;
 
 use anyhow::{Result, bail};
 use api_shield_common::lists::{
     ListVerdict,
     summary::{CELL_BITS, CELLS_PER_WORD, EXACT, NONE, TRIE, WORDS},
-    summary_v6,
+    summary_v6::{self, LONG},
 };
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::lists::ListTable;
 
 /// Above this many touched cells, recomputing the whole summary is cheaper than cell by cell.
 const FULL_RECOMPUTE_CELLS: u64 = 1 << 16;
 
-/// The cells (/24s) an IPv4 prefix covers or lies inside, as an inclusive range.
-pub fn cells_of(net: &Ipv4Net) -> (u32, u32) {
-    let first = u32::from(net.network()) >> 8;
+/// An address family, whose summary has a cell per /24 of its space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn of(net: &IpNet) -> Family {
+        match net {
+            IpNet::V4(_) => Family::V4,
+            IpNet::V6(_) => Family::V6,
+        }
+    }
+
+    /// Cell `cell`'s first address as a prefix of length `len` (at most 24), not
+    /// truncated: with length 0 it orders before every entry whose network is in the cell.
+    fn cell_first(self, cell: u32, len: u8) -> IpNet {
+        match self {
+            Family::V4 => IpNet::V4(Ipv4Net::new((cell << 8).into(), len).expect("len <= 24")),
+            Family::V6 => IpNet::V6(
+                Ipv6Net::new((u128::from(cell) << 104).into(), len).expect("len <= 24"),
+            ),
+        }
+    }
+
+    /// The last address of cell `cell`, as a whole-address prefix.
+    fn cell_last(self, cell: u32) -> IpNet {
+        match self {
+            Family::V4 => IpNet::V4(Ipv4Net::new(((cell << 8) | 0xff).into(), 32).expect("/32")),
+            Family::V6 => IpNet::V6(
+                Ipv6Net::new(((u128::from(cell) << 104) | (u128::MAX >> 24)).into(), 128)
+                    .expect("/128"),
+            ),
+        }
+    }
+}
+
+/// The cells (/24s) a prefix covers or lies inside, as an inclusive range.
+pub fn cells_of(net: &IpNet) -> (u32, u32) {
+    let first = match net {
+        IpNet::V4(n) => u32::from(n.network()) >> 8,
+        IpNet::V6(n) => (u128::from(n.network()) >> 104) as u32,
+    };
     let len = u32::from(net.prefix_len());
     if len >= 24 {
         (first, first)
@@ -35,53 +77,57 @@ pub fn cells_of(net: &Ipv4Net) -> (u32, u32) {
     }
 }
 
-/// The IPv4 entries of `table`.
-fn v4_entries(table: &ListTable) -> impl Iterator<Item = (Ipv4Net, ListVerdict)> + '_ {
-    table.entries.iter().filter_map(|(net, v)| match net {
-        IpNet::V4(n) => Some((*n, *v)),
-        IpNet::V6(_) => None,
-    })
+/// The entries of one family of `table`.
+fn entries_of(
+    table: &ListTable,
+    family: Family,
+) -> impl Iterator<Item = (&IpNet, &ListVerdict)> + '_ {
+    table
+        .entries
+        .iter()
+        .filter(move |(net, _)| Family::of(net) == family)
 }
 
-/// The flag a cell gets for an entry longer than /24 inside it.
-fn inner_flag(len: u8) -> u32 {
-    if len == 32 { EXACT } else { TRIE }
+/// The flag a cell gets for an entry longer than /24 inside it: for IPv4, [`EXACT`] for a
+/// /32 (the exact map holds it), else [`TRIE`]; for IPv6, [`LONG`] for /40 or longer (the
+/// /40 bitmap narrows it down), else [`TRIE`].
+fn inner_flag(net: &IpNet) -> u32 {
+    match net {
+        IpNet::V4(n) if n.prefix_len() == 32 => EXACT,
+        IpNet::V6(n) if n.prefix_len() >= 40 => LONG,
+        _ => TRIE,
+    }
 }
 
-/// The value of one cell for `table`: the verdict of the longest entry of /24 or shorter
-/// covering it ([`NONE`] if none), with [`EXACT`] if /32 entries lie inside and [`TRIE`]
-/// if entries of /25 to /31 do.
-pub fn cell_value(table: &ListTable, cell: u32) -> u32 {
-    let base = Ipv4Addr::from(cell << 8);
-    let last = Ipv4Addr::from((cell << 8) | 0xff);
+/// The value of one cell of `family` for `table`: the verdict of the longest entry of /24
+/// or shorter covering it ([`NONE`] if none), with the flags of the entries inside it.
+pub fn cell_value(table: &ListTable, family: Family, cell: u32) -> u32 {
     // Entries whose network lies in this /24: ordered by (address, length), so one range.
-    let lo = IpNet::V4(Ipv4Net::new(base, 0).expect("length 0 is valid"));
-    let hi = IpNet::V4(Ipv4Net::new(last, 32).expect("length 32 is valid"));
     let flags = table
         .entries
-        .range(lo..=hi)
+        .range(family.cell_first(cell, 0)..=family.cell_last(cell))
         .filter(|(net, _)| net.prefix_len() > 24)
-        .fold(0, |f, (net, _)| f | inner_flag(net.prefix_len()));
+        .fold(0, |f, (net, _)| f | inner_flag(net));
     let verdict = (0..=24u8)
         .rev()
         .find_map(|len| {
-            let net = IpNet::V4(Ipv4Net::new(base, len).expect("length <= 24").trunc());
-            table.entries.get(&net).copied()
+            let prefix = family.cell_first(cell, len).trunc();
+            table.entries.get(&prefix).copied()
         })
         .unwrap_or(NONE);
     verdict | flags
 }
 
-/// Every cell's value for `table`, packed as the map holds them (cell `c` in word
-/// `c / 16`, bits `4 * (c % 16)`). One sweep over the entries in address order, each
+/// Every cell's value of `family` for `table`, packed as the map holds them (cell `c` in
+/// word `c / 16`, bits `4 * (c % 16)`). One sweep over the entries in address order, each
 /// cell painted once with its innermost covering prefix; then the flags of the longer
 /// entries.
-pub fn summarize(table: &ListTable) -> Vec<u64> {
+pub fn summarize(table: &ListTable, family: Family) -> Vec<u64> {
     let mut words = vec![0u64; WORDS as usize];
-    let mut ranges: Vec<(u32, u32, ListVerdict)> = v4_entries(table)
+    let mut ranges: Vec<(u32, u32, ListVerdict)> = entries_of(table, family)
         .filter(|(net, _)| net.prefix_len() <= 24)
-        .map(|(net, v)| {
-            let (lo, hi) = cells_of(&net);
+        .map(|(net, &v)| {
+            let (lo, hi) = cells_of(net);
             (lo, hi, v)
         })
         .collect();
@@ -111,10 +157,10 @@ pub fn summarize(table: &ListTable) -> Vec<u64> {
         fill(&mut words, next, end, v);
         next = end + 1;
     }
-    for (net, _) in v4_entries(table).filter(|(net, _)| net.prefix_len() > 24) {
-        let (cell, _) = cells_of(&net);
+    for (net, _) in entries_of(table, family).filter(|(net, _)| net.prefix_len() > 24) {
+        let (cell, _) = cells_of(net);
         let (word, shift) = position(cell);
-        words[word] |= u64::from(inner_flag(net.prefix_len())) << shift;
+        words[word] |= u64::from(inner_flag(net)) << shift;
     }
     words
 }
@@ -154,31 +200,16 @@ fn fill(words: &mut [u64], first: u32, last: u32, value: u32) {
     }
 }
 
-/// The IPv6 bitmaps ([`summary_v6`]) for a set of entries: the bits of every group an
-/// entry may hold an address of. Ranges are merged before they are painted, so a list of
-/// wide prefixes costs no more than the bitmap's size.
-pub fn v6_bitmap<'a>(nets: impl IntoIterator<Item = &'a IpNet>) -> Vec<u64> {
-    let mut short: Vec<(u32, u32)> = Vec::new();
-    let mut cells: Vec<(u32, u32)> = Vec::new();
+/// The IPv6 /40 bitmap ([`summary_v6::long_bit`]) of a set of entries: the bit of every
+/// entry of /40 or longer.
+pub fn long_bitmap<'a>(nets: impl IntoIterator<Item = &'a IpNet>) -> Vec<u64> {
+    let mut words = vec![0u64; summary_v6::LONG_WORDS as usize];
     for net in nets {
-        let IpNet::V6(net) = net else { continue };
-        let addr = u128::from(net.network());
-        let len = u32::from(net.prefix_len());
-        let cell = ((addr >> 88) & 0xff_ffff) as u32;
-        match len {
-            0..=16 => {
-                let first = (addr >> 112) as u32;
-                short.push((first, first + (1 << (16 - len)) - 1));
-            }
-            17..=39 => cells.push((cell, cell + (1 << (40 - len)) - 1)),
-            _ => cells.push((cell, cell)),
-        }
-    }
-    let mut words = vec![0u64; summary_v6::WORDS as usize];
-    let (short_words, cell_words) = words.split_at_mut(summary_v6::SHORT_WORDS as usize);
-    for (bitmap, ranges) in [(short_words, short), (cell_words, cells)] {
-        for (first, last) in merge(ranges) {
-            set_bits(bitmap, first, last);
+        if let IpNet::V6(n) = net
+            && n.prefix_len() >= 40
+        {
+            let (word, shift) = summary_v6::long_bit(&n.network().octets());
+            words[(word - summary_v6::CELL_WORDS) as usize] |= 1 << shift;
         }
     }
     words
@@ -195,21 +226,6 @@ fn merge(mut ranges: Vec<(u32, u32)>) -> Vec<(u32, u32)> {
         }
     }
     merged
-}
-
-/// Sets bits `first..=last` of a bitmap, whole words at a time where it can.
-fn set_bits(words: &mut [u64], first: u32, last: u32) {
-    let mut bit = first;
-    while bit <= last {
-        let word = &mut words[(bit / 64) as usize];
-        if bit.is_multiple_of(64) && last - bit >= 63 {
-            *word = u64::MAX;
-            bit += 64;
-        } else {
-            *word |= 1 << (bit % 64);
-            bit += 1;
-        }
-    }
 }
 
 /// A BPF_F_MMAPABLE array of u64 words, mapped into this process: written as memory
@@ -257,21 +273,21 @@ impl MappedWords {
         unsafe { self.ptr.add(i).write_volatile(value) }
     }
 
-    /// Makes the map hold `words`, storing only the words that differ.
-    fn write_diff(&mut self, words: &[u64]) {
+    /// Makes the map hold `words` from word `at` on, storing only the words that differ.
+    fn write_diff(&mut self, at: usize, words: &[u64]) {
         for (i, &w) in words.iter().enumerate() {
-            if self.word(i) != w {
-                self.set_word(i, w);
+            if self.word(at + i) != w {
+                self.set_word(at + i, w);
             }
         }
     }
 
-    /// ORs `bits` into the map.
-    fn set_bits(&mut self, bits: &[u64]) {
+    /// ORs `bits` into the map from word `at` on.
+    fn set_bits(&mut self, at: usize, bits: &[u64]) {
         for (i, &b) in bits.iter().enumerate() {
-            let old = self.word(i);
+            let old = self.word(at + i);
             if old | b != old {
-                self.set_word(i, old | b);
+                self.set_word(at + i, old | b);
             }
         }
     }
@@ -288,13 +304,23 @@ impl Drop for MappedWords {
 /// [`SummaryMaps::after_change`].
 pub struct Touched {
     v4: Vec<(u32, u32)>,
-    v6_removed: bool,
+    v6: Vec<(u32, u32)>,
+    /// IPv6 entries of /40 or longer went: their /40 bits may now be clear.
+    long_removed: bool,
 }
 
 /// Both summaries, mapped into this process.
 pub struct SummaryMaps {
     v4: MappedWords,
     v6: MappedWords,
+}
+
+/// Where the IPv6 summary's /40 bitmap starts.
+const LONG_AT: usize = summary_v6::CELL_WORDS as usize;
+
+/// Whether an entry sets a bit of the IPv6 /40 bitmap.
+fn is_long(net: &IpNet) -> bool {
+    matches!(net, IpNet::V6(n) if n.prefix_len() >= 40)
 }
 
 impl SummaryMaps {
@@ -308,53 +334,63 @@ impl SummaryMaps {
 
     /// Writes both summaries of `table` whole (where they differ from the maps).
     pub fn write_all(&mut self, table: &ListTable) {
-        self.v4.write_diff(&summarize(table));
-        self.v6.write_diff(&v6_bitmap(table.entries.keys()));
+        self.v4.write_diff(0, &summarize(table, Family::V4));
+        self.v6.write_diff(0, &summarize(table, Family::V6));
+        self.v6.write_diff(LONG_AT, &long_bitmap(table.entries.keys()));
     }
 
-    /// Before the maps change: the IPv4 /24s the changed prefixes touch ask the exact map
-    /// and the trie, and the IPv6 bits of added prefixes are set (a set bit only sends
-    /// packets to the trie).
+    /// Before the maps change: the /24s the changed prefixes touch ask the maps, and the
+    /// /40 bits of added IPv6 entries are set (a set bit only sends packets to the trie).
     pub fn before_change<'a>(
         &mut self,
         upserts: impl IntoIterator<Item = &'a IpNet>,
         removals: &[IpNet],
     ) -> Touched {
         let changed: Vec<&IpNet> = upserts.into_iter().collect();
+        let all = || changed.iter().copied().chain(removals);
         let touched = Touched {
-            v4: touched_cells(changed.iter().copied().chain(removals)),
-            v6_removed: removals.iter().any(|n| matches!(n, IpNet::V6(_))),
+            v4: touched_cells(all(), Family::V4),
+            v6: touched_cells(all(), Family::V6),
+            long_removed: removals.iter().any(is_long),
         };
         for &(first, last) in &touched.v4 {
             mark_changing(&mut self.v4, first, last);
         }
-        if changed.iter().any(|n| matches!(n, IpNet::V6(_))) {
-            self.v6.set_bits(&v6_bitmap(changed));
+        for &(first, last) in &touched.v6 {
+            mark_changing(&mut self.v6, first, last);
+        }
+        if changed.iter().any(|n| is_long(n)) {
+            self.v6.set_bits(LONG_AT, &long_bitmap(changed));
         }
         touched
     }
 
     /// After the maps changed to `table`: the touched /24s get their new value, and the
-    /// IPv6 bitmaps are recomputed if prefixes went (their bits may now be clear).
+    /// /40 bitmap is recomputed if long IPv6 entries went.
     pub fn after_change(&mut self, table: &ListTable, touched: &Touched) {
-        let cells: u64 = touched.v4.iter().map(|&(a, b)| u64::from(b - a) + 1).sum();
-        if cells > FULL_RECOMPUTE_CELLS {
-            self.v4.write_diff(&summarize(table));
-        } else {
-            for &(first, last) in &touched.v4 {
-                update_cells(&mut self.v4, first, last, |cell| cell_value(table, cell));
+        for (map, family, ranges) in [
+            (&mut self.v4, Family::V4, &touched.v4),
+            (&mut self.v6, Family::V6, &touched.v6),
+        ] {
+            let cells: u64 = ranges.iter().map(|&(a, b)| u64::from(b - a) + 1).sum();
+            if cells > FULL_RECOMPUTE_CELLS {
+                map.write_diff(0, &summarize(table, family));
+            } else {
+                for &(first, last) in ranges {
+                    update_cells(map, first, last, |cell| cell_value(table, family, cell));
+                }
             }
         }
-        if touched.v6_removed {
-            self.v6.write_diff(&v6_bitmap(table.entries.keys()));
+        if touched.long_removed {
+            self.v6.write_diff(LONG_AT, &long_bitmap(table.entries.keys()));
         }
     }
 }
 
-/// While a /24 changes: ask the exact map, then the trie.
+/// While a /24 changes: ask the maps (the trie's answer stands).
 const CHANGING: u32 = EXACT | TRIE;
 
-/// Sets IPv4 cells `first..=last` to [`CHANGING`]: whole words with one store each (a /8
+/// Sets cells `first..=last` to [`CHANGING`]: whole words with one store each (a /8
 /// is 4,096 words), the ends cell by cell.
 fn mark_changing(map: &mut MappedWords, first: u32, last: u32) {
     let mut cell = first;
@@ -373,7 +409,7 @@ fn mark_changing(map: &mut MappedWords, first: u32, last: u32) {
     }
 }
 
-/// Sets IPv4 cells `first..=last` to `value(cell)`, one store per word.
+/// Sets cells `first..=last` to `value(cell)`, one store per word.
 fn update_cells(map: &mut MappedWords, first: u32, last: u32, value: impl Fn(u32) -> u32) {
     let mut cell = first;
     while cell <= last {
@@ -391,20 +427,23 @@ fn update_cells(map: &mut MappedWords, first: u32, last: u32, value: impl Fn(u32
     }
 }
 
-/// The IPv4 cells a set of list changes touches, merged into disjoint ranges.
-pub fn touched_cells<'a>(nets: impl IntoIterator<Item = &'a IpNet>) -> Vec<(u32, u32)> {
+/// The cells of `family` a set of list changes touches, merged into disjoint ranges.
+pub fn touched_cells<'a>(
+    nets: impl IntoIterator<Item = &'a IpNet>,
+    family: Family,
+) -> Vec<(u32, u32)> {
     merge(
         nets.into_iter()
-            .filter_map(|net| match net {
-                IpNet::V4(n) => Some(cells_of(n)),
-                IpNet::V6(_) => None,
-            })
+            .filter(|net| Family::of(net) == family)
+            .map(cells_of)
             .collect(),
     )
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
     use api_shield_common::lists::{LIST_ALLOW, LIST_BLOCK, summary::BASE};
 
     use super::*;
@@ -438,7 +477,7 @@ mod tests {
     /// where it says so, else the base) is the longest match.
     fn check_cell(t: &ListTable, words: &[u64], cell: u32) {
         let value = cell_in(words, cell);
-        assert_eq!(value, cell_value(t, cell), "cell {cell}: sweep vs one cell");
+        assert_eq!(value, cell_value(t, Family::V4, cell), "cell {cell}: sweep vs one cell");
         if value & TRIE != 0 {
             return;
         }
@@ -471,7 +510,7 @@ mod tests {
             ("255.255.255.255/32", LIST_BLOCK),
             ("2001:db8::/32", LIST_BLOCK),
         ]);
-        let words = summarize(&t);
+        let words = summarize(&t, Family::V4);
         let cell = |a: &str| u32::from(a.parse::<Ipv4Addr>().unwrap()) >> 8;
         for (addr, want) in [
             ("10.0.0.1", LIST_BLOCK),
@@ -501,9 +540,9 @@ mod tests {
             check_cell(&t, &words, c);
         }
         // The whole space under one prefix, and no entries at all.
-        let all = summarize(&table(&[("0.0.0.0/0", LIST_BLOCK)]));
+        let all = summarize(&table(&[("0.0.0.0/0", LIST_BLOCK)]), Family::V4);
         assert!(all.iter().all(|w| *w == 0x2222_2222_2222_2222));
-        assert!(summarize(&ListTable::default()).iter().all(|w| *w == 0));
+        assert!(summarize(&ListTable::default(), Family::V4).iter().all(|w| *w == 0));
     }
 
     #[test]
@@ -523,7 +562,7 @@ mod tests {
                 };
                 t.entries.insert(IpNet::V4(net), v);
             }
-            let words = summarize(&t);
+            let words = summarize(&t, Family::V4);
             for _ in 0..64 {
                 let cell = (0x0a00_0000u32 >> 8) + (next() as u32 % (1 << 10));
                 check_cell(&t, &words, cell);
@@ -542,91 +581,181 @@ mod tests {
         }
     }
 
-    /// Whether the data plane would ask the IPv6 trie about `addr`.
-    fn asks_trie(bits: &[u64], addr: std::net::Ipv6Addr) -> bool {
+    /// What the IPv6 longest match answers for `addr` (0: no entry holds it).
+    fn longest_match_v6(t: &ListTable, addr: Ipv6Addr) -> ListVerdict {
+        (0..=128u8)
+            .rev()
+            .find_map(|len| {
+                let net = Ipv6Net::new(addr, len).unwrap().trunc();
+                t.entries.get(&IpNet::V6(net)).copied()
+            })
+            .unwrap_or(NONE)
+    }
+
+    /// What the data plane reads in the IPv6 summary (`cells`, then the /40 bitmap `long`)
+    /// for `addr`: the verdict it settles on, or None where it asks the trie.
+    fn v6_summary_says(cells: &[u64], long: &[u64], addr: Ipv6Addr) -> Option<ListVerdict> {
         let a = addr.octets();
-        let bit = |(word, shift): (u32, u32)| bits[word as usize] >> shift & 1 != 0;
-        bit(summary_v6::short_bit(&a)) || bit(summary_v6::cell_bit(&a))
+        let (word, shift) = summary_v6::cell(&a);
+        let cell = (cells[word as usize] >> shift & CELL_MASK) as u32;
+        let long_bit_set = || {
+            let (word, shift) = summary_v6::long_bit(&a);
+            long[(word - summary_v6::CELL_WORDS) as usize] >> shift & 1 != 0
+        };
+        if cell & TRIE != 0 || (cell & LONG != 0 && long_bit_set()) {
+            None
+        } else {
+            Some(cell & BASE)
+        }
+    }
+
+    /// Every verdict the summary settles on for `addr` is the longest match's.
+    fn check_v6(t: &ListTable, cells: &[u64], long: &[u64], addr: Ipv6Addr) -> bool {
+        let said = v6_summary_says(cells, long, addr);
+        if let Some(verdict) = said {
+            assert_eq!(verdict, longest_match_v6(t, addr), "{addr}");
+        }
+        said.is_none()
     }
 
     #[test]
-    fn ipv6_bits_cover_every_entry_and_little_else() {
-        let nets: Vec<IpNet> = [
-            "2001:db8:a11::/48",
-            "2001:db8:bad::/48",
-            "fc00::/7",
-            "2400:cb00::/32",
-            "2a02:f000::/20",
-            "2001:db8:7::7/128",
-        ]
-        .iter()
-        .map(|s| s.parse().unwrap())
-        .collect();
-        let bits = v6_bitmap(&nets);
-        let asks = |s: &str| asks_trie(&bits, s.parse().unwrap());
-        // A /128 entry sends its address to the trie, and its neighbours in the cell too.
-        assert!(asks("2001:db8:7::7") && asks("2001:db8:7::8") && !asks("2001:db8:107::7"));
-        for listed in [
-            "2001:db8:a11::1",
-            "2001:db8:bad:ffff::",
-            "fd12::1",
-            "fc00::",
-            "2400:cb00:ffff::1",
-            "2a02:f0ff::1",
+    fn ipv6_cells_say_what_the_trie_says() {
+        let t = table(&[
+            ("2001:db8:a11::/48", LIST_BLOCK),
+            ("2001:db8:bad::/48", LIST_ALLOW),
+            ("fc00::/7", LIST_BLOCK),
+            ("fd00:1::/32", LIST_ALLOW),
+            ("2400:cb00::/32", LIST_BLOCK),
+            ("2a02:f000::/20", LIST_BLOCK),
+            ("2001:db8:7::7/128", LIST_ALLOW),
+            ("10.0.0.0/8", LIST_BLOCK),
+        ]);
+        let cells = summarize(&t, Family::V6);
+        let long = long_bitmap(t.entries.keys());
+        let cell = |a: &str| (u128::from(a.parse::<Ipv6Addr>().unwrap()) >> 104) as u32;
+        for (addr, want) in [
+            // /48s and a /128 inside 2001:0d00::/24: look at the /40 bits.
+            ("2001:db8:a11::1", LONG),
+            ("fc00::1", LIST_BLOCK),
+            ("fdff:ffff::1", LIST_BLOCK),
+            // A /32 inside a listed /7's /24: the trie's answer.
+            ("fd00:1::1", TRIE | LIST_BLOCK),
+            ("2400:cb00::1", TRIE),
+            ("2a02:f000::1", LIST_BLOCK),
+            ("2a02:f0ff::1", LIST_BLOCK),
+            ("2a02:ffff::1", LIST_BLOCK),
+            ("2a03::1", NONE),
+            ("::1", NONE),
+            ("0a00::1", NONE),
         ] {
-            assert!(asks(listed), "{listed}");
+            let (word, shift) = position(cell(addr));
+            assert_eq!((cells[word] >> shift & CELL_MASK) as u32, want, "{addr}");
+            assert_eq!(want, cell_value(&t, Family::V6, cell(addr)), "{addr}");
         }
-        // Listed nowhere: no trie walk.
-        for clear in [
-            "2001:db8:ffff::7",
-            "2001:db9::1",
-            "fe80::1",
-            "2400:cb01::1",
-            "::1",
-        ] {
-            assert!(!asks(clear), "{clear}");
+        let said = |a: &str| v6_summary_says(&cells, &long, a.parse().unwrap());
+        // Inside a listed /48 (or its /40 bit's aliases): the trie; elsewhere in the /24
+        // the summary settles, whatever it reads.
+        assert_eq!(said("2001:db8:a11::1"), None);
+        assert_eq!(said("2001:db8:bad:ffff::"), None);
+        assert_eq!(said("2001:db8:7::8"), None);
+        assert_eq!(said("2001:db8:ffff::7"), Some(NONE));
+        assert_eq!(said("2001:db9::1"), Some(NONE));
+        assert_eq!(said("fe80::1"), Some(NONE));
+        assert_eq!(said("fd12::1"), Some(LIST_BLOCK));
+        for net in t.entries.keys() {
+            let IpNet::V6(n) = net else { continue };
+            for addr in [n.network(), n.broadcast()] {
+                check_v6(&t, &cells, &long, addr);
+            }
         }
-        // Bits 16-39 alias across /16s: sent to the trie, which then says "not listed".
-        assert!(asks("2a00:db8:a11::1"));
-        assert!(v6_bitmap(&[]).iter().all(|w| *w == 0));
-        let everything = v6_bitmap(&["::/0".parse().unwrap()]);
-        assert!(
-            everything[..summary_v6::SHORT_WORDS as usize]
-                .iter()
-                .all(|w| *w == u64::MAX)
-        );
+        // The whole space under one prefix, and no entries at all.
+        let all = summarize(&table(&[("::/0", LIST_BLOCK)]), Family::V6);
+        assert!(all.iter().all(|w| *w == 0x2222_2222_2222_2222));
+        assert!(summarize(&ListTable::default(), Family::V6).iter().all(|w| *w == 0));
+        assert!(long_bitmap(&[]).iter().all(|w| *w == 0));
+    }
+
+    /// A random IPv6 entry under `top` (its first `fixed` bits), /`min_len` to /128.
+    fn random_v6(next: &mut impl FnMut() -> u64, top: u128, fixed: u32, min_len: u64) -> IpNet {
+        let low = (u128::from(next()) << 64 | u128::from(next())) >> fixed;
+        let addr = top | low;
+        let len = (min_len + next() % (129 - min_len)) as u8;
+        IpNet::V6(Ipv6Net::new(addr.into(), len).unwrap().trunc())
     }
 
     #[test]
-    fn random_ipv6_entries_always_send_their_addresses_to_the_trie() {
+    fn random_nested_ipv6_tables_agree_with_a_longest_match() {
         let mut next = xorshift(0x2545_f491_4f6c_dd1d);
-        for _ in 0..50 {
-            let nets: Vec<IpNet> = (0..100)
-                .map(|_| {
-                    let addr = (u128::from(next()) << 64) | u128::from(next());
-                    let len = (next() % 129) as u8;
-                    IpNet::V6(ipnet::Ipv6Net::new(addr.into(), len).unwrap().trunc())
-                })
-                .collect();
-            let bits = v6_bitmap(&nets);
-            for net in &nets {
+        for _ in 0..20 {
+            // Entries crowded under 2001:db8::/30 so that they nest and overlap often,
+            // with lengths from /20 so that some cover whole /24s and more.
+            let top = u128::from("2001:db8::".parse::<Ipv6Addr>().unwrap());
+            let mut t = ListTable::default();
+            for _ in 0..200 {
+                let net = random_v6(&mut next, top, 30, 20);
+                let v = if next().is_multiple_of(2) {
+                    LIST_ALLOW
+                } else {
+                    LIST_BLOCK
+                };
+                t.entries.insert(net, v);
+            }
+            let cells = summarize(&t, Family::V6);
+            let long = long_bitmap(t.entries.keys());
+            for (net, _) in entries_of(&t, Family::V6) {
                 let IpNet::V6(n) = net else { unreachable!() };
-                // The first, the last and a random address of every entry.
-                let host =
-                    (u128::from(next()) << 64 | u128::from(next())) & u128::from(n.hostmask());
+                let host = (u128::from(next()) << 64 | u128::from(next()))
+                    & u128::from(n.hostmask());
                 for addr in [
                     n.network(),
                     n.broadcast(),
                     (u128::from(n.network()) | host).into(),
                 ] {
-                    assert!(asks_trie(&bits, addr), "{addr} in {n}");
+                    check_v6(&t, &cells, &long, addr);
                 }
+                let (first, last) = cells_of(net);
+                assert_eq!(
+                    cell_value(&t, Family::V6, first),
+                    (cells[position(first).0] >> position(first).1 & CELL_MASK) as u32
+                );
+                assert_eq!(
+                    cell_value(&t, Family::V6, last),
+                    (cells[position(last).0] >> position(last).1 & CELL_MASK) as u32
+                );
+            }
+            for _ in 0..256 {
+                let addr = top | (u128::from(next()) << 64 | u128::from(next())) >> 28;
+                check_v6(&t, &cells, &long, addr.into());
             }
         }
     }
 
+    /// The point of the cells: a large list of prefixes spread over the whole space (as
+    /// the benchmark's) still leaves most sources to the summary, not the trie.
     #[test]
-    fn touched_cells_merge_and_ignore_ipv6() {
+    fn a_large_spread_ipv6_list_sends_few_sources_to_the_trie() {
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
+        let mut t = ListTable::default();
+        for _ in 0..100_000 {
+            t.entries.insert(random_v6(&mut next, 0, 0, 16), LIST_BLOCK);
+        }
+        let cells = summarize(&t, Family::V6);
+        let long = long_bitmap(t.entries.keys());
+        let mut to_trie = 0;
+        for _ in 0..10_000 {
+            let addr = (u128::from(next()) << 64) | u128::from(next());
+            if check_v6(&t, &cells, &long, addr.into()) {
+                to_trie += 1;
+            }
+        }
+        // Only sources in a /24 holding an entry of /25 to /39, or one of /40 or longer
+        // under their /40's bit: about 0.1%. (A bitmap any /17 to /39 entry filled by
+        // millions of bits sent most of them to the trie.)
+        assert!(to_trie < 200, "{to_trie} of 10,000 sources sent to the trie");
+    }
+
+    #[test]
+    fn touched_cells_merge_per_family() {
         let nets: Vec<IpNet> = [
             "10.0.0.0/23",
             "10.0.2.5/32",
@@ -638,9 +767,19 @@ mod tests {
         .map(|s| s.parse().unwrap())
         .collect();
         assert_eq!(
-            touched_cells(&nets[..3]),
+            touched_cells(&nets[..3], Family::V4),
             vec![(0x0a0000, 0x0a0002), (0x0a0009, 0x0a0009)]
         );
-        assert_eq!(touched_cells(&nets[3..]), vec![(0, (1 << 24) - 1)]);
+        assert_eq!(touched_cells(&nets[..3], Family::V6), vec![]);
+        assert_eq!(touched_cells(&nets, Family::V4), vec![(0, (1 << 24) - 1)]);
+        assert_eq!(touched_cells(&nets, Family::V6), vec![(0, (1 << 24) - 1)]);
+        let v6: Vec<IpNet> = ["2001:db8::/32", "2001:d00::/24", "2001:dff:1::/48", "fc00::/7"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(
+            touched_cells(&v6, Family::V6),
+            vec![(0x20010d, 0x20010d), (0xfc0000, 0xfdffff)]
+        );
     }
 }

@@ -1243,8 +1243,10 @@ fn ipv4_list_summary_follows_every_list_change() {
     );
 }
 
-/// The IPv6 summary bitmaps (read before the trie) never hide a listed source, through
-/// additions, removals (which clear bits) and prefixes short enough to cover whole /16s.
+/// The IPv6 summary (one /24 at a time, and the /40 bitmap, read before the trie) agrees
+/// with the lists through every kind of change: prefixes covering whole /24s (nested,
+/// and the whole space), prefixes of /25 to /39 and of /40 or longer inside one /24 beside
+/// such a cover, an address changing list, removals (which clear /40 bits) back to nothing.
 #[test]
 fn ipv6_list_summary_follows_every_list_change() {
     lists_through_changes(
@@ -1266,6 +1268,17 @@ fn ipv6_list_summary_follows_every_list_change() {
                 ],
             ),
             (&[], &["2001:db8:a11::7/128", "2001:db8:bad::/48"]),
+            (
+                &["2001:db8:a11::/48"],
+                &[
+                    "2001::/20",
+                    "2001:d00::/24",
+                    "2001:db8::/32",
+                    "2001:db8:bad::/48",
+                ],
+            ),
+            (&["2001:db8:a11::7/128"], &["2001::/20", "2001:dc0::/26"]),
+            (&[], &["2001:db8:a11::7/128", "2001::/20"]),
             (&[], &[]),
         ],
         &[
@@ -1281,6 +1294,13 @@ fn ipv6_list_summary_follows_every_list_change() {
             "2001:db8:bad::ffff",
             "2001:db8:ffff::7",
             "2a00:db8:a11::1",
+            "2000:ffff::1",
+            "2001::1",
+            "2001:d00::1",
+            "2001:dc0::1",
+            "2001:dff:ffff::1",
+            "2001:fff:ffff::1",
+            "2001:1000::1",
             "fd00::1",
             "fe80::1",
             "::1",
