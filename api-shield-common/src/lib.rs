@@ -18,10 +18,16 @@ pub mod names {
     /// lists hold few /128s, so they keep the trie alone: an exact map's bit check cost
     /// every IPv6 lookup more than it saved.)
     pub const MAP_LIST_V4_EXACT: &str = "LIST_V4_EXACT";
+    /// Hash, IPv6 entries of /48, /64 and /128 (also in the trie) ->
+    /// [`crate::lists::ListVerdict`], keyed by [`crate::lists::HashedV6Key`]: a source
+    /// inside one is found by a hash probe, whatever the list's size, where the trie walk
+    /// lengthens with the list. It never holds what the trie does not; an entry missing
+    /// from it only costs a trie walk.
+    pub const MAP_LIST_V6_HASHED: &str = "LIST_V6_HASHED";
     /// Mmapable array of u64: the IPv4 trie summarised per /24 ([`crate::lists::summary`]).
     pub const MAP_LIST_V4_SUMMARY: &str = "LIST_V4_SUMMARY";
-    /// Mmapable array of u64: the IPv6 trie summarised per /24, and a bitmap of where its
-    /// entries of /40 or longer lie ([`crate::lists::summary_v6`]).
+    /// Mmapable array of u64: the IPv6 trie summarised per /24, and the lengths of its
+    /// entries of /40 or longer per /40 ([`crate::lists::summary_v6`]).
     pub const MAP_LIST_V6_SUMMARY: &str = "LIST_V6_SUMMARY";
     /// LRU hash, [`crate::limiter::LimiterKey`] -> [`crate::limiter::LimiterState`].
     pub const MAP_LIMITER: &str = "LIMITER";
@@ -92,26 +98,53 @@ pub mod lists {
         }
     }
 
+    /// An IPv6 entry of a hashed length (/48, /64, /128) in
+    /// [`MAP_LIST_V6_HASHED`](crate::names::MAP_LIST_V6_HASHED): its network address
+    /// and length.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct HashedV6Key {
+        pub addr: [u8; 16],
+        pub prefix_len: u32,
+    }
+
+    #[cfg(feature = "user")]
+    // SAFETY: 16 bytes then a u32, 4-aligned: no padding.
+    unsafe impl aya::Pod for HashedV6Key {}
+
     /// What the IPv6 lists say of each /24 (the first 24 address bits), as [`summary`]
     /// says of IPv4's, so that most packets skip the trie walk: four bits per /24, the
     /// base verdict of the longest entry of /24 or shorter covering it, then two flags:
-    /// [`LONG`](summary_v6::LONG), entries of /40 or longer lie inside (ask the /40
-    /// bitmap, then the trie); [`TRIE`](summary::TRIE), entries of /25 to /39 lie inside
+    /// [`LONG`](summary_v6::LONG), entries of /40 or longer lie inside (read the lengths
+    /// of the source's /40); [`TRIE`](summary::TRIE), entries of /25 to /39 lie inside
     /// (the trie's answer stands). Both flags: the controller is changing the /24.
     ///
-    /// After the cells, one bit per value of address bits 16 to 39 (a /40 without its
-    /// first 16 bits; within one /24 that is the /40 itself), set where an entry of /40 or
-    /// longer lies: a clear bit says no such entry holds the source. The bits alias
-    /// across /24s, and a set bit only sends the packet to the trie.
+    /// After the cells, four bits per value of address bits 16 to 39 (a /40 without its
+    /// first 16 bits; within one /24 that is the /40 itself): the lengths of the entries
+    /// of /40 or longer there. Where only hashed lengths (/48, /64, /128) lie, the data
+    /// plane probes [`MAP_LIST_V6_HASHED`](crate::names::MAP_LIST_V6_HASHED) at each,
+    /// longest first, and a hit is the longest match; else (another length there, or no
+    /// probe hit) it walks the trie. The bits alias across /24s: an alias only costs
+    /// probes or a walk.
     pub mod summary_v6 {
         use super::summary;
 
-        /// Entries of /40 or longer lie inside: ask the /40 bitmap, then the trie.
+        /// Entries of /40 or longer lie inside: read the lengths of the source's /40.
         pub const LONG: u32 = summary::EXACT;
+        /// Lengths of a /40's entries: a /48 ...
+        pub const HASHED_48: u32 = 1;
+        /// ... a /64 ...
+        pub const HASHED_64: u32 = 2;
+        /// ... a /128 (all three also in the hash) ...
+        pub const HASHED_128: u32 = 4;
+        /// ... or an entry of another length: the trie.
+        pub const UNHASHED: u32 = 8;
+        /// The hashed lengths and their flags, longest first: the order of the probes.
+        pub const HASHED: [(u32, u32); 3] = [(HASHED_128, 128), (HASHED_64, 64), (HASHED_48, 48)];
         /// Words of the /24 cells: 2^24 cells of [`summary::CELL_BITS`], 8 MiB.
         pub const CELL_WORDS: u32 = summary::WORDS;
-        /// Words of the /40 bitmap: 2^24 bits, 2 MiB.
-        pub const LONG_WORDS: u32 = (1 << 24) / 64;
+        /// Words of the /40 lengths: 2^24 of four bits, 8 MiB.
+        pub const LONG_WORDS: u32 = (1 << 24) / summary::CELLS_PER_WORD;
         /// Words in the map.
         pub const WORDS: u32 = CELL_WORDS + LONG_WORDS;
 
@@ -122,11 +155,25 @@ pub mod lists {
             summary::cell([addr[0], addr[1], addr[2], 0])
         }
 
-        /// The /40 bitmap's bit of an address (bits 16 to 39): (word index, shift).
+        /// Where the lengths of an address's /40 (bits 16 to 39) are: (word index, shift).
         #[inline(always)]
-        pub const fn long_bit(addr: &[u8; 16]) -> (u32, u32) {
+        pub const fn long_cell(addr: &[u8; 16]) -> (u32, u32) {
             let bits = ((addr[2] as u32) << 16) | ((addr[3] as u32) << 8) | addr[4] as u32;
-            (CELL_WORDS + bits / 64, bits % 64)
+            (
+                CELL_WORDS + bits / summary::CELLS_PER_WORD,
+                (bits % summary::CELLS_PER_WORD) * summary::CELL_BITS,
+            )
+        }
+
+        /// The length flag of an entry of /40 or longer.
+        #[inline(always)]
+        pub const fn length_flag(len: u8) -> u32 {
+            match len {
+                48 => HASHED_48,
+                64 => HASHED_64,
+                128 => HASHED_128,
+                _ => UNHASHED,
+            }
         }
     }
 }

@@ -13,7 +13,7 @@ use api_shield_common::{
         BYTE_COST_FRAC_BITS, DEFAULT_LIMIT, INITIAL_JIFFIES_SECS, LIMIT_DRY_RUN, LIMIT_SLOTS,
         LIMIT_TICK_CLOCK, LimiterKey, LimiterState, RateLimit, TIME_SHIFT,
     },
-    lists::{LIST_ALLOW, LIST_BLOCK, ListVerdict, summary, summary_v6},
+    lists::{HashedV6Key, LIST_ALLOW, LIST_BLOCK, ListVerdict, summary, summary_v6},
     rules::{
         CLASS_OTHER, CLASS_TCP, CLASS_TCP_SYN, CLASS_UDP, PENALTY_RING_BYTES, PENALTY_V6,
         PenaltyEvent, RuleCounter, TABLE_SLOTS, table_index,
@@ -46,6 +46,9 @@ static LIST_V6: LpmTrie<[u8; 16], ListVerdict> = LpmTrie::with_max_entries(1024,
 /// Flags 1: BPF_F_NO_PREALLOC, so an empty list costs only the buckets.
 #[map(name = "LIST_V4_EXACT")]
 static LIST_V4_EXACT: HashMap<[u8; 4], ListVerdict> = HashMap::with_max_entries(1024, 1);
+/// Flags 1: BPF_F_NO_PREALLOC, as above.
+#[map(name = "LIST_V6_HASHED")]
+static LIST_V6_HASHED: HashMap<HashedV6Key, ListVerdict> = HashMap::with_max_entries(1024, 1);
 #[map(name = "LIMITER")]
 static LIMITER: LruHashMap<LimiterKey, LimiterState> = LruHashMap::with_max_entries(1024, 0);
 #[map(name = "LIMITS")]
@@ -333,8 +336,9 @@ fn list_v4(src: [u8; 4]) -> ListVerdict {
 }
 
 /// The list verdict of an IPv6 source (0: listed nowhere), as its /24's summary cell
-/// directs: the trie's where entries of /25 to /39 lie in the /24, or entries of /40 or
-/// longer do and the source's /40 bit is set; else the cell's.
+/// directs: the cell's, unless entries longer than /24 lie in the /24. Where those are of
+/// /40 or longer, the lengths of the source's /40 say which hash probes may find its
+/// longest match (a hit is it); else, and where no probe hits, the trie's.
 #[inline(always)]
 fn list_v6(src: &[u8; 16]) -> ListVerdict {
     let (word, shift) = summary_v6::cell(src);
@@ -342,21 +346,58 @@ fn list_v6(src: &[u8; 16]) -> ListVerdict {
         Some(w) => (*w >> shift) as u32 & ((1 << summary::CELL_BITS) - 1),
         None => summary::TRIE,
     };
-    let ask_trie = cell & summary::TRIE != 0
-        || (cell & summary_v6::LONG != 0 && {
-            let (word, shift) = summary_v6::long_bit(src);
-            match LIST_V6_SUMMARY.get(word) {
-                Some(w) => (*w >> shift) & 1 != 0,
-                None => true,
-            }
-        });
-    if !ask_trie {
+    if cell & (summary::TRIE | summary_v6::LONG) == 0 {
         return cell & summary::BASE;
+    }
+    if cell & summary::TRIE == 0 {
+        let (word, shift) = summary_v6::long_cell(src);
+        let lengths = match LIST_V6_SUMMARY.get(word) {
+            Some(w) => (*w >> shift) as u32 & ((1 << summary::CELL_BITS) - 1),
+            None => summary_v6::UNHASHED,
+        };
+        if lengths == 0 {
+            return cell & summary::BASE;
+        }
+        if lengths & summary_v6::UNHASHED == 0 {
+            for (flag, len) in summary_v6::HASHED {
+                if lengths & flag != 0
+                    && let Some(v) = hashed_v6(src, len)
+                {
+                    return v;
+                }
+            }
+        }
     }
     LIST_V6
         .get(Key::new(128, *src))
         .copied()
         .unwrap_or(summary::NONE)
+}
+
+/// The hashed entry of length `len` (48, 64 or 128) holding `src`, if listed.
+#[inline(always)]
+fn hashed_v6(src: &[u8; 16], len: u32) -> Option<ListVerdict> {
+    let word = |i: usize| u32::from_ne_bytes([src[i], src[i + 1], src[i + 2], src[i + 3]]);
+    let (w1, w2, w3) = match len {
+        128 => (word(4), word(8), word(12)),
+        64 => (word(4), 0, 0),
+        // 48: the first two bytes of the second word.
+        _ => (word(4) & u32::from_ne_bytes([0xff, 0xff, 0, 0]), 0, 0),
+    };
+    let mut key = MaybeUninit::<HashedV6Key>::uninit();
+    let words = key.as_mut_ptr().cast::<u32>();
+    // SAFETY: HashedV6Key is #[repr(C)], 16 bytes then a u32, 4-aligned: five u32 slots,
+    // all written before the key is read (volatile: no memset call, see `limiter_key`).
+    let key = unsafe {
+        words.write_volatile(word(0));
+        words.add(1).write_volatile(w1);
+        words.add(2).write_volatile(w2);
+        words.add(3).write_volatile(w3);
+        words.add(4).write_volatile(len);
+        key.assume_init()
+    };
+    // SAFETY: the value is copied out at once.
+    unsafe { LIST_V6_HASHED.get(key) }.copied()
 }
 
 /// A limiter key written as five word stores. The natural `[0; 16]` initialiser compiled

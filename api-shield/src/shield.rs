@@ -12,7 +12,7 @@ use api_shield_common::{
     counters::{COUNTER_SLOTS, Counter, Reason},
     events::EVENTS_RING_BYTES,
     limiter::{DEFAULT_LIMIT, LIMIT_SLOTS, LimiterKey, LimiterState, RateLimit},
-    lists::ListVerdict,
+    lists::{HashedV6Key, ListVerdict, summary_v6},
     names,
     rules::{PENALTY_RING_BYTES, RuleCounter, TABLE_SLOTS},
     settings::{SETTINGS_DRY_RUN, SETTINGS_RULES, Settings},
@@ -74,6 +74,14 @@ fn map_shapes(capacity: &Capacity) -> Result<Vec<MapShape>> {
             name: names::MAP_LIST_V4_EXACT,
             map_type: MapType::Hash,
             key_size: 4,
+            value_size: 4,
+            max_entries: list_entries,
+        },
+        // IPv6 entries of /48, /64 and /128, also in the trie: at most the family's entries.
+        MapShape {
+            name: names::MAP_LIST_V6_HASHED,
+            map_type: MapType::Hash,
+            key_size: size_of::<HashedV6Key>() as u32,
             value_size: 4,
             max_entries: list_entries,
         },
@@ -203,6 +211,48 @@ fn exact_address(net: &IpNet) -> Option<Ipv4Addr> {
         IpNet::V4(n) if n.prefix_len() == 32 => Some(n.addr()),
         _ => None,
     }
+}
+
+/// The IPv6 hash's key of `net`, if it is an IPv6 entry of a hashed length (/48, /64,
+/// /128): its network address, as the data plane masks a source, and its length.
+fn hashed_v6_key(net: &IpNet) -> Option<HashedV6Key> {
+    match net {
+        IpNet::V6(n)
+            if summary_v6::HASHED
+                .iter()
+                .any(|&(_, len)| len == u32::from(n.prefix_len())) =>
+        {
+            Some(HashedV6Key {
+                addr: n.network().octets(),
+                prefix_len: u32::from(n.prefix_len()),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Removes `key` from the IPv6 hash; a key not there is no error (a copy that could not
+/// be made for want of memory, see `Shield::list_insert`).
+fn remove_if_present(
+    hashed: &mut HashMap<&mut MapData, HashedV6Key, ListVerdict>,
+    key: &HashedV6Key,
+) -> Result<()> {
+    match hashed.remove(key) {
+        Ok(()) => Ok(()),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e).context("removing an entry from the IPv6 hash"),
+    }
+}
+
+/// Whether a map update failed for want of kernel memory.
+fn is_out_of_memory(e: &aya::maps::MapError) -> bool {
+    matches!(e, aya::maps::MapError::SyscallError(s)
+        if matches!(s.io_error.raw_os_error(), Some(libc::ENOMEM | libc::E2BIG)))
 }
 
 /// Entries each address family's lists can still take (see `Shield::list_room`).
@@ -423,6 +473,8 @@ impl Shield {
         };
         // Reused tries already hold entries: learn them, so the first update is a diff.
         shield.lists = shield.read_lists()?;
+        // A reused hash of IPv6 entries may lag the trie (a daemon stopped between the two).
+        shield.sync_hashed_v6()?;
         // The summary must match the tries before this program is attached (a new map
         // reads "listed nowhere" everywhere; a reused one may be from another version).
         shield.summary.write_all(&shield.lists);
@@ -591,6 +643,8 @@ impl Shield {
             names::MAP_LIST_V6_SUMMARY,
             // Counted with the IPv4 trie, which stands for the whole IPv4 list.
             names::MAP_LIST_V4_EXACT,
+            // A copy of some of the IPv6 trie's entries.
+            names::MAP_LIST_V6_HASHED,
         ];
         let map = |name: &str| {
             self.ebpf
@@ -1022,7 +1076,7 @@ impl Shield {
     }
 
     /// Adds or updates one entry: an IPv4 address (/32) in the exact map, any other prefix
-    /// in its family's trie.
+    /// in its family's trie (and an IPv6 entry of a hashed length in the hash too).
     fn list_insert(&mut self, net: IpNet, verdict: ListVerdict) -> Result<()> {
         let len = u32::from(net.prefix_len());
         match net.addr() {
@@ -1030,9 +1084,30 @@ impl Shield {
             IpAddr::V4(a) => self
                 .trie_v4()?
                 .insert(&Key::new(len, a.octets()), verdict, 0)?,
-            IpAddr::V6(a) => self
-                .trie_v6()?
-                .insert(&Key::new(len, a.octets()), verdict, 0)?,
+            IpAddr::V6(a) => {
+                let hashed = hashed_v6_key(&net);
+                // The hash must never hold what the trie does not: a changed verdict
+                // leaves it first, and joins it after the trie has it.
+                if let Some(key) = hashed
+                    && self.lists.entries.get(&net).is_some_and(|&v| v != verdict)
+                {
+                    remove_if_present(&mut self.hashed_v6()?, &key)?;
+                }
+                self.trie_v6()?
+                    .insert(&Key::new(len, a.octets()), verdict, 0)?;
+                if let Some(key) = hashed {
+                    match self.hashed_v6()?.insert(key, verdict, 0) {
+                        Ok(()) => {}
+                        // Out of memory: the trie has the entry; without its copy here a
+                        // packet inside it only walks the trie.
+                        Err(e) if is_out_of_memory(&e) => log::warn!(
+                            "{net} is in force but not in the IPv6 hash (out of memory): its \
+                             sources take the trie walk"
+                        ),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -1042,9 +1117,49 @@ impl Shield {
         match net.addr() {
             IpAddr::V4(a) if len == 32 => self.exact_v4()?.remove(&a.octets())?,
             IpAddr::V4(a) => self.trie_v4()?.remove(&Key::new(len, a.octets()))?,
-            IpAddr::V6(a) => self.trie_v6()?.remove(&Key::new(len, a.octets()))?,
+            IpAddr::V6(a) => {
+                // Out of the hash first: it never holds what the trie does not.
+                if let Some(key) = hashed_v6_key(&net) {
+                    remove_if_present(&mut self.hashed_v6()?, &key)?;
+                }
+                self.trie_v6()?.remove(&Key::new(len, a.octets()))?
+            }
         }
         Ok(())
+    }
+
+    /// Makes the IPv6 hash hold exactly the entries of hashed lengths in the lists: what
+    /// it holds beyond them (or with another verdict) goes, what it lacks is added.
+    fn sync_hashed_v6(&mut self) -> Result<()> {
+        let want: std::collections::HashMap<HashedV6Key, ListVerdict> = self
+            .lists
+            .entries
+            .iter()
+            .filter_map(|(net, &v)| hashed_v6_key(net).map(|k| (k, v)))
+            .collect();
+        let mut hashed = self.hashed_v6()?;
+        let held: Vec<(HashedV6Key, ListVerdict)> = hashed
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the IPv6 hash")?;
+        for (key, verdict) in &held {
+            if want.get(key) != Some(verdict) {
+                remove_if_present(&mut hashed, key)?;
+            }
+        }
+        let held: std::collections::HashMap<HashedV6Key, ListVerdict> = held.into_iter().collect();
+        for (key, verdict) in want {
+            if held.get(&key) != Some(&verdict) {
+                hashed
+                    .insert(key, verdict, 0)
+                    .context("adding an entry to the IPv6 hash")?;
+            }
+        }
+        Ok(())
+    }
+
+    fn hashed_v6(&mut self) -> Result<HashMap<&mut MapData, HashedV6Key, ListVerdict>> {
+        Ok(HashMap::try_from(self.map_mut(names::MAP_LIST_V6_HASHED)?)?)
     }
 
     fn exact_v4(&mut self) -> Result<HashMap<&mut MapData, [u8; 4], ListVerdict>> {

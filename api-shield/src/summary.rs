@@ -2,8 +2,8 @@
 //! the trie walk (a kernel call whose cost grows with the list): for each family, four
 //! bits per /24 (the first 24 address bits) saying what the lists answer for every address
 //! in it, or which map to ask ([`api_shield_common::lists::summary`],
-//! [`api_shield_common::lists::summary_v6`]); for IPv6 also a bitmap, clear only where no
-//! entry of /40 or longer can hold the address.
+//! [`api_shield_common::lists::summary_v6`]); for IPv6 also the lengths of the entries of
+//! /40 or longer in each /40, which say which hash probes may find a source's entry.
 //!
 //! They are kept in step with the maps by `Shield::apply_lists`: what a change touches is
 //! first set to "ask the maps", then the maps change, then it gets its new value. At every
@@ -45,9 +45,9 @@ impl Family {
     fn cell_first(self, cell: u32, len: u8) -> IpNet {
         match self {
             Family::V4 => IpNet::V4(Ipv4Net::new((cell << 8).into(), len).expect("len <= 24")),
-            Family::V6 => IpNet::V6(
-                Ipv6Net::new((u128::from(cell) << 104).into(), len).expect("len <= 24"),
-            ),
+            Family::V6 => {
+                IpNet::V6(Ipv6Net::new((u128::from(cell) << 104).into(), len).expect("len <= 24"))
+            }
         }
     }
 
@@ -90,7 +90,7 @@ fn entries_of(
 
 /// The flag a cell gets for an entry longer than /24 inside it: for IPv4, [`EXACT`] for a
 /// /32 (the exact map holds it), else [`TRIE`]; for IPv6, [`LONG`] for /40 or longer (the
-/// /40 bitmap narrows it down), else [`TRIE`].
+/// /40 lengths narrow it down), else [`TRIE`].
 fn inner_flag(net: &IpNet) -> u32 {
     match net {
         IpNet::V4(n) if n.prefix_len() == 32 => EXACT,
@@ -200,16 +200,38 @@ fn fill(words: &mut [u64], first: u32, last: u32, value: u32) {
     }
 }
 
-/// The IPv6 /40 bitmap ([`summary_v6::long_bit`]) of a set of entries: the bit of every
-/// entry of /40 or longer.
-pub fn long_bitmap<'a>(nets: impl IntoIterator<Item = &'a IpNet>) -> Vec<u64> {
+/// From this many IPv6 entries on, the data plane probes the hash for entries of hashed
+/// lengths; below, it walks the trie. Both are a kernel call, but a walk lengthens with the
+/// trie where a probe does not: on these machines a probe cost about what a walk did
+/// among a thousand entries, and 20-25 ns more than a walk of a near-empty trie.
+pub const PROBES_FROM_V6_ENTRIES: usize = 1024;
+
+/// Whether the IPv6 summary of `table` sends sources to the hash probes.
+pub fn probes_pay(table: &ListTable) -> bool {
+    let first_v6 = IpNet::V6(Ipv6Net::default());
+    table
+        .entries
+        .range(first_v6..)
+        .nth(PROBES_FROM_V6_ENTRIES - 1)
+        .is_some()
+}
+
+/// The IPv6 /40 lengths ([`summary_v6::long_cell`]) of a set of entries: each entry of
+/// /40 or longer ORs its length's flag into its /40's cell; without `probing`, every
+/// entry's flag is [`summary_v6::UNHASHED`] (the trie for all).
+pub fn long_lengths<'a>(nets: impl IntoIterator<Item = &'a IpNet>, probing: bool) -> Vec<u64> {
     let mut words = vec![0u64; summary_v6::LONG_WORDS as usize];
     for net in nets {
         if let IpNet::V6(n) = net
             && n.prefix_len() >= 40
         {
-            let (word, shift) = summary_v6::long_bit(&n.network().octets());
-            words[(word - summary_v6::CELL_WORDS) as usize] |= 1 << shift;
+            let (word, shift) = summary_v6::long_cell(&n.network().octets());
+            let flag = if probing {
+                summary_v6::length_flag(n.prefix_len())
+            } else {
+                summary_v6::UNHASHED
+            };
+            words[(word - summary_v6::CELL_WORDS) as usize] |= u64::from(flag) << shift;
         }
     }
     words
@@ -305,7 +327,7 @@ impl Drop for MappedWords {
 pub struct Touched {
     v4: Vec<(u32, u32)>,
     v6: Vec<(u32, u32)>,
-    /// IPv6 entries of /40 or longer went: their /40 bits may now be clear.
+    /// IPv6 entries of /40 or longer went: their /40's lengths may now be fewer.
     long_removed: bool,
 }
 
@@ -313,12 +335,14 @@ pub struct Touched {
 pub struct SummaryMaps {
     v4: MappedWords,
     v6: MappedWords,
+    /// Whether the IPv6 /40 lengths send sources to the hash probes ([`probes_pay`]).
+    probing: bool,
 }
 
-/// Where the IPv6 summary's /40 bitmap starts.
+/// Where the IPv6 summary's /40 lengths start.
 const LONG_AT: usize = summary_v6::CELL_WORDS as usize;
 
-/// Whether an entry sets a bit of the IPv6 /40 bitmap.
+/// Whether an entry sets a flag in the IPv6 /40 lengths.
 fn is_long(net: &IpNet) -> bool {
     matches!(net, IpNet::V6(n) if n.prefix_len() >= 40)
 }
@@ -329,6 +353,7 @@ impl SummaryMaps {
         Ok(SummaryMaps {
             v4: MappedWords::map(v4, WORDS, "the IPv4 list summary")?,
             v6: MappedWords::map(v6, summary_v6::WORDS, "the IPv6 list summary")?,
+            probing: false,
         })
     }
 
@@ -336,11 +361,14 @@ impl SummaryMaps {
     pub fn write_all(&mut self, table: &ListTable) {
         self.v4.write_diff(0, &summarize(table, Family::V4));
         self.v6.write_diff(0, &summarize(table, Family::V6));
-        self.v6.write_diff(LONG_AT, &long_bitmap(table.entries.keys()));
+        self.probing = probes_pay(table);
+        let lengths = long_lengths(table.entries.keys(), self.probing);
+        self.v6.write_diff(LONG_AT, &lengths);
     }
 
     /// Before the maps change: the /24s the changed prefixes touch ask the maps, and the
-    /// /40 bits of added IPv6 entries are set (a set bit only sends packets to the trie).
+    /// /40 length flags of added IPv6 entries are set (a flag only sends packets to the
+    /// hash probes or the trie).
     pub fn before_change<'a>(
         &mut self,
         upserts: impl IntoIterator<Item = &'a IpNet>,
@@ -360,13 +388,16 @@ impl SummaryMaps {
             mark_changing(&mut self.v6, first, last);
         }
         if changed.iter().any(|n| is_long(n)) {
-            self.v6.set_bits(LONG_AT, &long_bitmap(changed));
+            self.v6
+                .set_bits(LONG_AT, &long_lengths(changed, self.probing));
         }
         touched
     }
 
     /// After the maps changed to `table`: the touched /24s get their new value, and the
-    /// /40 bitmap is recomputed if long IPv6 entries went.
+    /// /40 lengths are recomputed if long IPv6 entries went or the list grew past (or
+    /// shrank under) [`PROBES_FROM_V6_ENTRIES`]. The hash is kept whole either way, so
+    /// probes may start at once.
     pub fn after_change(&mut self, table: &ListTable, touched: &Touched) {
         for (map, family, ranges) in [
             (&mut self.v4, Family::V4, &touched.v4),
@@ -381,8 +412,11 @@ impl SummaryMaps {
                 }
             }
         }
-        if touched.long_removed {
-            self.v6.write_diff(LONG_AT, &long_bitmap(table.entries.keys()));
+        let probing = probes_pay(table);
+        if touched.long_removed || probing != self.probing {
+            self.probing = probing;
+            self.v6
+                .write_diff(LONG_AT, &long_lengths(table.entries.keys(), probing));
         }
     }
 }
@@ -477,7 +511,11 @@ mod tests {
     /// where it says so, else the base) is the longest match.
     fn check_cell(t: &ListTable, words: &[u64], cell: u32) {
         let value = cell_in(words, cell);
-        assert_eq!(value, cell_value(t, Family::V4, cell), "cell {cell}: sweep vs one cell");
+        assert_eq!(
+            value,
+            cell_value(t, Family::V4, cell),
+            "cell {cell}: sweep vs one cell"
+        );
         if value & TRIE != 0 {
             return;
         }
@@ -542,7 +580,11 @@ mod tests {
         // The whole space under one prefix, and no entries at all.
         let all = summarize(&table(&[("0.0.0.0/0", LIST_BLOCK)]), Family::V4);
         assert!(all.iter().all(|w| *w == 0x2222_2222_2222_2222));
-        assert!(summarize(&ListTable::default(), Family::V4).iter().all(|w| *w == 0));
+        assert!(
+            summarize(&ListTable::default(), Family::V4)
+                .iter()
+                .all(|w| *w == 0)
+        );
     }
 
     #[test]
@@ -592,30 +634,54 @@ mod tests {
             .unwrap_or(NONE)
     }
 
-    /// What the data plane reads in the IPv6 summary (`cells`, then the /40 bitmap `long`)
-    /// for `addr`: the verdict it settles on, or None where it asks the trie.
-    fn v6_summary_says(cells: &[u64], long: &[u64], addr: Ipv6Addr) -> Option<ListVerdict> {
+    /// Where the data plane finds an IPv6 source's verdict.
+    #[derive(Debug, PartialEq, Eq)]
+    enum V6Path {
+        Summary(ListVerdict),
+        Hash(ListVerdict),
+        Trie,
+    }
+
+    /// What the data plane does with `addr`, reading the IPv6 summary (`cells`, then the
+    /// /40 lengths `long`) and probing a hash that holds `t`'s entries of hashed lengths.
+    fn v6_path(t: &ListTable, cells: &[u64], long: &[u64], addr: Ipv6Addr) -> V6Path {
         let a = addr.octets();
         let (word, shift) = summary_v6::cell(&a);
         let cell = (cells[word as usize] >> shift & CELL_MASK) as u32;
-        let long_bit_set = || {
-            let (word, shift) = summary_v6::long_bit(&a);
-            long[(word - summary_v6::CELL_WORDS) as usize] >> shift & 1 != 0
-        };
-        if cell & TRIE != 0 || (cell & LONG != 0 && long_bit_set()) {
-            None
-        } else {
-            Some(cell & BASE)
+        if cell & (TRIE | LONG) == 0 {
+            return V6Path::Summary(cell & BASE);
         }
+        if cell & TRIE != 0 {
+            return V6Path::Trie;
+        }
+        let (word, shift) = summary_v6::long_cell(&a);
+        let lengths = (long[(word - summary_v6::CELL_WORDS) as usize] >> shift & CELL_MASK) as u32;
+        if lengths == 0 {
+            return V6Path::Summary(cell & BASE);
+        }
+        if lengths & summary_v6::UNHASHED == 0 {
+            for (flag, len) in summary_v6::HASHED {
+                let net = IpNet::V6(Ipv6Net::new(addr, len as u8).unwrap().trunc());
+                if lengths & flag != 0
+                    && let Some(v) = t.entries.get(&net)
+                {
+                    return V6Path::Hash(*v);
+                }
+            }
+        }
+        V6Path::Trie
     }
 
-    /// Every verdict the summary settles on for `addr` is the longest match's.
+    /// Every verdict the summary or a hash probe settles on for `addr` is the longest
+    /// match's; true where the data plane walks the trie instead.
     fn check_v6(t: &ListTable, cells: &[u64], long: &[u64], addr: Ipv6Addr) -> bool {
-        let said = v6_summary_says(cells, long, addr);
-        if let Some(verdict) = said {
-            assert_eq!(verdict, longest_match_v6(t, addr), "{addr}");
+        match v6_path(t, cells, long, addr) {
+            V6Path::Summary(v) | V6Path::Hash(v) => {
+                assert_eq!(v, longest_match_v6(t, addr), "{addr}");
+                false
+            }
+            V6Path::Trie => true,
         }
-        said.is_none()
     }
 
     #[test]
@@ -628,10 +694,11 @@ mod tests {
             ("2400:cb00::/32", LIST_BLOCK),
             ("2a02:f000::/20", LIST_BLOCK),
             ("2001:db8:7::7/128", LIST_ALLOW),
+            ("2001:db8:c00::/56", LIST_BLOCK),
             ("10.0.0.0/8", LIST_BLOCK),
         ]);
         let cells = summarize(&t, Family::V6);
-        let long = long_bitmap(t.entries.keys());
+        let long = long_lengths(t.entries.keys(), true);
         let cell = |a: &str| (u128::from(a.parse::<Ipv6Addr>().unwrap()) >> 104) as u32;
         for (addr, want) in [
             // /48s and a /128 inside 2001:0d00::/24: look at the /40 bits.
@@ -652,16 +719,42 @@ mod tests {
             assert_eq!((cells[word] >> shift & CELL_MASK) as u32, want, "{addr}");
             assert_eq!(want, cell_value(&t, Family::V6, cell(addr)), "{addr}");
         }
-        let said = |a: &str| v6_summary_says(&cells, &long, a.parse().unwrap());
-        // Inside a listed /48 (or its /40 bit's aliases): the trie; elsewhere in the /24
-        // the summary settles, whatever it reads.
-        assert_eq!(said("2001:db8:a11::1"), None);
-        assert_eq!(said("2001:db8:bad:ffff::"), None);
-        assert_eq!(said("2001:db8:7::8"), None);
-        assert_eq!(said("2001:db8:ffff::7"), Some(NONE));
-        assert_eq!(said("2001:db9::1"), Some(NONE));
-        assert_eq!(said("fe80::1"), Some(NONE));
-        assert_eq!(said("fd12::1"), Some(LIST_BLOCK));
+        let path = |a: &str| v6_path(&t, &cells, &long, a.parse().unwrap());
+        // Inside a listed /48 or /128: a hash probe; beside the /128 in its /40, the probe
+        // misses and the trie answers; elsewhere in the /24 the summary settles.
+        assert_eq!(path("2001:db8:a11::1"), V6Path::Hash(LIST_BLOCK));
+        assert_eq!(path("2001:db8:bad:ffff::"), V6Path::Hash(LIST_ALLOW));
+        assert_eq!(path("2001:db8:7::7"), V6Path::Hash(LIST_ALLOW));
+        assert_eq!(path("2001:db8:7::8"), V6Path::Trie);
+        assert_eq!(path("2001:db8:ffff::7"), V6Path::Summary(NONE));
+        assert_eq!(path("2001:db9::1"), V6Path::Summary(NONE));
+        assert_eq!(path("fe80::1"), V6Path::Summary(NONE));
+        assert_eq!(path("fd12::1"), V6Path::Summary(LIST_BLOCK));
+        // A /40 holding a length the hash does not: the trie, for all of it.
+        assert_eq!(path("2001:db8:c00::1"), V6Path::Trie);
+        assert_eq!(path("2001:db8:c01::1"), V6Path::Trie);
+        // A small list walks the trie, where no probe pays.
+        assert!(!probes_pay(&t));
+        let walk_only = long_lengths(t.entries.keys(), false);
+        for addr in ["2001:db8:a11::1", "2001:db8:7::7"] {
+            assert_eq!(
+                v6_path(&t, &cells, &walk_only, addr.parse().unwrap()),
+                V6Path::Trie
+            );
+        }
+        assert_eq!(
+            v6_path(&t, &cells, &walk_only, "2001:db8:ffff::7".parse().unwrap()),
+            V6Path::Summary(NONE)
+        );
+        let mut big = t.clone();
+        for i in 0..PROBES_FROM_V6_ENTRIES as u128 - 8 {
+            let net = Ipv6Net::new(Ipv6Addr::from(0x3fff_u128 << 112 | i), 128).unwrap();
+            big.entries.insert(IpNet::V6(net), LIST_BLOCK);
+        }
+        assert!(!probes_pay(&big));
+        big.entries
+            .insert("3fff:1::/48".parse().unwrap(), LIST_BLOCK);
+        assert!(probes_pay(&big));
         for net in t.entries.keys() {
             let IpNet::V6(n) = net else { continue };
             for addr in [n.network(), n.broadcast()] {
@@ -671,8 +764,12 @@ mod tests {
         // The whole space under one prefix, and no entries at all.
         let all = summarize(&table(&[("::/0", LIST_BLOCK)]), Family::V6);
         assert!(all.iter().all(|w| *w == 0x2222_2222_2222_2222));
-        assert!(summarize(&ListTable::default(), Family::V6).iter().all(|w| *w == 0));
-        assert!(long_bitmap(&[]).iter().all(|w| *w == 0));
+        assert!(
+            summarize(&ListTable::default(), Family::V6)
+                .iter()
+                .all(|w| *w == 0)
+        );
+        assert!(long_lengths(&[], true).iter().all(|w| *w == 0));
     }
 
     /// A random IPv6 entry under `top` (its first `fixed` bits), /`min_len` to /128.
@@ -692,7 +789,12 @@ mod tests {
             let top = u128::from("2001:db8::".parse::<Ipv6Addr>().unwrap());
             let mut t = ListTable::default();
             for _ in 0..200 {
-                let net = random_v6(&mut next, top, 30, 20);
+                let mut net = random_v6(&mut next, top, 30, 20);
+                // Half of them of the hashed lengths, so that probes hit and miss often.
+                if next().is_multiple_of(2) {
+                    let len = summary_v6::HASHED[(next() % 3) as usize].1 as u8;
+                    net = IpNet::new(net.addr(), len).unwrap().trunc();
+                }
                 let v = if next().is_multiple_of(2) {
                     LIST_ALLOW
                 } else {
@@ -701,11 +803,11 @@ mod tests {
                 t.entries.insert(net, v);
             }
             let cells = summarize(&t, Family::V6);
-            let long = long_bitmap(t.entries.keys());
+            let long = long_lengths(t.entries.keys(), true);
             for (net, _) in entries_of(&t, Family::V6) {
                 let IpNet::V6(n) = net else { unreachable!() };
-                let host = (u128::from(next()) << 64 | u128::from(next()))
-                    & u128::from(n.hostmask());
+                let host =
+                    (u128::from(next()) << 64 | u128::from(next())) & u128::from(n.hostmask());
                 for addr in [
                     n.network(),
                     n.broadcast(),
@@ -740,7 +842,7 @@ mod tests {
             t.entries.insert(random_v6(&mut next, 0, 0, 16), LIST_BLOCK);
         }
         let cells = summarize(&t, Family::V6);
-        let long = long_bitmap(t.entries.keys());
+        let long = long_lengths(t.entries.keys(), true);
         let mut to_trie = 0;
         for _ in 0..10_000 {
             let addr = (u128::from(next()) << 64) | u128::from(next());
@@ -749,9 +851,12 @@ mod tests {
             }
         }
         // Only sources in a /24 holding an entry of /25 to /39, or one of /40 or longer
-        // under their /40's bit: about 0.1%. (A bitmap any /17 to /39 entry filled by
-        // millions of bits sent most of them to the trie.)
-        assert!(to_trie < 200, "{to_trie} of 10,000 sources sent to the trie");
+        // in their /40 (or its aliases): about 0.1%. (A bitmap any /17 to /39 entry
+        // filled by millions of bits sent most of them to the trie.)
+        assert!(
+            to_trie < 200,
+            "{to_trie} of 10,000 sources sent to the trie"
+        );
     }
 
     #[test]
@@ -773,10 +878,15 @@ mod tests {
         assert_eq!(touched_cells(&nets[..3], Family::V6), vec![]);
         assert_eq!(touched_cells(&nets, Family::V4), vec![(0, (1 << 24) - 1)]);
         assert_eq!(touched_cells(&nets, Family::V6), vec![(0, (1 << 24) - 1)]);
-        let v6: Vec<IpNet> = ["2001:db8::/32", "2001:d00::/24", "2001:dff:1::/48", "fc00::/7"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
+        let v6: Vec<IpNet> = [
+            "2001:db8::/32",
+            "2001:d00::/24",
+            "2001:dff:1::/48",
+            "fc00::/7",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
         assert_eq!(
             touched_cells(&v6, Family::V6),
             vec![(0x20010d, 0x20010d), (0xfc0000, 0xfdffff)]

@@ -1166,14 +1166,26 @@ fn tc_verdicts_are_identical_to_xdp_verdicts_on_the_same_frames() {
 }
 
 /// Applies each step's (allowlist, blocklist) to the program's lists and checks every
-/// probe's verdict against the longest match of what the lists hold then.
-fn lists_through_changes(steps: &[(&[&str], &[&str])], probes: &[&str]) {
+/// probe's verdict against the longest match of what the lists hold then. Step `i` also
+/// blocks `filler(i)` IPv6 addresses under 3fff::/16, away from the probes: enough of
+/// them make the IPv6 summary send sources to the hash probes.
+fn lists_through_changes(
+    steps: &[(&[&str], &[&str])],
+    probes: &[&str],
+    filler: &dyn Fn(usize) -> usize,
+) {
     use api_shield::lists::fold;
     use ipnet::IpNet;
     let mut h = Harness::new(UNLIMITED);
     let nets = |list: &[&str]| -> Vec<IpNet> { list.iter().map(|s| s.parse().unwrap()).collect() };
     for (i, (allow, block)) in steps.iter().enumerate() {
-        let table = fold(&nets(allow), &nets(block)).table;
+        let mut block = nets(block);
+        block.extend(
+            (0..filler(i) as u128).map(|n| {
+                IpNet::new(Ipv6Addr::from(0x3fff_u128 << 112 | n << 8).into(), 128).unwrap()
+            }),
+        );
+        let table = fold(&nets(allow), &block).table;
         let refused = h.shield.apply_lists(&table).expect("applying lists");
         assert!(refused.is_empty());
         for probe in probes {
@@ -1240,72 +1252,86 @@ fn ipv4_list_summary_follows_every_list_change() {
             "192.0.2.1",
             "255.255.255.255",
         ],
+        &|_| 0,
     );
 }
 
-/// The IPv6 summary (one /24 at a time, and the /40 bitmap, read before the trie) agrees
-/// with the lists through every kind of change: prefixes covering whole /24s (nested,
-/// and the whole space), prefixes of /25 to /39 and of /40 or longer inside one /24 beside
-/// such a cover, an address changing list, removals (which clear /40 bits) back to nothing.
+/// The IPv6 summary (one /24 at a time, and the /40 lengths, read before the hash probes
+/// and the trie) agrees with the lists through every kind of change: prefixes covering
+/// whole /24s (nested, and the whole space), prefixes of /25 to /39 and of /40 or longer
+/// inside one /24 beside such a cover, hashed lengths nested in each other (/128 in /64
+/// in /48) and beside an unhashed one (/56), an address changing list, removals (which
+/// clear /40 lengths) back to nothing.
 #[test]
 fn ipv6_list_summary_follows_every_list_change() {
-    lists_through_changes(
-        &[
-            (&[], &["2001:db8:a11::/48"]),
-            (
-                &["2001:db8:a11:1::/64"],
-                &["2001:db8:a11::/48", "2001:db8:bad::/48"],
-            ),
-            (&[], &["2001:db8::/32", "fc00::/7"]),
-            (&["2001:db8:a11:1::/64"], &["::/0"]),
-            (&[], &["2001:db8:bad::/48"]),
-            (
-                &["2001:db8:a11::7/128"],
-                &[
-                    "2001:db8:a11::/48",
-                    "2001:db8:a11::8/128",
-                    "2001:db8:c0::1/128",
-                ],
-            ),
-            (&[], &["2001:db8:a11::7/128", "2001:db8:bad::/48"]),
-            (
-                &["2001:db8:a11::/48"],
-                &[
-                    "2001::/20",
-                    "2001:d00::/24",
-                    "2001:db8::/32",
-                    "2001:db8:bad::/48",
-                ],
-            ),
-            (&["2001:db8:a11::7/128"], &["2001::/20", "2001:dc0::/26"]),
-            (&[], &["2001:db8:a11::7/128", "2001::/20"]),
-            (&[], &[]),
-        ],
-        &[
-            "2001:db8::1",
-            "2001:db8:a11::7",
-            "2001:db8:a11::8",
-            "2001:db8:a11::9",
-            "2001:db8:c0::1",
-            "2001:db8:c0::2",
-            "2001:db8:a11::1",
-            "2001:db8:a11:1::1",
-            "2001:db8:a12::1",
-            "2001:db8:bad::ffff",
-            "2001:db8:ffff::7",
-            "2a00:db8:a11::1",
-            "2000:ffff::1",
-            "2001::1",
-            "2001:d00::1",
-            "2001:dc0::1",
-            "2001:dff:ffff::1",
-            "2001:fff:ffff::1",
-            "2001:1000::1",
-            "fd00::1",
-            "fe80::1",
-            "::1",
-        ],
-    );
+    let steps: &[(&[&str], &[&str])] = &[
+        (&[], &["2001:db8:a11::/48"]),
+        (
+            &["2001:db8:a11:1::/64"],
+            &["2001:db8:a11::/48", "2001:db8:bad::/48"],
+        ),
+        (&[], &["2001:db8::/32", "fc00::/7"]),
+        (&["2001:db8:a11:1::/64"], &["::/0"]),
+        (&[], &["2001:db8:bad::/48"]),
+        (
+            &["2001:db8:a11::7/128"],
+            &[
+                "2001:db8:a11::/48",
+                "2001:db8:a11::8/128",
+                "2001:db8:c0::1/128",
+            ],
+        ),
+        (&[], &["2001:db8:a11::7/128", "2001:db8:bad::/48"]),
+        (
+            &["2001:db8:a11::/48"],
+            &[
+                "2001::/20",
+                "2001:d00::/24",
+                "2001:db8::/32",
+                "2001:db8:bad::/48",
+            ],
+        ),
+        (&["2001:db8:a11::7/128"], &["2001::/20", "2001:dc0::/26"]),
+        (
+            &["2001:db8:a11:100::/56", "2001:db8:a11:1::/64"],
+            &["2001:db8:a11::/48", "2001:db8:a11:100::1/128"],
+        ),
+        (&[], &["2001:db8:a11::7/128", "2001::/20"]),
+        (&[], &[]),
+    ];
+    let probes: &[&str] = &[
+        "2001:db8::1",
+        "2001:db8:a11::7",
+        "2001:db8:a11::8",
+        "2001:db8:a11::9",
+        "2001:db8:c0::1",
+        "2001:db8:c0::2",
+        "2001:db8:a11::1",
+        "2001:db8:a11:1::1",
+        "2001:db8:a11:100::1",
+        "2001:db8:a11:100::2",
+        "2001:db8:a11:1ff::1",
+        "2001:db8:a12::1",
+        "2001:db8:bad::ffff",
+        "2001:db8:ffff::7",
+        "2a00:db8:a11::1",
+        "2000:ffff::1",
+        "2001::1",
+        "2001:d00::1",
+        "2001:dc0::1",
+        "2001:dff:ffff::1",
+        "2001:fff:ffff::1",
+        "2001:1000::1",
+        "fd00::1",
+        "fe80::1",
+        "::1",
+    ];
+    // Small lists walk the trie; large ones probe the hash; and a list growing past
+    // the threshold and shrinking under it at every step.
+    let probing = api_shield::summary::PROBES_FROM_V6_ENTRIES;
+    lists_through_changes(steps, probes, &|_| 0);
+    lists_through_changes(steps, probes, &|_| probing);
+    lists_through_changes(steps, probes, &|i| if i % 2 == 0 { probing } else { 0 });
 }
 
 /// IPv4 addresses (in the exact map, added and removed in batches of 16k) and prefixes
@@ -1376,4 +1402,94 @@ fn whole_addresses_and_prefixes_share_the_list_capacity() {
     drop(&mut h, udp4(extra(99), 20), "refused before, in now");
     pass(&mut h, udp6(host6(17_999), 20), "removed /128");
     drop(&mut h, udp6(host6(18_000), 20), "kept /128");
+}
+
+/// A program loaded over pinned maps brings the IPv6 hash back in step with the trie
+/// (a daemon may have stopped between writing the one and the other): a stale copy, here
+/// one the lists never held, goes, and a missing one comes back.
+#[test]
+fn reused_maps_bring_the_ipv6_hash_back_in_step() {
+    use api_shield::{lists::fold, shield::detach_pinned};
+    use api_shield_common::lists::HashedV6Key;
+    use aya::maps::{HashMap, Map, MapData};
+    require_root();
+    let dir = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/{}{}-hash-sync",
+        api_shield_tests::netns::NETNS_PREFIX,
+        std::process::id()
+    ));
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
+    let capacity = config(UNLIMITED).capacity;
+    let key = |net: &str| {
+        let net: ipnet::Ipv6Net = net.parse().unwrap();
+        HashedV6Key {
+            addr: net.network().octets(),
+            prefix_len: u32::from(net.prefix_len()),
+        }
+    };
+    let hashed = || -> BTreeMap<(Vec<u8>, u32), u32> {
+        let map: HashMap<MapData, HashedV6Key, u32> = HashMap::try_from(Map::HashMap(
+            MapData::from_pin(dir.join("LIST_V6_HASHED")).unwrap(),
+        ))
+        .unwrap();
+        map.iter()
+            .map(|item| {
+                let (k, v) = item.unwrap();
+                ((k.addr.to_vec(), k.prefix_len), v)
+            })
+            .collect()
+    };
+    {
+        let mut shield = Shield::load_pinned(&capacity, &dir).expect("loading over pins");
+        let block: Vec<ipnet::IpNet> = vec!["2001:db8:a11::/48".parse().unwrap()];
+        let allow: Vec<ipnet::IpNet> = vec!["2001:db8:a11:1::/64".parse().unwrap()];
+        assert!(
+            shield
+                .apply_lists(&fold(&allow, &block).table)
+                .unwrap()
+                .is_empty()
+        );
+    }
+    let mut map: HashMap<MapData, HashedV6Key, u32> = HashMap::try_from(Map::HashMap(
+        MapData::from_pin(dir.join("LIST_V6_HASHED")).unwrap(),
+    ))
+    .unwrap();
+    assert_eq!(hashed().len(), 2);
+    // Stale: an allowed /64 the lists do not hold, in the /40 where /64 probes are made.
+    map.insert(key("2001:db8:a11:2::/64"), 1, 0).unwrap();
+    map.remove(&key("2001:db8:a11::/48")).unwrap();
+    drop(map);
+    let mut h = Harness {
+        shield: Shield::load_pinned(&capacity, &dir).expect("reloading over pins"),
+        seen: BTreeMap::new(),
+    };
+    h.seen = h.totals();
+    let want: BTreeMap<(Vec<u8>, u32), u32> = [
+        ((key("2001:db8:a11::/48").addr.to_vec(), 48), 2),
+        ((key("2001:db8:a11:1::/64").addr.to_vec(), 64), 1),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(hashed(), want);
+    let frame = |a: &str| udp6(a.parse().unwrap(), 20);
+    h.expect(
+        &frame("2001:db8:a11:2::1"),
+        XDP_DROP,
+        Reason::Blocklisted,
+        "in the /48",
+    );
+    h.expect(
+        &frame("2001:db8:a11:1::1"),
+        XDP_PASS,
+        Reason::Allowlisted,
+        "in the /64",
+    );
+    drop(h);
+    detach_pinned(&dir).expect("detaching");
 }
