@@ -394,6 +394,9 @@ pub struct Shield {
     shapes: Vec<MapShape>,
     /// What the rule table holds, once this process wrote it (so updates are diffs).
     rule_table: Option<Vec<u32>>,
+    /// IPv6 entries of hashed lengths now in the trie, to copy into the hash in batches
+    /// once a list change is done with the trie.
+    hashed_pending: Vec<(HashedV6Key, ListVerdict)>,
 }
 
 impl Shield {
@@ -470,6 +473,7 @@ impl Shield {
             pin_dir: pin_dir.map(Path::to_path_buf),
             shapes,
             rule_table: None,
+            hashed_pending: Vec::new(),
         };
         // Reused tries already hold entries: learn them, so the first update is a diff.
         shield.lists = shield.read_lists()?;
@@ -855,8 +859,12 @@ impl Shield {
             .summary
             .before_change(diff.upserts.iter().map(|(net, _)| net), &diff.removals);
         let result = self.apply_diff(next, &diff);
+        // The hash is whole before the summary may send sources to it.
+        let copied = self.copy_pending_hashed_v6();
         self.summary.after_change(&self.lists, &touched);
-        result
+        let refused = result?;
+        copied?;
+        Ok(refused)
     }
 
     fn apply_diff(&mut self, next: &ListTable, diff: &ListDiff) -> Result<Vec<IpNet>> {
@@ -874,6 +882,7 @@ impl Shield {
             .removals
             .iter()
             .partition(|net| exact_address(net).is_some());
+        self.remove_hashed_v6(&prefixes)?;
         let removed = self.remove_exact(&exact)?;
         for net in &exact[..removed] {
             self.lists.entries.remove(net);
@@ -927,7 +936,7 @@ impl Shield {
                 .filter_map(exact_address)
                 .map(|a| a.octets())
                 .collect();
-            let n = self.exact_batch(&keys, None)?;
+            let n = self.hash_batch(names::MAP_LIST_V4_EXACT, &keys, None)?;
             done += n;
             if n < chunk.len() {
                 break;
@@ -961,7 +970,7 @@ impl Shield {
         for chunk in taken.chunks(BATCH_CHUNK) {
             let keys: Vec<[u8; 4]> = chunk.iter().map(|(a, _)| a.octets()).collect();
             let values: Vec<ListVerdict> = chunk.iter().map(|&(_, v)| v).collect();
-            let done = self.exact_batch(&keys, Some(&values))?;
+            let done = self.hash_batch(names::MAP_LIST_V4_EXACT, &keys, Some(&values))?;
             for &(addr, verdict) in &chunk[..done] {
                 self.lists.entries.insert(net_of(addr), verdict);
             }
@@ -978,11 +987,55 @@ impl Shield {
         Ok(())
     }
 
-    /// BPF_MAP_UPDATE_BATCH of `keys` and `values` on the exact map (without values,
+    /// Copies the IPv6 entries of hashed lengths the trie took in this change into the
+    /// hash, in batches; what the kernel will not take for want of memory stays out (its
+    /// sources walk the trie).
+    fn copy_pending_hashed_v6(&mut self) -> Result<()> {
+        let pending = std::mem::take(&mut self.hashed_pending);
+        for chunk in pending.chunks(BATCH_CHUNK) {
+            let keys: Vec<HashedV6Key> = chunk.iter().map(|&(k, _)| k).collect();
+            let values: Vec<ListVerdict> = chunk.iter().map(|&(_, v)| v).collect();
+            let done = self.hash_batch(names::MAP_LIST_V6_HASHED, &keys, Some(&values))?;
+            for &(key, verdict) in &chunk[done..] {
+                match self.hashed_v6()?.insert(key, verdict, 0) {
+                    Ok(()) => {}
+                    Err(e) if is_out_of_memory(&e) => log::warn!(
+                        "an IPv6 /{} is in force but not in the IPv6 hash (out of memory): \
+                         its sources take the trie walk",
+                        key.prefix_len
+                    ),
+                    Err(e) => return Err(e).context("adding an entry to the IPv6 hash"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the IPv6 entries of hashed lengths among `removals` out of the hash, in
+    /// batches, before they leave the trie: the hash never holds what the trie does not.
+    fn remove_hashed_v6(&mut self, removals: &[IpNet]) -> Result<()> {
+        let keys: Vec<HashedV6Key> = removals.iter().filter_map(hashed_v6_key).collect();
+        for chunk in keys.chunks(BATCH_CHUNK) {
+            let done = self.hash_batch(names::MAP_LIST_V6_HASHED, chunk, None)?;
+            // Stopped at a key not there (a copy never made) or refused outright.
+            for key in &chunk[done..] {
+                remove_if_present(&mut self.hashed_v6()?, key)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// BPF_MAP_UPDATE_BATCH of `keys` and `values` on the hash map `map` (without values,
     /// BPF_MAP_DELETE_BATCH of `keys`): how many the kernel did before it stopped, all of
     /// them unless something failed. The caller does the rest one by one, which reports
     /// each failure as it is (a full map, a missing entry, or no batch support at all).
-    fn exact_batch(&mut self, keys: &[[u8; 4]], values: Option<&[ListVerdict]>) -> Result<usize> {
+    /// `K` must be the map's key type.
+    fn hash_batch<K: aya::Pod>(
+        &mut self,
+        map: &'static str,
+        keys: &[K],
+        values: Option<&[ListVerdict]>,
+    ) -> Result<usize> {
         use std::os::fd::AsRawFd as _;
         let count = keys.len();
         if values.is_some_and(|v| v.len() != count) {
@@ -1002,9 +1055,18 @@ impl Shield {
         }
         const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
         const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
-        let fd = match self.map_mut(names::MAP_LIST_V4_EXACT)? {
+        let key_size = std::mem::size_of::<K>() as u32;
+        if self
+            .shapes
+            .iter()
+            .find(|s| s.name == map)
+            .is_none_or(|s| s.map_type != MapType::Hash || s.key_size != key_size)
+        {
+            bail!("map {map} is not a hash map of {key_size}-byte keys");
+        }
+        let fd = match self.map_mut(map)? {
             aya::maps::Map::HashMap(data) => data.fd().as_fd().as_raw_fd(),
-            _ => bail!("map {} is not a hash map", names::MAP_LIST_V4_EXACT),
+            _ => bail!("map {map} is not a hash map"),
         };
         let mut attr = BatchAttr {
             in_batch: 0,
@@ -1021,8 +1083,9 @@ impl Shield {
         } else {
             BPF_MAP_DELETE_BATCH
         };
-        // SAFETY: `attr` points at `count` keys (and values) of the exact map's sizes (4 and
-        // 4 bytes, its shape), alive for the call; the kernel writes back only `attr.count`.
+        // SAFETY: `attr` points at `count` keys (and values) of the map's sizes (checked
+        // against its shape above; values are 4 bytes in every list map), alive for the
+        // call; the kernel writes back only `attr.count`.
         let ret = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -1096,16 +1159,7 @@ impl Shield {
                 self.trie_v6()?
                     .insert(&Key::new(len, a.octets()), verdict, 0)?;
                 if let Some(key) = hashed {
-                    match self.hashed_v6()?.insert(key, verdict, 0) {
-                        Ok(()) => {}
-                        // Out of memory: the trie has the entry; without its copy here a
-                        // packet inside it only walks the trie.
-                        Err(e) if is_out_of_memory(&e) => log::warn!(
-                            "{net} is in force but not in the IPv6 hash (out of memory): its \
-                             sources take the trie walk"
-                        ),
-                        Err(e) => return Err(e.into()),
-                    }
+                    self.hashed_pending.push((key, verdict));
                 }
             }
         }
@@ -1117,13 +1171,8 @@ impl Shield {
         match net.addr() {
             IpAddr::V4(a) if len == 32 => self.exact_v4()?.remove(&a.octets())?,
             IpAddr::V4(a) => self.trie_v4()?.remove(&Key::new(len, a.octets()))?,
-            IpAddr::V6(a) => {
-                // Out of the hash first: it never holds what the trie does not.
-                if let Some(key) = hashed_v6_key(&net) {
-                    remove_if_present(&mut self.hashed_v6()?, &key)?;
-                }
-                self.trie_v6()?.remove(&Key::new(len, a.octets()))?
-            }
+            // Its copy in the hash went first (`remove_hashed_v6`).
+            IpAddr::V6(a) => self.trie_v6()?.remove(&Key::new(len, a.octets()))?,
         }
         Ok(())
     }
