@@ -871,12 +871,14 @@ impl Shield {
         let mut room = self.list_room()?;
         let mut refused = Vec::new();
         let mut exact = Vec::new();
+        let mut prefixes = Vec::new();
         for &(net, verdict) in &diff.upserts {
             match exact_address(&net) {
                 Some(addr) => exact.push((addr, verdict)),
-                None => self.upsert_or_refuse(net, verdict, &mut room, &mut refused)?,
+                None => prefixes.push((net, verdict)),
             }
         }
+        self.upsert_prefixes(&prefixes, &mut room, &mut refused)?;
         self.upsert_exact(&exact, &mut room, &mut refused)?;
         let (exact, prefixes): (Vec<IpNet>, Vec<IpNet>) = diff
             .removals
@@ -884,11 +886,21 @@ impl Shield {
             .partition(|net| exact_address(net).is_some());
         self.remove_hashed_v6(&prefixes)?;
         let removed = self.remove_exact(&exact)?;
+        let mut left = exact[removed..].to_vec();
         for net in &exact[..removed] {
             self.lists.entries.remove(net);
             room.v4 += 1;
         }
-        for net in prefixes.iter().chain(&exact[removed..]) {
+        let (v4, v6): (Vec<IpNet>, Vec<IpNet>) = prefixes.iter().partition(|n| n.addr().is_ipv4());
+        for (nets, map) in [(v4, names::MAP_LIST_V4), (v6, names::MAP_LIST_V6)] {
+            let removed = self.remove_prefixes(map, &nets)?;
+            for net in &nets[..removed] {
+                self.lists.entries.remove(net);
+                *room.of(net) += 1;
+            }
+            left.extend_from_slice(&nets[removed..]);
+        }
+        for net in &left {
             self.list_remove(*net)
                 .with_context(|| format!("removing {net} from the lists"))?;
             self.lists.entries.remove(net);
@@ -926,6 +938,105 @@ impl Shield {
         })
     }
 
+    /// Adds or updates prefixes (not IPv4 addresses) in their family's trie in batches
+    /// (BPF_MAP_UPDATE_BATCH: the kernel loops over them, one call per 16k entries, where
+    /// one by one costs a call each); those that find no room are refused, as in
+    /// [`Shield::upsert_or_refuse`], which finishes a batch the kernel stopped.
+    fn upsert_prefixes(
+        &mut self,
+        entries: &[(IpNet, ListVerdict)],
+        room: &mut ListRoom,
+        refused: &mut Vec<IpNet>,
+    ) -> Result<()> {
+        let mut v4 = Vec::new();
+        let mut v6 = Vec::new();
+        for &(net, verdict) in entries {
+            let old = self.lists.entries.get(&net).copied();
+            if old.is_none() {
+                let left = room.of(&net);
+                if *left == 0 {
+                    refused.push(net);
+                    continue;
+                }
+                *left -= 1;
+            }
+            // A changed verdict leaves the hash before the trie has it (see `list_insert`).
+            if let Some(key) = hashed_v6_key(&net)
+                && old.is_some_and(|v| v != verdict)
+            {
+                remove_if_present(&mut self.hashed_v6()?, &key)?;
+            }
+            match net {
+                IpNet::V4(_) => v4.push((net, verdict)),
+                IpNet::V6(_) => v6.push((net, verdict)),
+            }
+        }
+        for (taken, map) in [(v4, names::MAP_LIST_V4), (v6, names::MAP_LIST_V6)] {
+            for chunk in taken.chunks(BATCH_CHUNK) {
+                let values: Vec<ListVerdict> = chunk.iter().map(|&(_, v)| v).collect();
+                let nets: Vec<IpNet> = chunk.iter().map(|&(n, _)| n).collect();
+                let done = self.trie_batch(map, &nets, Some(&values))?;
+                for &(net, verdict) in &chunk[..done] {
+                    self.lists.entries.insert(net, verdict);
+                    if let Some(key) = hashed_v6_key(&net) {
+                        self.hashed_pending.push((key, verdict));
+                    }
+                }
+                // Stopped short (a full trie, out of memory): the rest one by one, with
+                // their room given back first, so each gets its own verdict or error.
+                for &(net, verdict) in &chunk[done..] {
+                    if !self.lists.entries.contains_key(&net) {
+                        *room.of(&net) += 1;
+                    }
+                    self.upsert_or_refuse(net, verdict, room, refused)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes prefixes of one family from its trie `map` in batches: how many of `nets`,
+    /// from its start, are gone; the caller removes the rest one by one.
+    fn remove_prefixes(&mut self, map: &'static str, nets: &[IpNet]) -> Result<usize> {
+        let mut done = 0;
+        for chunk in nets.chunks(BATCH_CHUNK) {
+            let n = self.trie_batch(map, chunk, None)?;
+            done += n;
+            if n < chunk.len() {
+                break;
+            }
+        }
+        Ok(done)
+    }
+
+    /// [`Shield::map_batch`] on a trie: `nets` (all of the trie's family) as its keys.
+    fn trie_batch(
+        &mut self,
+        map: &'static str,
+        nets: &[IpNet],
+        values: Option<&[ListVerdict]>,
+    ) -> Result<usize> {
+        if map == names::MAP_LIST_V4 {
+            let keys = nets
+                .iter()
+                .map(|net| match net {
+                    IpNet::V4(n) => Ok(Key::new(u32::from(n.prefix_len()), n.addr().octets())),
+                    IpNet::V6(_) => Err(anyhow!("{net} in a batch for the IPv4 trie")),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            self.map_batch(map, &keys, values)
+        } else {
+            let keys = nets
+                .iter()
+                .map(|net| match net {
+                    IpNet::V6(n) => Ok(Key::new(u32::from(n.prefix_len()), n.addr().octets())),
+                    IpNet::V4(_) => Err(anyhow!("{net} in a batch for the IPv6 trie")),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            self.map_batch(map, &keys, values)
+        }
+    }
+
     /// Removes IPv4 addresses (/32 entries) from the exact map in batches: how many of
     /// `exact`, from its start, are gone; the caller removes the rest one by one.
     fn remove_exact(&mut self, exact: &[IpNet]) -> Result<usize> {
@@ -936,7 +1047,7 @@ impl Shield {
                 .filter_map(exact_address)
                 .map(|a| a.octets())
                 .collect();
-            let n = self.hash_batch(names::MAP_LIST_V4_EXACT, &keys, None)?;
+            let n = self.map_batch(names::MAP_LIST_V4_EXACT, &keys, None)?;
             done += n;
             if n < chunk.len() {
                 break;
@@ -970,7 +1081,7 @@ impl Shield {
         for chunk in taken.chunks(BATCH_CHUNK) {
             let keys: Vec<[u8; 4]> = chunk.iter().map(|(a, _)| a.octets()).collect();
             let values: Vec<ListVerdict> = chunk.iter().map(|&(_, v)| v).collect();
-            let done = self.hash_batch(names::MAP_LIST_V4_EXACT, &keys, Some(&values))?;
+            let done = self.map_batch(names::MAP_LIST_V4_EXACT, &keys, Some(&values))?;
             for &(addr, verdict) in &chunk[..done] {
                 self.lists.entries.insert(net_of(addr), verdict);
             }
@@ -995,7 +1106,7 @@ impl Shield {
         for chunk in pending.chunks(BATCH_CHUNK) {
             let keys: Vec<HashedV6Key> = chunk.iter().map(|&(k, _)| k).collect();
             let values: Vec<ListVerdict> = chunk.iter().map(|&(_, v)| v).collect();
-            let done = self.hash_batch(names::MAP_LIST_V6_HASHED, &keys, Some(&values))?;
+            let done = self.map_batch(names::MAP_LIST_V6_HASHED, &keys, Some(&values))?;
             for &(key, verdict) in &chunk[done..] {
                 match self.hashed_v6()?.insert(key, verdict, 0) {
                     Ok(()) => {}
@@ -1016,7 +1127,7 @@ impl Shield {
     fn remove_hashed_v6(&mut self, removals: &[IpNet]) -> Result<()> {
         let keys: Vec<HashedV6Key> = removals.iter().filter_map(hashed_v6_key).collect();
         for chunk in keys.chunks(BATCH_CHUNK) {
-            let done = self.hash_batch(names::MAP_LIST_V6_HASHED, chunk, None)?;
+            let done = self.map_batch(names::MAP_LIST_V6_HASHED, chunk, None)?;
             // Stopped at a key not there (a copy never made) or refused outright.
             for key in &chunk[done..] {
                 remove_if_present(&mut self.hashed_v6()?, key)?;
@@ -1025,12 +1136,12 @@ impl Shield {
         Ok(())
     }
 
-    /// BPF_MAP_UPDATE_BATCH of `keys` and `values` on the hash map `map` (without values,
-    /// BPF_MAP_DELETE_BATCH of `keys`): how many the kernel did before it stopped, all of
-    /// them unless something failed. The caller does the rest one by one, which reports
-    /// each failure as it is (a full map, a missing entry, or no batch support at all).
-    /// `K` must be the map's key type.
-    fn hash_batch<K: aya::Pod>(
+    /// BPF_MAP_UPDATE_BATCH of `keys` and `values` on the hash or trie `map` (without
+    /// values, BPF_MAP_DELETE_BATCH of `keys`): how many the kernel did before it stopped,
+    /// all of them unless something failed. The caller does the rest one by one, which
+    /// reports each failure as it is (a full map, a missing entry, or no batch support at
+    /// all). `K` must be the map's key type.
+    fn map_batch<K: aya::Pod>(
         &mut self,
         map: &'static str,
         keys: &[K],
@@ -1056,17 +1167,16 @@ impl Shield {
         const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
         const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
         let key_size = std::mem::size_of::<K>() as u32;
-        if self
-            .shapes
-            .iter()
-            .find(|s| s.name == map)
-            .is_none_or(|s| s.map_type != MapType::Hash || s.key_size != key_size)
-        {
-            bail!("map {map} is not a hash map of {key_size}-byte keys");
+        if self.shapes.iter().find(|s| s.name == map).is_none_or(|s| {
+            !matches!(s.map_type, MapType::Hash | MapType::LpmTrie) || s.key_size != key_size
+        }) {
+            bail!("map {map} is not a hash map or trie of {key_size}-byte keys");
         }
         let fd = match self.map_mut(map)? {
-            aya::maps::Map::HashMap(data) => data.fd().as_fd().as_raw_fd(),
-            _ => bail!("map {map} is not a hash map"),
+            aya::maps::Map::HashMap(data) | aya::maps::Map::LpmTrie(data) => {
+                data.fd().as_fd().as_raw_fd()
+            }
+            _ => bail!("map {map} is not a hash map or trie"),
         };
         let mut attr = BatchAttr {
             in_batch: 0,
