@@ -231,6 +231,37 @@ fn hashed_v6_key(net: &IpNet) -> Option<HashedV6Key> {
     }
 }
 
+/// The list maps, in the order a change writes them.
+const LIST_MAPS: [&str; 3] = [
+    names::MAP_LIST_V4_EXACT,
+    names::MAP_LIST_V4,
+    names::MAP_LIST_V6,
+];
+
+/// The list map that holds `net`: IPv4 addresses the exact map, other prefixes their
+/// family's trie.
+fn list_map_of(net: &IpNet) -> &'static str {
+    match net {
+        _ if exact_address(net).is_some() => names::MAP_LIST_V4_EXACT,
+        IpNet::V4(_) => names::MAP_LIST_V4,
+        IpNet::V6(_) => names::MAP_LIST_V6,
+    }
+}
+
+/// `nets` as the keys of a trie of `N`-byte addresses; one of the other family is an error.
+fn trie_keys<const N: usize>(nets: &[IpNet]) -> Result<Vec<Key<[u8; N]>>> {
+    nets.iter()
+        .map(|net| {
+            let data = match net {
+                IpNet::V4(n) => <[u8; N]>::try_from(n.addr().octets().as_slice()),
+                IpNet::V6(n) => <[u8; N]>::try_from(n.addr().octets().as_slice()),
+            }
+            .map_err(|_| anyhow!("{net} in a batch for a trie of {N}-byte addresses"))?;
+            Ok(Key::new(u32::from(net.prefix_len()), data))
+        })
+        .collect()
+}
+
 /// Removes `key` from the IPv6 hash; a key not there is no error (a copy that could not
 /// be made for want of memory, see `Shield::list_insert`).
 fn remove_if_present(
@@ -870,36 +901,24 @@ impl Shield {
     fn apply_diff(&mut self, next: &ListTable, diff: &ListDiff) -> Result<Vec<IpNet>> {
         let mut room = self.list_room()?;
         let mut refused = Vec::new();
-        let mut exact = Vec::new();
-        let mut prefixes = Vec::new();
-        for &(net, verdict) in &diff.upserts {
-            match exact_address(&net) {
-                Some(addr) => exact.push((addr, verdict)),
-                None => prefixes.push((net, verdict)),
-            }
-        }
-        self.upsert_prefixes(&prefixes, &mut room, &mut refused)?;
-        self.upsert_exact(&exact, &mut room, &mut refused)?;
-        let (exact, prefixes): (Vec<IpNet>, Vec<IpNet>) = diff
-            .removals
-            .iter()
-            .partition(|net| exact_address(net).is_some());
-        self.remove_hashed_v6(&prefixes)?;
-        let removed = self.remove_exact(&exact)?;
-        let mut left = exact[removed..].to_vec();
-        for net in &exact[..removed] {
-            self.lists.entries.remove(net);
-            room.v4 += 1;
-        }
-        let (v4, v6): (Vec<IpNet>, Vec<IpNet>) = prefixes.iter().partition(|n| n.addr().is_ipv4());
-        for (nets, map) in [(v4, names::MAP_LIST_V4), (v6, names::MAP_LIST_V6)] {
-            let removed = self.remove_prefixes(map, &nets)?;
+        self.upsert_in_batches(&diff.upserts, &mut room, &mut refused)?;
+        self.remove_hashed_v6(&diff.removals)?;
+        let mut left = Vec::new();
+        for map in LIST_MAPS {
+            let nets: Vec<IpNet> = diff
+                .removals
+                .iter()
+                .filter(|net| list_map_of(net) == map)
+                .copied()
+                .collect();
+            let removed = self.list_batch(map, &nets, None)?;
             for net in &nets[..removed] {
                 self.lists.entries.remove(net);
                 *room.of(net) += 1;
             }
             left.extend_from_slice(&nets[removed..]);
         }
+        // What a batch left: one by one, each failure reported as it is.
         for net in &left {
             self.list_remove(*net)
                 .with_context(|| format!("removing {net} from the lists"))?;
@@ -938,18 +957,17 @@ impl Shield {
         })
     }
 
-    /// Adds or updates prefixes (not IPv4 addresses) in their family's trie in batches
-    /// (BPF_MAP_UPDATE_BATCH: the kernel loops over them, one call per 16k entries, where
-    /// one by one costs a call each); those that find no room are refused, as in
-    /// [`Shield::upsert_or_refuse`], which finishes a batch the kernel stopped.
-    fn upsert_prefixes(
+    /// Adds or updates entries in batches (one call per 16k entries, where one by one
+    /// costs a call each): IPv4 addresses into the exact map, other prefixes into their
+    /// family's trie. Those that find no room are refused, as in
+    /// [`Shield::upsert_or_refuse`], which also finishes what a batch left.
+    fn upsert_in_batches(
         &mut self,
         entries: &[(IpNet, ListVerdict)],
         room: &mut ListRoom,
         refused: &mut Vec<IpNet>,
     ) -> Result<()> {
-        let mut v4 = Vec::new();
-        let mut v6 = Vec::new();
+        let mut taken: [Vec<(IpNet, ListVerdict)>; 3] = Default::default();
         for &(net, verdict) in entries {
             let old = self.lists.entries.get(&net).copied();
             if old.is_none() {
@@ -966,131 +984,24 @@ impl Shield {
             {
                 remove_if_present(&mut self.hashed_v6()?, &key)?;
             }
-            match net {
-                IpNet::V4(_) => v4.push((net, verdict)),
-                IpNet::V6(_) => v6.push((net, verdict)),
-            }
+            let map = LIST_MAPS.iter().position(|&m| m == list_map_of(&net));
+            taken[map.expect("every entry has a list map")].push((net, verdict));
         }
-        for (taken, map) in [(v4, names::MAP_LIST_V4), (v6, names::MAP_LIST_V6)] {
-            for chunk in taken.chunks(BATCH_CHUNK) {
-                let values: Vec<ListVerdict> = chunk.iter().map(|&(_, v)| v).collect();
-                let nets: Vec<IpNet> = chunk.iter().map(|&(n, _)| n).collect();
-                let done = self.trie_batch(map, &nets, Some(&values))?;
-                for &(net, verdict) in &chunk[..done] {
-                    self.lists.entries.insert(net, verdict);
-                    if let Some(key) = hashed_v6_key(&net) {
-                        self.hashed_pending.push((key, verdict));
-                    }
-                }
-                // Stopped short (a full trie, out of memory): the rest one by one, with
-                // their room given back first, so each gets its own verdict or error.
-                for &(net, verdict) in &chunk[done..] {
-                    if !self.lists.entries.contains_key(&net) {
-                        *room.of(&net) += 1;
-                    }
-                    self.upsert_or_refuse(net, verdict, room, refused)?;
+        for (map, taken) in LIST_MAPS.into_iter().zip(taken) {
+            let nets: Vec<IpNet> = taken.iter().map(|&(n, _)| n).collect();
+            let values: Vec<ListVerdict> = taken.iter().map(|&(_, v)| v).collect();
+            let done = self.list_batch(map, &nets, Some(&values))?;
+            for &(net, verdict) in &taken[..done] {
+                self.lists.entries.insert(net, verdict);
+                if let Some(key) = hashed_v6_key(&net) {
+                    self.hashed_pending.push((key, verdict));
                 }
             }
-        }
-        Ok(())
-    }
-
-    /// Removes prefixes of one family from its trie `map` in batches: how many of `nets`,
-    /// from its start, are gone; the caller removes the rest one by one.
-    fn remove_prefixes(&mut self, map: &'static str, nets: &[IpNet]) -> Result<usize> {
-        let mut done = 0;
-        for chunk in nets.chunks(BATCH_CHUNK) {
-            let n = self.trie_batch(map, chunk, None)?;
-            done += n;
-            if n < chunk.len() {
-                break;
-            }
-        }
-        Ok(done)
-    }
-
-    /// [`Shield::map_batch`] on a trie: `nets` (all of the trie's family) as its keys.
-    fn trie_batch(
-        &mut self,
-        map: &'static str,
-        nets: &[IpNet],
-        values: Option<&[ListVerdict]>,
-    ) -> Result<usize> {
-        if map == names::MAP_LIST_V4 {
-            let keys = nets
-                .iter()
-                .map(|net| match net {
-                    IpNet::V4(n) => Ok(Key::new(u32::from(n.prefix_len()), n.addr().octets())),
-                    IpNet::V6(_) => Err(anyhow!("{net} in a batch for the IPv4 trie")),
-                })
-                .collect::<Result<Vec<_>>>()?;
-            self.map_batch(map, &keys, values)
-        } else {
-            let keys = nets
-                .iter()
-                .map(|net| match net {
-                    IpNet::V6(n) => Ok(Key::new(u32::from(n.prefix_len()), n.addr().octets())),
-                    IpNet::V4(_) => Err(anyhow!("{net} in a batch for the IPv6 trie")),
-                })
-                .collect::<Result<Vec<_>>>()?;
-            self.map_batch(map, &keys, values)
-        }
-    }
-
-    /// Removes IPv4 addresses (/32 entries) from the exact map in batches: how many of
-    /// `exact`, from its start, are gone; the caller removes the rest one by one.
-    fn remove_exact(&mut self, exact: &[IpNet]) -> Result<usize> {
-        let mut done = 0;
-        for chunk in exact.chunks(BATCH_CHUNK) {
-            let keys: Vec<[u8; 4]> = chunk
-                .iter()
-                .filter_map(exact_address)
-                .map(|a| a.octets())
-                .collect();
-            let n = self.map_batch(names::MAP_LIST_V4_EXACT, &keys, None)?;
-            done += n;
-            if n < chunk.len() {
-                break;
-            }
-        }
-        Ok(done)
-    }
-
-    /// Adds IPv4 addresses to the exact map in batches (BPF_MAP_UPDATE_BATCH: one call per
-    /// many entries, where a trie takes one per entry); those that find no room are
-    /// refused, as in [`Shield::upsert_or_refuse`], which finishes a batch the kernel stopped.
-    fn upsert_exact(
-        &mut self,
-        entries: &[(Ipv4Addr, ListVerdict)],
-        room: &mut ListRoom,
-        refused: &mut Vec<IpNet>,
-    ) -> Result<()> {
-        let net_of = |addr: Ipv4Addr| IpNet::from(IpAddr::V4(addr));
-        let mut taken: Vec<(Ipv4Addr, ListVerdict)> = Vec::new();
-        for &(addr, verdict) in entries {
-            let new = !self.lists.entries.contains_key(&net_of(addr));
-            if new && room.v4 == 0 {
-                refused.push(net_of(addr));
-                continue;
-            }
-            if new {
-                room.v4 -= 1;
-            }
-            taken.push((addr, verdict));
-        }
-        for chunk in taken.chunks(BATCH_CHUNK) {
-            let keys: Vec<[u8; 4]> = chunk.iter().map(|(a, _)| a.octets()).collect();
-            let values: Vec<ListVerdict> = chunk.iter().map(|&(_, v)| v).collect();
-            let done = self.map_batch(names::MAP_LIST_V4_EXACT, &keys, Some(&values))?;
-            for &(addr, verdict) in &chunk[..done] {
-                self.lists.entries.insert(net_of(addr), verdict);
-            }
-            // Stopped short (out of memory, say): the rest one by one, with their room
-            // given back first, so each gets its own verdict or error.
-            for &(addr, verdict) in &chunk[done..] {
-                let net = net_of(addr);
+            // Stopped short (a full map, out of memory): the rest one by one, with their
+            // room given back first, so each gets its own verdict or error.
+            for &(net, verdict) in &taken[done..] {
                 if !self.lists.entries.contains_key(&net) {
-                    room.v4 += 1;
+                    *room.of(&net) += 1;
                 }
                 self.upsert_or_refuse(net, verdict, room, refused)?;
             }
@@ -1098,25 +1009,65 @@ impl Shield {
         Ok(())
     }
 
+    /// [`Shield::in_batches`] on the list map `map` (see [`list_map_of`]), with `nets`
+    /// as its keys.
+    fn list_batch(
+        &mut self,
+        map: &'static str,
+        nets: &[IpNet],
+        values: Option<&[ListVerdict]>,
+    ) -> Result<usize> {
+        match map {
+            names::MAP_LIST_V4_EXACT => {
+                let keys: Vec<[u8; 4]> = nets
+                    .iter()
+                    .map(|net| exact_address(net).map(|a| a.octets()))
+                    .collect::<Option<_>>()
+                    .context("a prefix in a batch for the exact map")?;
+                self.in_batches(map, &keys, values)
+            }
+            names::MAP_LIST_V4 => self.in_batches(map, &trie_keys::<4>(nets)?, values),
+            _ => self.in_batches(map, &trie_keys::<16>(nets)?, values),
+        }
+    }
+
+    /// [`Shield::map_batch`] over `keys` (and `values`) in chunks of [`BATCH_CHUNK`]: how
+    /// many of them, from the start, were done before a batch stopped short.
+    fn in_batches<K: aya::Pod>(
+        &mut self,
+        map: &'static str,
+        keys: &[K],
+        values: Option<&[ListVerdict]>,
+    ) -> Result<usize> {
+        let mut done = 0;
+        for (i, chunk) in keys.chunks(BATCH_CHUNK).enumerate() {
+            let values = values.map(|v| &v[i * BATCH_CHUNK..i * BATCH_CHUNK + chunk.len()]);
+            let n = self.map_batch(map, chunk, values)?;
+            done += n;
+            if n < chunk.len() {
+                break;
+            }
+        }
+        Ok(done)
+    }
+
     /// Copies the IPv6 entries of hashed lengths the trie took in this change into the
     /// hash, in batches; what the kernel will not take for want of memory stays out (its
     /// sources walk the trie).
     fn copy_pending_hashed_v6(&mut self) -> Result<()> {
         let pending = std::mem::take(&mut self.hashed_pending);
-        for chunk in pending.chunks(BATCH_CHUNK) {
-            let keys: Vec<HashedV6Key> = chunk.iter().map(|&(k, _)| k).collect();
-            let values: Vec<ListVerdict> = chunk.iter().map(|&(_, v)| v).collect();
-            let done = self.map_batch(names::MAP_LIST_V6_HASHED, &keys, Some(&values))?;
-            for &(key, verdict) in &chunk[done..] {
-                match self.hashed_v6()?.insert(key, verdict, 0) {
-                    Ok(()) => {}
-                    Err(e) if is_out_of_memory(&e) => log::warn!(
-                        "an IPv6 /{} is in force but not in the IPv6 hash (out of memory): \
-                         its sources take the trie walk",
-                        key.prefix_len
-                    ),
-                    Err(e) => return Err(e).context("adding an entry to the IPv6 hash"),
-                }
+        let keys: Vec<HashedV6Key> = pending.iter().map(|&(k, _)| k).collect();
+        let values: Vec<ListVerdict> = pending.iter().map(|&(_, v)| v).collect();
+        let done = self.in_batches(names::MAP_LIST_V6_HASHED, &keys, Some(&values))?;
+        for &(key, verdict) in &pending[done..] {
+            match self.hashed_v6()?.insert(key, verdict, 0) {
+                Ok(()) => {}
+                Err(e) if is_out_of_memory(&e) => log::warn!(
+                    "an IPv6 /{} is in force but not in the IPv6 hash (out of memory): its \
+                     sources take the trie walk",
+                    key.prefix_len
+                ),
+                Err(e) => return Err(e).context("adding an entry to the IPv6 hash"),
             }
         }
         Ok(())
@@ -1126,12 +1077,10 @@ impl Shield {
     /// batches, before they leave the trie: the hash never holds what the trie does not.
     fn remove_hashed_v6(&mut self, removals: &[IpNet]) -> Result<()> {
         let keys: Vec<HashedV6Key> = removals.iter().filter_map(hashed_v6_key).collect();
-        for chunk in keys.chunks(BATCH_CHUNK) {
-            let done = self.map_batch(names::MAP_LIST_V6_HASHED, chunk, None)?;
-            // Stopped at a key not there (a copy never made) or refused outright.
-            for key in &chunk[done..] {
-                remove_if_present(&mut self.hashed_v6()?, key)?;
-            }
+        let done = self.in_batches(names::MAP_LIST_V6_HASHED, &keys, None)?;
+        // Stopped at a key not there (a copy never made) or refused outright.
+        for key in &keys[done..] {
+            remove_if_present(&mut self.hashed_v6()?, key)?;
         }
         Ok(())
     }
