@@ -36,7 +36,7 @@ const IPPROTO_UDP: u8 = 17;
 #[map(name = "LIST_V4")]
 static LIST_V4: LpmTrie<[u8; 4], ListVerdict> = LpmTrie::with_max_entries(1024, 0);
 /// Flags 1024: BPF_F_MMAPABLE, so the controller writes them as memory (8 MiB of cells
-/// each, and the IPv6 /40 bitmap).
+/// each, and the IPv6 /40 lengths).
 #[map(name = "LIST_V4_SUMMARY")]
 static LIST_V4_SUMMARY: Array<u64> = Array::with_max_entries(summary::WORDS, 1024);
 #[map(name = "LIST_V6_SUMMARY")]
