@@ -277,7 +277,17 @@ pub fn call(socket: &PathBuf, request: &Request) -> Result<Response> {
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut req = serde_json::to_vec(request)?;
     req.push(b'\n');
-    stream.write_all(&req).context("sending the request")?;
+    // A daemon that refuses the peer answers and closes without reading the request, so
+    // the write may fail (EPIPE) with that answer already waiting: read it all the same.
+    match stream.write_all(&req) {
+        Ok(()) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) => {}
+        Err(e) => return Err(e).context("sending the request"),
+    }
     let mut reply = String::new();
     BufReader::new(&stream)
         .read_line(&mut reply)

@@ -1039,6 +1039,12 @@ impl Shield {
         keys: &[K],
         values: Option<&[ListVerdict]>,
     ) -> Result<usize> {
+        if values.is_some_and(|v| v.len() != keys.len()) {
+            bail!(
+                "{} keys for {map} with another number of values",
+                keys.len()
+            );
+        }
         let mut done = 0;
         for (i, chunk) in keys.chunks(BATCH_CHUNK).enumerate() {
             let values = values.map(|v| &v[i * BATCH_CHUNK..i * BATCH_CHUNK + chunk.len()]);
