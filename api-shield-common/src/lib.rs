@@ -131,6 +131,8 @@ pub mod lists {
 
         /// Entries of /40 or longer lie inside: read the lengths of the source's /40.
         pub const LONG: u32 = summary::EXACT;
+        /// The shortest length [`LONG`] stands for (shorter, down to /25: [`summary::TRIE`]).
+        pub const LONG_FROM: u8 = 40;
         /// Lengths of a /40's entries: a /48 ...
         pub const HASHED_48: u32 = 1;
         /// ... a /64 ...
@@ -165,15 +167,18 @@ pub mod lists {
             )
         }
 
-        /// The length flag of an entry of /40 or longer.
+        /// The length flag of an entry of [`LONG_FROM`] or longer: its [`HASHED`] flag,
+        /// or [`UNHASHED`].
         #[inline(always)]
         pub const fn length_flag(len: u8) -> u32 {
-            match len {
-                48 => HASHED_48,
-                64 => HASHED_64,
-                128 => HASHED_128,
-                _ => UNHASHED,
+            let mut i = 0;
+            while i < HASHED.len() {
+                if HASHED[i].1 == len as u32 {
+                    return HASHED[i].0;
+                }
+                i += 1;
             }
+            UNHASHED
         }
     }
 }

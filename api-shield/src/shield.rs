@@ -217,11 +217,7 @@ fn exact_address(net: &IpNet) -> Option<Ipv4Addr> {
 /// /128): its network address, as the data plane masks a source, and its length.
 fn hashed_v6_key(net: &IpNet) -> Option<HashedV6Key> {
     match net {
-        IpNet::V6(n)
-            if summary_v6::HASHED
-                .iter()
-                .any(|&(_, len)| len == u32::from(n.prefix_len())) =>
-        {
+        IpNet::V6(n) if summary_v6::length_flag(n.prefix_len()) != summary_v6::UNHASHED => {
             Some(HashedV6Key {
                 addr: n.network().octets(),
                 prefix_len: u32::from(n.prefix_len()),
@@ -978,12 +974,7 @@ impl Shield {
                 }
                 *left -= 1;
             }
-            // A changed verdict leaves the hash before the trie has it (see `list_insert`).
-            if let Some(key) = hashed_v6_key(&net)
-                && old.is_some_and(|v| v != verdict)
-            {
-                remove_if_present(&mut self.hashed_v6()?, &key)?;
-            }
+            self.unhash_if_changed(net, verdict)?;
             let map = LIST_MAPS.iter().position(|&m| m == list_map_of(&net));
             taken[map.expect("every entry has a list map")].push((net, verdict));
         }
@@ -1213,20 +1204,25 @@ impl Shield {
                 .trie_v4()?
                 .insert(&Key::new(len, a.octets()), verdict, 0)?,
             IpAddr::V6(a) => {
-                let hashed = hashed_v6_key(&net);
-                // The hash must never hold what the trie does not: a changed verdict
-                // leaves it first, and joins it after the trie has it.
-                if let Some(key) = hashed
-                    && self.lists.entries.get(&net).is_some_and(|&v| v != verdict)
-                {
-                    remove_if_present(&mut self.hashed_v6()?, &key)?;
-                }
+                self.unhash_if_changed(net, verdict)?;
                 self.trie_v6()?
                     .insert(&Key::new(len, a.octets()), verdict, 0)?;
-                if let Some(key) = hashed {
+                if let Some(key) = hashed_v6_key(&net) {
                     self.hashed_pending.push((key, verdict));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Takes `net`'s copy out of the IPv6 hash if the lists hold it with a verdict other
+    /// than `verdict`: the hash must never hold what the trie does not, so a changed
+    /// verdict leaves it before the trie changes, and joins it after.
+    fn unhash_if_changed(&mut self, net: IpNet, verdict: ListVerdict) -> Result<()> {
+        if let Some(key) = hashed_v6_key(&net)
+            && self.lists.entries.get(&net).is_some_and(|&v| v != verdict)
+        {
+            remove_if_present(&mut self.hashed_v6()?, &key)?;
         }
         Ok(())
     }

@@ -94,7 +94,7 @@ fn entries_of(
 fn inner_flag(net: &IpNet) -> u32 {
     match net {
         IpNet::V4(n) if n.prefix_len() == 32 => EXACT,
-        IpNet::V6(n) if n.prefix_len() >= 40 => LONG,
+        IpNet::V6(n) if n.prefix_len() >= summary_v6::LONG_FROM => LONG,
         _ => TRIE,
     }
 }
@@ -223,7 +223,7 @@ pub fn long_lengths<'a>(nets: impl IntoIterator<Item = &'a IpNet>, probing: bool
     let mut words = vec![0u64; summary_v6::LONG_WORDS as usize];
     for net in nets {
         if let IpNet::V6(n) = net
-            && n.prefix_len() >= 40
+            && n.prefix_len() >= summary_v6::LONG_FROM
         {
             let (word, shift) = summary_v6::long_cell(&n.network().octets());
             let flag = if probing {
@@ -344,7 +344,7 @@ const LONG_AT: usize = summary_v6::CELL_WORDS as usize;
 
 /// Whether an entry sets a flag in the IPv6 /40 lengths.
 fn is_long(net: &IpNet) -> bool {
-    matches!(net, IpNet::V6(n) if n.prefix_len() >= 40)
+    matches!(net, IpNet::V6(n) if n.prefix_len() >= summary_v6::LONG_FROM)
 }
 
 impl SummaryMaps {
