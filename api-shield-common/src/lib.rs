@@ -29,7 +29,8 @@ pub mod names {
     /// Mmapable array of u64: the IPv6 trie summarised per /24, and the lengths of its
     /// entries of /40 or longer per /40 ([`crate::lists::summary_v6`]).
     pub const MAP_LIST_V6_SUMMARY: &str = "LIST_V6_SUMMARY";
-    /// LRU hash, [`crate::limiter::LimiterKey`] -> [`crate::limiter::LimiterState`].
+    /// Mmapable array of [`crate::limiter::LimiterSet`]: the buckets, in a set-associative
+    /// table the data plane reads without a kernel call ([`crate::limiter::set_of`]).
     pub const MAP_LIMITER: &str = "LIMITER";
     /// Array of [`crate::limiter::RateLimit`]; index [`crate::limiter::DEFAULT_LIMIT`].
     pub const MAP_LIMITS: &str = "LIMITS";
@@ -375,6 +376,60 @@ pub mod limiter {
         pub window_drops: u64,
     }
 
+    /// Buckets per set of the limiter table. A new source takes the least busy of its set's
+    /// ways (an empty one first), so an active flooder's bucket survives up to three others
+    /// hashed beside it, as an LRU would keep it.
+    pub const LIMITER_WAYS: usize = 4;
+
+    /// One bucket of the limiter table: whose it is, and its state.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct LimiterSlot {
+        pub key: LimiterKey,
+        /// Non-zero once the slot holds a bucket (an all-zero key is a valid key).
+        pub occupied: u32,
+        pub state: LimiterState,
+    }
+
+    /// The ways one key may occupy, chosen by [`set_of`].
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct LimiterSet {
+        pub slots: [LimiterSlot; LIMITER_WAYS],
+    }
+
+    /// The set of `key` among `sets`: a seeded multiply-xorshift hash of the key's five
+    /// words, scaled to the set count by a multiply (no division). The seed is random per
+    /// table, so sources cannot be chosen offline to crowd one set. Data plane and controller
+    /// both use it, so they find the same bucket.
+    #[inline(always)]
+    pub fn set_of(words: [u32; 5], seed: u64, sets: u32) -> u32 {
+        const MUL: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut h = seed;
+        let mut i = 0;
+        while i < 5 {
+            h = (h ^ words[i] as u64).wrapping_mul(MUL);
+            h ^= h >> 29;
+            i += 1;
+        }
+        (((h >> 32) * sets as u64) >> 32) as u32
+    }
+
+    impl LimiterKey {
+        /// The key as the five native-endian words it is stored as.
+        #[inline(always)]
+        pub fn words(&self) -> [u32; 5] {
+            let a = &self.addr;
+            [
+                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+                self.limit,
+            ]
+        }
+    }
+
     #[cfg(feature = "user")]
     // SAFETY: 4 u64, 2 x 16 bytes, 2 u32, u64, 4 bytes, u32: 88 bytes, 8-aligned, no padding.
     unsafe impl aya::Pod for RateLimit {}
@@ -384,6 +439,12 @@ pub mod limiter {
     #[cfg(feature = "user")]
     // SAFETY: seven u64, no padding.
     unsafe impl aya::Pod for LimiterState {}
+    #[cfg(feature = "user")]
+    // SAFETY: a 20-byte key and a u32 (24 bytes, 8-aligned), then seven u64: 80 bytes.
+    unsafe impl aya::Pod for LimiterSlot {}
+    #[cfg(feature = "user")]
+    // SAFETY: four 80-byte slots, no padding.
+    unsafe impl aya::Pod for LimiterSet {}
 }
 
 /// Settings the controller can change at run time without reloading the program.
@@ -404,10 +465,16 @@ pub mod settings {
         pub event_cost: u64,
         /// How far ahead the event bucket may run: the burst of events per reason.
         pub event_capacity: u64,
+        /// The limiter table's hash seed and set count ([`crate::limiter::set_of`]); the
+        /// controller writes them at load, before the program is attached. Sets 0: no table
+        /// yet, every source conforms.
+        pub limiter_seed: u64,
+        pub limiter_sets: u32,
+        pub _pad: u32,
     }
 
     #[cfg(feature = "user")]
-    // SAFETY: two u32 then two u64, no padding.
+    // SAFETY: two u32, three u64, two u32: 40 bytes, no padding.
     unsafe impl aya::Pod for Settings {}
 }
 

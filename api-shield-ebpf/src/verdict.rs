@@ -11,7 +11,8 @@ use api_shield_common::{
     events::{DropEvent, EVENT_SOURCE_KNOWN, EVENT_SOURCE_V6, EVENT_WOULD_DROP, EVENTS_RING_BYTES},
     limiter::{
         BYTE_COST_FRAC_BITS, DEFAULT_LIMIT, INITIAL_JIFFIES_SECS, LIMIT_DRY_RUN, LIMIT_SLOTS,
-        LIMIT_TICK_CLOCK, LimiterKey, LimiterState, RateLimit, TIME_SHIFT,
+        LIMIT_TICK_CLOCK, LIMITER_WAYS, LimiterKey, LimiterSet, LimiterSlot, LimiterState,
+        RateLimit, TIME_SHIFT, set_of,
     },
     lists::{HashedV6Key, LIST_ALLOW, LIST_BLOCK, ListVerdict, summary, summary_v6},
     rules::{
@@ -21,10 +22,9 @@ use api_shield_common::{
     settings::{SETTINGS_DRY_RUN, SETTINGS_RULES, Settings},
 };
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
     helpers::{bpf_ktime_get_ns, generated::bpf_jiffies64},
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 
 use crate::parse::{Frame, Ipv4Info, L3, L4, parse_l3, parse_l4_v4, parse_l4_v6};
@@ -49,8 +49,11 @@ static LIST_V4_EXACT: HashMap<[u8; 4], ListVerdict> = HashMap::with_max_entries(
 /// Flags 1: BPF_F_NO_PREALLOC, as above.
 #[map(name = "LIST_V6_HASHED")]
 static LIST_V6_HASHED: HashMap<HashedV6Key, ListVerdict> = HashMap::with_max_entries(1024, 1);
+/// An array, not an LRU hash: its lookup is a few instructions the verifier inlines, where
+/// a hash lookup is a kernel call (~25 ns here). Flags 1024: BPF_F_MMAPABLE, so the
+/// controller reads it as memory.
 #[map(name = "LIMITER")]
-static LIMITER: LruHashMap<LimiterKey, LimiterState> = LruHashMap::with_max_entries(1024, 0);
+static LIMITER: Array<LimiterSet> = Array::with_max_entries(1024, 1024);
 #[map(name = "LIMITS")]
 static LIMITS: Array<RateLimit> = Array::with_max_entries(LIMIT_SLOTS, 0);
 #[map(name = "COUNTERS")]
@@ -111,6 +114,8 @@ struct Mode {
     /// Drop events: bucket time per event and burst; cost 0: none.
     event_cost: u64,
     event_capacity: u64,
+    limiter_seed: u64,
+    limiter_sets: u32,
 }
 
 impl Mode {
@@ -123,6 +128,8 @@ impl Mode {
                 drop_malformed: s.drop_malformed != 0,
                 event_cost: s.event_cost,
                 event_capacity: s.event_capacity,
+                limiter_seed: s.limiter_seed,
+                limiter_sets: s.limiter_sets,
             },
             None => Mode {
                 dry_run: false,
@@ -130,6 +137,8 @@ impl Mode {
                 drop_malformed: false,
                 event_cost: 0,
                 event_capacity: 0,
+                limiter_seed: 0,
+                limiter_sets: 0,
             },
         }
     }
@@ -296,7 +305,7 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
                 }
             }
             let penalize = limit.penalty_after != 0 && !(mode.dry_run || rule_dry_run);
-            take_tokens(&key, limit, frame.len(), penalize, flags)
+            take_tokens(&key, limit, frame.len(), penalize, flags, mode)
         };
         count_rule(slot, conforms, mode.dry_run || rule_dry_run, frame.len());
         if !conforms {
@@ -563,39 +572,118 @@ fn count_rule(slot: u32, conforms: bool, dry_run: bool, len: usize) {
 /// Takes one packet and `len` bytes from the bucket of `key`; false if either is empty.
 /// With `penalize`, a drop also counts toward the bucket's penalty window.
 #[inline(always)]
-fn take_tokens(key: &LimiterKey, limit: &RateLimit, len: usize, penalize: bool, flags: u8) -> bool {
+fn take_tokens(
+    key: &LimiterKey,
+    limit: &RateLimit,
+    len: usize,
+    penalize: bool,
+    flags: u8,
+    mode: Mode,
+) -> bool {
     let now = bucket_time(limit.flags & LIMIT_TICK_CLOCK != 0, limit.tick_ns);
-    let packet_cost = limit.packet_cost;
     let byte_cost = (len as u64 * limit.byte_cost_fp) >> BYTE_COST_FRAC_BITS;
-
-    let Some(state) = LIMITER.get_ptr_mut(key) else {
-        // First packet of this source: start its buckets with this packet taken.
-        let fits = packet_cost <= limit.packet_capacity && byte_cost <= limit.byte_capacity;
-        let (packet_tat, byte_tat) = if fits {
-            (now + packet_cost, now + byte_cost)
-        } else {
-            (now, now)
-        };
-        let fresh = LimiterState {
-            packet_tat,
-            byte_tat,
-            packets: 1,
-            bytes: len as u64,
-            drops: u64::from(!fits),
-            window_start: now,
-            window_drops: u64::from(!fits),
-        };
-        if LIMITER.insert(key, fresh, u64::from(BPF_NOEXIST)).is_ok() {
-            count(LIMITER_CREATED_SLOT, 0);
-            return fits;
-        }
-        // Another CPU created it first: take from the bucket it made.
-        return match LIMITER.get_ptr_mut(key) {
-            Some(state) => take_and_count(state, key, limit, now, byte_cost, len, penalize, flags),
-            None => fits,
-        };
+    // SAFETY: LimiterKey is five u32 slots, 4-aligned (see `limiter_key`).
+    let words = unsafe {
+        let w = (key as *const LimiterKey).cast::<u32>();
+        [
+            w.read(),
+            w.add(1).read(),
+            w.add(2).read(),
+            w.add(3).read(),
+            w.add(4).read(),
+        ]
     };
-    take_and_count(state, key, limit, now, byte_cost, len, penalize, flags)
+    let set_index = set_of(words, mode.limiter_seed, mode.limiter_sets);
+    let Some(set) = LIMITER.get_ptr_mut(set_index) else {
+        // No table yet (the controller writes its size before attaching): no bucket.
+        return true;
+    };
+    let slots = set.cast::<LimiterSlot>();
+    // A hit is the bucket; on a miss, the least busy way is replaced (an empty one first).
+    let mut victim = slots;
+    let mut victim_busy = u64::MAX;
+    for way in 0..LIMITER_WAYS {
+        // SAFETY: `way` < LIMITER_WAYS: a slot inside the live map value.
+        let slot = unsafe { slots.add(way) };
+        if unsafe { (*slot).occupied } == 0 {
+            if victim_busy != 0 {
+                victim = slot;
+                victim_busy = 0;
+            }
+            continue;
+        }
+        if same_key(slot, &words) {
+            let state = unsafe { &raw mut (*slot).state };
+            return take_and_count(state, key, limit, now, byte_cost, len, penalize, flags);
+        }
+        // Busy until its later TAT: a bucket whose TATs are past is full again, so
+        // replacing it loses no limiting, only its counts.
+        let busy = unsafe {
+            let s = &raw const (*slot).state;
+            let (p, b) = ((*s).packet_tat, (*s).byte_tat);
+            if p > b { p } else { b }
+        };
+        if busy < victim_busy {
+            victim = slot;
+            victim_busy = busy;
+        }
+    }
+    new_bucket(victim, &words, limit, now, byte_cost, len)
+}
+
+/// Whether `slot` holds the bucket of the key `words`.
+#[inline(always)]
+fn same_key(slot: *const LimiterSlot, words: &[u32; 5]) -> bool {
+    // SAFETY: the key starts the 8-aligned slot: five u32.
+    let stored = slot.cast::<u32>();
+    unsafe {
+        stored.read_volatile() == words[0]
+            && stored.add(1).read_volatile() == words[1]
+            && stored.add(2).read_volatile() == words[2]
+            && stored.add(3).read_volatile() == words[3]
+            && stored.add(4).read_volatile() == words[4]
+    }
+}
+
+/// Starts the bucket of a source seen first (or again after its bucket was replaced) in
+/// `slot`, with this packet taken. Two CPUs starting buckets in one slot at once may leave
+/// it to either, or to neither (a torn key, found by no one, replaced in its turn): a
+/// source then starts again with a full bucket, as after an LRU eviction.
+#[inline(always)]
+fn new_bucket(
+    slot: *mut LimiterSlot,
+    words: &[u32; 5],
+    limit: &RateLimit,
+    now: u64,
+    byte_cost: u64,
+    len: usize,
+) -> bool {
+    let packet_cost = limit.packet_cost;
+    let fits = packet_cost <= limit.packet_capacity && byte_cost <= limit.byte_capacity;
+    let (packet_tat, byte_tat) = if fits {
+        (now + packet_cost, now + byte_cost)
+    } else {
+        (now, now)
+    };
+    // SAFETY: `slot` is one of the live map value's slots; word stores, as in
+    // [`limiter_key`], so no memset or memcpy call is emitted.
+    unsafe {
+        let key = slot.cast::<u32>();
+        for (i, w) in words.iter().enumerate() {
+            key.add(i).write_volatile(*w);
+        }
+        (*slot).occupied = 1;
+        let s = &raw mut (*slot).state;
+        (*s).packet_tat = packet_tat;
+        (*s).byte_tat = byte_tat;
+        (*s).packets = 1;
+        (*s).bytes = len as u64;
+        (*s).drops = u64::from(!fits);
+        (*s).window_start = now;
+        (*s).window_drops = u64::from(!fits);
+    }
+    count(LIMITER_CREATED_SLOT, 0);
+    fits
 }
 
 /// Now, in bucket time: from the kernel tick (`tick_ns` apart) or the nanosecond clock

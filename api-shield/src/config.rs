@@ -661,7 +661,8 @@ pub struct Capacity {
     pub blocklist: Bounded<1, { u32::MAX as u64 / 2 }>,
     /// Allowlist prefixes per address family.
     pub allowlist: Bounded<1, { u32::MAX as u64 / 2 }>,
-    /// Sources tracked by the limiter; the least recently seen is evicted when full.
+    /// Buckets the limiter holds (in sets of 4); a new source whose set is full replaces
+    /// the set's least busy bucket.
     pub sources: Bounded<1, 67_108_864>,
 }
 

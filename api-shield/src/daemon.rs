@@ -905,8 +905,8 @@ impl Controller {
             .iter()
             .filter_map(|i| i.shield.limiter_buckets_created().ok())
             .sum();
-        // The LRU is the limiter map's only remover: what was created and is gone was
-        // evicted. The fill count may be a few seconds old; the counter never goes back.
+        // Replacement is the only way a bucket leaves the table: what was created and is
+        // gone was evicted. The fill count may be a few seconds old; the counter never goes back.
         self.limiter_evictions = self
             .limiter_evictions
             .max(created.saturating_sub(tracked as u64));
@@ -919,7 +919,7 @@ impl Controller {
         e.family(
             "api_shield_limiter_evictions_total",
             "counter",
-            "Buckets the full limiter map evicted (least recently seen first); raise capacity.sources if this grows under normal traffic.",
+"Buckets the limiter replaced with a new source's (the least busy of a full set of 4); raise capacity.sources if this grows under normal traffic.",
             vec![(vec![], self.limiter_evictions as f64)],
         );
         let feeds = self.feeds_status();

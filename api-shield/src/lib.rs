@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod events;
 pub mod feeds;
+pub mod limiter;
 pub mod limits;
 pub mod lists;
 pub mod metrics;

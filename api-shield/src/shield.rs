@@ -11,7 +11,9 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use api_shield_common::{
     counters::{COUNTER_SLOTS, Counter, Reason},
     events::EVENTS_RING_BYTES,
-    limiter::{DEFAULT_LIMIT, LIMIT_SLOTS, LimiterKey, LimiterState, RateLimit},
+    limiter::{
+        DEFAULT_LIMIT, LIMIT_SLOTS, LIMITER_WAYS, LimiterKey, LimiterSet, LimiterState, RateLimit,
+    },
     lists::{HashedV6Key, ListVerdict, summary_v6},
     names,
     rules::{PENALTY_RING_BYTES, RuleCounter, TABLE_SLOTS},
@@ -34,10 +36,16 @@ use ipnet::IpNet;
 use crate::{
     EBPF_OBJECT,
     config::{AttachMode, Capacity, Config, OnMalformed},
+    limiter::LimiterTable,
     limits::{event_limit, limit_slot, rule_table},
     lists::{ListDiff, ListTable, fold},
     summary::SummaryMaps,
 };
+
+/// Sets of the limiter table for `sources` buckets (rounded up to whole sets).
+fn limiter_sets(sources: u32) -> u32 {
+    sources.div_ceil(LIMITER_WAYS as u32).max(1)
+}
 
 /// The shape a map must have; a pinned map of another shape is never reused silently.
 struct MapShape {
@@ -53,6 +61,7 @@ fn map_shapes(capacity: &Capacity) -> Result<Vec<MapShape>> {
     let list_entries = u32::try_from(capacity.blocklist.0 + capacity.allowlist.0)
         .context("capacity.blocklist + capacity.allowlist exceeds 2^32")?;
     let sources = u32::try_from(capacity.sources.0).context("capacity.sources exceeds 2^32")?;
+    let limiter_sets = limiter_sets(sources);
     Ok(vec![
         MapShape {
             name: names::MAP_LIST_V4,
@@ -101,10 +110,10 @@ fn map_shapes(capacity: &Capacity) -> Result<Vec<MapShape>> {
         },
         MapShape {
             name: names::MAP_LIMITER,
-            map_type: MapType::LruHash,
-            key_size: size_of::<LimiterKey>() as u32,
-            value_size: size_of::<LimiterState>() as u32,
-            max_entries: sources,
+            map_type: MapType::Array,
+            key_size: 4,
+            value_size: size_of::<LimiterSet>() as u32,
+            max_entries: limiter_sets,
         },
         MapShape {
             name: names::MAP_LIMITS,
@@ -173,6 +182,17 @@ fn map_shapes(capacity: &Capacity) -> Result<Vec<MapShape>> {
 }
 
 /// Fails if the map pinned at `path` exists with another shape than `want`.
+/// A random non-zero seed for the limiter table's hash.
+fn random_seed() -> Result<u64> {
+    let mut buf = [0u8; 8];
+    // SAFETY: writes at most 8 bytes into `buf`.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n != buf.len() as isize {
+        bail!("getrandom: {}", std::io::Error::last_os_error());
+    }
+    Ok(u64::from_ne_bytes(buf) | 1)
+}
+
 fn check_pinned_shape(path: &Path, want: &MapShape) -> Result<()> {
     if !path.exists() {
         return Ok(());
@@ -416,6 +436,9 @@ pub struct Shield {
     lists: ListTable,
     /// The tries' summaries, mapped into this process.
     summary: SummaryMaps,
+    /// The limiter's buckets, mapped read-only, and the seed that places them.
+    limiter: LimiterTable,
+    limiter_seed: u64,
     /// Where maps and the link are pinned, if they are.
     pin_dir: Option<PathBuf>,
     shapes: Vec<MapShape>,
@@ -492,11 +515,34 @@ impl Shield {
             }
             _ => bail!("the eBPF object lacks the list summary arrays"),
         };
+        let sets = limiter_sets(u32::try_from(capacity.sources.0)?);
+        let limiter = match ebpf.map(names::MAP_LIMITER) {
+            Some(aya::maps::Map::Array(table)) => LimiterTable::map(&table.fd().as_fd(), sets)?,
+            _ => bail!("the eBPF object lacks the limiter table"),
+        };
+        // A reused table keeps its seed, or its buckets would be lost; a new one gets a
+        // random seed. Written before anything is attached: a table without a size in the
+        // settings is not used.
+        let mut settings: Array<_, Settings> = Array::try_from(
+            ebpf.map_mut(names::MAP_SETTINGS)
+                .context("the eBPF object lacks the settings map")?,
+        )?;
+        let mut current = settings.get(&0, 0).context("reading the settings")?;
+        if current.limiter_seed == 0 || current.limiter_sets != sets {
+            current.limiter_seed = random_seed()?;
+            current.limiter_sets = sets;
+            settings
+                .set(0, current, 0)
+                .context("writing the limiter's seed")?;
+        }
+        let limiter_seed = current.limiter_seed;
         let mut shield = Shield {
             ebpf,
             attached: Vec::new(),
             lists: ListTable::default(),
             summary,
+            limiter,
+            limiter_seed,
             pin_dir: pin_dir.map(Path::to_path_buf),
             shapes,
             rule_table: None,
@@ -702,11 +748,13 @@ impl Shield {
                         .filter(Result::is_ok)
                         .count()
                 }
-                MapType::LruHash => {
-                    HashMap::<_, LimiterKey, LimiterState>::try_from(map(shape.name)?)?
-                        .keys()
-                        .filter(Result::is_ok)
-                        .count()
+                _ if shape.name == names::MAP_LIMITER => {
+                    out.push((
+                        shape.name,
+                        self.limiter.occupied(),
+                        self.limiter.capacity() as u32,
+                    ));
+                    continue;
                 }
                 _ => shape.max_entries as usize,
             };
@@ -772,6 +820,7 @@ impl Shield {
             flags,
             event_cost,
             event_capacity,
+            ..Settings::default()
         })
     }
 
@@ -1291,7 +1340,11 @@ impl Shield {
         Ok(())
     }
 
-    pub fn set_settings(&mut self, settings: Settings) -> Result<()> {
+    /// Writes the settings; the limiter's seed and size are the table's, whatever
+    /// `settings` says of them.
+    pub fn set_settings(&mut self, mut settings: Settings) -> Result<()> {
+        settings.limiter_seed = self.limiter_seed;
+        settings.limiter_sets = (self.limiter.capacity() / LIMITER_WAYS) as u32;
         let mut map: Array<_, Settings> = Array::try_from(self.map_mut(names::MAP_SETTINGS)?)?;
         map.set(0, settings, 0).context("writing settings")?;
         Ok(())
@@ -1333,12 +1386,7 @@ impl Shield {
 
     /// Number of sources the limiter currently tracks.
     pub fn tracked_sources(&self) -> Result<usize> {
-        let map = self
-            .ebpf
-            .map(names::MAP_LIMITER)
-            .ok_or_else(|| anyhow!("map {} missing", names::MAP_LIMITER))?;
-        let limiter: HashMap<_, LimiterKey, LimiterState> = HashMap::try_from(map)?;
-        Ok(limiter.keys().filter(Result::is_ok).count())
+        Ok(self.limiter.occupied())
     }
 
     /// Takes the drop-events ring buffer out (once), for a reader task to own.
@@ -1365,27 +1413,12 @@ impl Shield {
 
     /// Every bucket the limiter tracks.
     pub fn limiter_entries(&self) -> Result<Vec<(LimiterKey, LimiterState)>> {
-        let map = self
-            .ebpf
-            .map(names::MAP_LIMITER)
-            .ok_or_else(|| anyhow!("map {} missing", names::MAP_LIMITER))?;
-        let limiter: HashMap<_, LimiterKey, LimiterState> = HashMap::try_from(map)?;
-        // An entry evicted while we walk the map is just skipped.
-        Ok(limiter.iter().filter_map(Result::ok).collect())
+        Ok(self.limiter.entries())
     }
 
     /// The limiter's state for one bucket, if it is tracked.
     pub fn limiter_state(&self, key: &LimiterKey) -> Result<Option<LimiterState>> {
-        let map = self
-            .ebpf
-            .map(names::MAP_LIMITER)
-            .ok_or_else(|| anyhow!("map {} missing", names::MAP_LIMITER))?;
-        let limiter: HashMap<_, LimiterKey, LimiterState> = HashMap::try_from(map)?;
-        match limiter.get(key, 0) {
-            Ok(state) => Ok(Some(state)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        Ok(self.limiter.get(key, self.limiter_seed))
     }
 
     fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {

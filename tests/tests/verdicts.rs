@@ -1493,3 +1493,92 @@ fn reused_maps_bring_the_ipv6_hash_back_in_step() {
     drop(h);
     detach_pinned(&dir).expect("detaching");
 }
+
+#[test]
+fn a_flooders_bucket_survives_a_spoofed_flood_through_a_small_table() {
+    // 64 buckets (16 sets of 4) against 20,000 spoofed sources: new sources replace one
+    // another, never the flooder's drained bucket, which stays the busiest of its set.
+    let mut h =
+        Harness::new("capacity: {sources: 64}\nlimits: {default: {pps: 1, burst_packets: 5}}\n");
+    let flooder = udp4(v4("198.18.0.7"), 20);
+    let passed = (0..10)
+        .filter(|_| h.run(&flooder).unwrap() == XDP_PASS)
+        .count();
+    assert_eq!(passed, 5, "the burst");
+    let mut spoofed = udp4(v4("10.0.0.0"), 20);
+    for i in 0..20_000u32 {
+        let src = u32::from(v4("10.0.0.0")) + i;
+        spoofed[14 + 12..14 + 16].copy_from_slice(&src.to_be_bytes());
+        assert_eq!(
+            h.run(&spoofed).unwrap(),
+            XDP_PASS,
+            "a new source's first packet"
+        );
+        if i % 100 == 99 {
+            assert_eq!(
+                h.run(&flooder).unwrap(),
+                XDP_DROP,
+                "the flooder got a fresh bucket after {} spoofed sources",
+                i + 1
+            );
+        }
+    }
+    let created = h.shield.limiter_buckets_created().unwrap();
+    let tracked = h.shield.tracked_sources().unwrap() as u64;
+    assert!(tracked <= 64, "{tracked} buckets in a table of 64");
+    assert!(
+        created - tracked >= 20_000 - 64,
+        "replacements counted: {created} created, {tracked} tracked"
+    );
+}
+
+#[test]
+fn limiter_buckets_continue_across_a_reload_over_pins() {
+    use api_shield::shield::detach_pinned;
+    require_root();
+    let dir = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/{}{}-buckets",
+        api_shield_tests::netns::NETNS_PREFIX,
+        std::process::id()
+    ));
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
+    let config = config("limits: {default: {pps: 1, burst_packets: 3}}\n");
+    let key = LimiterKey {
+        addr: "::ffff:198.18.0.7".parse::<Ipv6Addr>().unwrap().octets(),
+        limit: DEFAULT_LIMIT,
+    };
+    let frame = udp4(v4("198.18.0.7"), 20);
+    let load = || {
+        let mut shield = Shield::load_pinned(&config.capacity, &dir).expect("loading over pins");
+        shield.apply_config(&config).expect("configuring");
+        Harness {
+            shield,
+            seen: BTreeMap::new(),
+        }
+    };
+    let drained = {
+        let mut h = load();
+        let passed = (0..5)
+            .filter(|_| h.run(&frame).unwrap() == XDP_PASS)
+            .count();
+        assert_eq!(passed, 3, "the burst");
+        h.shield.limiter_state(&key).unwrap().expect("a bucket")
+    };
+    // A new load over the same pins (as a restarted daemon does) finds the same bucket:
+    // the table and the seed that places its buckets are both kept.
+    let mut h = load();
+    assert_eq!(
+        h.shield.limiter_state(&key).unwrap(),
+        Some(drained),
+        "the bucket after the reload"
+    );
+    assert_eq!(h.run(&frame).unwrap(), XDP_DROP, "still drained");
+    drop(h);
+    detach_pinned(&dir).expect("detaching");
+}
