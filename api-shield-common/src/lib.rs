@@ -398,20 +398,31 @@ pub mod limiter {
         pub slots: [LimiterSlot; LIMITER_WAYS],
     }
 
-    /// The set of `key` among `sets`: a seeded multiply-xorshift hash of the key's five
-    /// words, scaled to the set count by a multiply (no division). The seed is random per
-    /// table, so sources cannot be chosen offline to crowd one set. Data plane and controller
-    /// both use it, so they find the same bucket.
+    /// The set of `key` among `sets`: a seeded hash of the key's five words, scaled to the
+    /// set count by a multiply (no division). The seed is random per table, so sources
+    /// cannot be chosen offline to crowd one set. Each word is mixed with its own rotation
+    /// of the seed and multiplied apart (five independent multiplies, not a chain of them:
+    /// the hash sits on every limited packet's path), then the sum is finalised as in
+    /// SplitMix64. Data plane and controller both use it, so they find the same bucket.
     #[inline(always)]
     pub fn set_of(words: [u32; 5], seed: u64, sets: u32) -> u32 {
-        const MUL: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut h = seed;
+        const MUL: [u64; 5] = [
+            0x9e37_79b9_7f4a_7c15,
+            0xc2b2_ae3d_27d4_eb4f,
+            0x1656_67b1_9e37_79f9,
+            0xd6e8_feb8_6659_fd93,
+            0xff51_afd7_ed55_8ccd,
+        ];
+        let mut h = 0u64;
         let mut i = 0;
         while i < 5 {
-            h = (h ^ words[i] as u64).wrapping_mul(MUL);
-            h ^= h >> 29;
+            let mixed = words[i] as u64 ^ seed.rotate_left(13 * i as u32);
+            h = h.wrapping_add(mixed.wrapping_mul(MUL[i]));
             i += 1;
         }
+        h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        h ^= h >> 31;
         (((h >> 32) * sets as u64) >> 32) as u32
     }
 

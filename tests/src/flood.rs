@@ -682,48 +682,7 @@ pub fn end_to_end(report: &mut String, frames: u64, rounds: usize) -> Result<()>
         bail!("no floor measured");
     }
     writeln!(report, "\nAgainst the goals (same run):\n")?;
-    let rate =
-        |label: &str, r: Receiver| results.get(&(label, r.name())).copied().unwrap_or(f64::NAN);
-    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
-    for (label, _) in sources {
-        let floor = rate(label, Receiver::Floor);
-        let block = rate(label, Receiver::ShieldBlock);
-        let (limit, nft_limit, hashlimit) = if label == "one source" {
-            (
-                rate(label, Receiver::ShieldLimit),
-                rate(label, Receiver::NftLimit),
-                rate(label, Receiver::Hashlimit),
-            )
-        } else {
-            (
-                rate(label, Receiver::ShieldLimit16),
-                rate(label, Receiver::NftLimit16),
-                rate(label, Receiver::Hashlimit16),
-            )
-        };
-        let peers_block = rate(label, Receiver::NftSet).max(rate(label, Receiver::IptablesIpset));
-        let peers_limit = nft_limit.max(hashlimit);
-        writeln!(
-            report,
-            "- {label}: blocked path {:.2}x the floor (goal >= 0.85: {}), {:.1}x the better of nftables and iptables+ipset (goal >= 3.5: {}; the floor itself: {:.1}x); rate-limited path{} {:.2}x the floor (goal >= 0.8: {}), {:.1}x the better of the nftables and hashlimit limiters (goal >= {}: {}; the floor itself: {:.1}x)",
-            block / floor,
-            verdict(block / floor >= 0.85),
-            block / peers_block,
-            verdict(block / peers_block >= 3.5),
-            floor / peers_block,
-            if label == "one source" {
-                ""
-            } else {
-                " (per /16)"
-            },
-            limit / floor,
-            verdict(limit / floor >= 0.8),
-            limit / peers_limit,
-            if label == "1M sources" { "3" } else { "3.5" },
-            verdict(limit / peers_limit >= if label == "1M sources" { 3.0 } else { 3.5 }),
-            floor / peers_limit,
-        )?;
-    }
+    goals(report, &results, &sources, false)?;
     writeln!(
         report,
         "\nAll receivers get the same frames from the same generator in one invocation; ratios to the floor from the same run are what to compare (absolute rates move between runs). With sources spread over 4k or 1M addresses each source sends few frames: a per-source limiter (api-shield's default key, nft's `ip saddr`, hashlimit's srcip) passes nearly all of them to the stack, whose cost then dominates every limiter alike; the per-/16 rows show the same limiters keyed by prefix, which is how a spoofed flood is held. Why the goals are missed where they are: the receive path of a veth costs far more than our program (the floor itself is 170-200 ns/frame here, generator included), so the shield's 15-70 ns show as 0.7-0.9x of the floor; and a multiple of the peers is capped by the floor's own multiple (\"the floor itself\" above): where that is under the goal, the goal asks for more than XDP_DROP does on this veth.\n"
@@ -749,7 +708,7 @@ pub fn end_to_end(report: &mut String, frames: u64, rounds: usize) -> Result<()>
         report,
         "### Spread over both CPUs (threaded NAPI)\n\nThe generator pinned to CPU 0, the server veth's NAPI made threaded after XDP is attached and its kernel thread pinned to CPU 1: the receiver now has a CPU of its own, so the generator outruns the slower receivers and the rate is the receiver's capacity (frames its filter handled per second of generator time; the rest are lost at the ring). These figures are rougher than the one-CPU table: the generator's own pace changes with how full the receiver's ring is, which is why a receiver can show above the floor.\n"
     )?;
-    table(
+    let spread = table(
         report,
         &sb,
         &mut generator,
@@ -767,7 +726,63 @@ pub fn end_to_end(report: &mut String, frames: u64, rounds: usize) -> Result<()>
         (frames, rounds),
         true,
     )?;
+    writeln!(
+        report,
+        "\nAgainst the goals, spread (same run; the rate-limited path is the per-/16 limiter here, one source included):\n"
+    )?;
+    goals(report, &spread, &[sources[0], sources[2]], true)?;
     writeln!(report)?;
+    Ok(())
+}
+
+/// One line per source set: the blocked and rate-limited paths against the floor and the
+/// better peer, each with its goal. `per_prefix_only`: the table measured only the per-/16
+/// limiters.
+fn goals(
+    report: &mut String,
+    results: &std::collections::BTreeMap<(&str, &'static str), f64>,
+    sources: &[(&str, u32)],
+    per_prefix_only: bool,
+) -> Result<()> {
+    let rate =
+        |label: &str, r: Receiver| results.get(&(label, r.name())).copied().unwrap_or(f64::NAN);
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    for &(label, _) in sources {
+        let floor = rate(label, Receiver::Floor);
+        let block = rate(label, Receiver::ShieldBlock);
+        let per_source = label == "one source" && !per_prefix_only;
+        let (limit, nft_limit, hashlimit) = if per_source {
+            (
+                rate(label, Receiver::ShieldLimit),
+                rate(label, Receiver::NftLimit),
+                rate(label, Receiver::Hashlimit),
+            )
+        } else {
+            (
+                rate(label, Receiver::ShieldLimit16),
+                rate(label, Receiver::NftLimit16),
+                rate(label, Receiver::Hashlimit16),
+            )
+        };
+        let peers_block = rate(label, Receiver::NftSet).max(rate(label, Receiver::IptablesIpset));
+        let peers_limit = nft_limit.max(hashlimit);
+        let peer_goal = if label == "1M sources" { 3.0 } else { 3.5 };
+        writeln!(
+            report,
+            "- {label}: blocked path {:.2}x the floor (goal >= 0.85: {}), {:.1}x the better of nftables and iptables+ipset (goal >= 3.5: {}; the floor itself: {:.1}x); rate-limited path{} {:.2}x the floor (goal >= 0.8: {}), {:.1}x the better of the nftables and hashlimit limiters (goal >= {peer_goal}: {}; the floor itself: {:.1}x)",
+            block / floor,
+            verdict(block / floor >= 0.85),
+            block / peers_block,
+            verdict(block / peers_block >= 3.5),
+            floor / peers_block,
+            if per_source { "" } else { " (per /16)" },
+            limit / floor,
+            verdict(limit / floor >= 0.8),
+            limit / peers_limit,
+            verdict(limit / peers_limit >= peer_goal),
+            floor / peers_limit,
+        )?;
+    }
     Ok(())
 }
 
