@@ -564,9 +564,13 @@ fn pin(pid: i32, cpu: usize) -> Result<()> {
     Ok(())
 }
 
-/// Measures every receiver against every source spread; writes a table row each (ratios to
-/// the floor of the same spread) and returns the rates by (sources, receiver). Spread over
-/// both CPUs, a receiver that cannot be measured gets a row saying why; else it is an error.
+/// Measures every receiver against every source spread; writes a table row each and
+/// returns each receiver's rate as a ratio to the floor, by (sources, receiver). The first
+/// receiver is the floor, run again after each of the others: each ratio is to the mean of
+/// the floor runs just before and just after it, so a drift of the host's load over the
+/// minutes a table takes moves both sides alike; the floor's row gives the median of its
+/// runs. Spread over both CPUs, a receiver that cannot be measured gets a row saying why;
+/// else it is an error.
 #[allow(
     clippy::too_many_arguments,
     reason = "the run's parts, passed as they are"
@@ -587,41 +591,78 @@ fn table<'a>(
     )?;
     writeln!(report, "|---|---|---|---|---|---|")?;
     let mut results = std::collections::BTreeMap::new();
+    let (floor, others) = receivers.split_first().context("no receivers")?;
+    let tag = if spread { " (spread)" } else { "" };
     for &(label, mask) in cases {
-        for &r in receivers {
-            let m = match measure(sb, generator, frame, r, mask, frames, rounds, spread, &[]) {
+        let measure_floor = |generator: &mut Generator| -> Result<Measured> {
+            let m = measure(
+                sb,
+                generator,
+                frame,
+                *floor,
+                mask,
+                frames,
+                rounds,
+                spread,
+                &[],
+            )?;
+            println!(
+                "flood{tag}: {} with {label}: {:.2} Mpps, dropped {}",
+                floor.name(),
+                m.mpps,
+                m.drop_note
+            );
+            Ok(m)
+        };
+        let first_floor = measure_floor(generator)?;
+        let mut floor_rates = vec![first_floor.mpps];
+        let mut rows = Vec::new();
+        for &r in others {
+            let m = measure(sb, generator, frame, r, mask, frames, rounds, spread, &[]);
+            let after = measure_floor(generator)?;
+            let before = floor_rates[floor_rates.len() - 1];
+            floor_rates.push(after.mpps);
+            let m = match m {
                 Ok(m) => m,
                 Err(e) if spread => {
-                    writeln!(
-                        report,
+                    rows.push(format!(
                         "| {} | {label} | not measured: {e:#} | | | |",
                         r.name()
-                    )?;
+                    ));
                     continue;
                 }
                 Err(e) => return Err(e),
             };
-            results.insert((label, r.name()), m.mpps);
-            // Against the table's first receiver: its floor.
-            let ratio = results
-                .get(&(label, receivers[0].name()))
-                .map_or(f64::NAN, |f| m.mpps / f);
-            writeln!(
-                report,
+            let ratio = m.mpps / ((before + after.mpps) / 2.0);
+            results.insert((label, r.name()), ratio);
+            rows.push(format!(
                 "| {} | {label} | {:.2} | {ratio:.2} | {} | {} |",
                 r.name(),
                 m.mpps,
                 m.drop_note,
                 m.lost
-            )?;
+            ));
             println!(
-                "flood{}: {} with {label}: {:.2} Mpps ({ratio:.2}x floor), dropped {}, lost before the receiver {}",
-                if spread { " (spread)" } else { "" },
+                "flood{tag}: {} with {label}: {:.2} Mpps ({ratio:.2}x the floor runs beside it), dropped {}, lost before the receiver {}",
                 r.name(),
                 m.mpps,
                 m.drop_note,
                 m.lost
             );
+        }
+        results.insert((label, floor.name()), 1.0);
+        floor_rates.sort_by(f64::total_cmp);
+        writeln!(
+            report,
+            "| {} ({} runs, median) | {label} | {:.2} | 1.00 | {} (first run) | {} |",
+            floor.name(),
+            floor_rates.len(),
+            floor_rates[floor_rates.len() / 2],
+            first_floor.drop_note,
+            first_floor.lost
+        )?;
+        for row in rows {
+            writeln!(report, "{row}")?;
         }
     }
     Ok(results)
@@ -666,7 +707,7 @@ pub fn end_to_end(report: &mut String, frames: u64, rounds: usize) -> Result<()>
     )?;
     writeln!(
         report,
-        "A live-frames generator (BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES on `api-shield-ebpf/src/bin/flood.rs`) in the client namespace redirects 60-byte UDP frames into the veth as xdp_frames, with no skb, as a NIC would; the server side drops them with api-shield, with an XDP program that only returns XDP_DROP (the floor), or with nftables / iptables behind an XDP_PASS program (the same receive path). Both ends run on the generator's CPU, so its rate is the end-to-end rate. {rounds} runs of {frames} frames per case; sources drawn at random by the generator within 10.0.0.0/8. The rate is what the receiver kept up with: the frames its filter dropped (its own counter: api-shield's stats, nft and iptables rule counters) or, where frames pass on, the frames that reached it (the veth's rx counters), per second of generator time. \"lost before the receiver\" are frames the veth's ring refused when the receiver fell behind.\n"
+        "A live-frames generator (BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES on `api-shield-ebpf/src/bin/flood.rs`) in the client namespace redirects 60-byte UDP frames into the veth as xdp_frames, with no skb, as a NIC would; the server side drops them with api-shield, with an XDP program that only returns XDP_DROP (the floor), or with nftables / iptables behind an XDP_PASS program (the same receive path). Both ends run on the generator's CPU, so its rate is the end-to-end rate. {rounds} runs of {frames} frames per case; sources drawn at random by the generator within 10.0.0.0/8. The rate is what the receiver kept up with: the frames its filter dropped (its own counter: api-shield's stats, nft and iptables rule counters) or, where frames pass on, the frames that reached it (the veth's rx counters), per second of generator time. \"lost before the receiver\" are frames the veth's ring refused when the receiver fell behind. The floor runs again after every receiver, and each receiver's \"x floor\" is its rate over the mean of the floor runs just before and after it: the host's load drifts over the minutes a table takes (ratios to one floor run at the top of the table moved 10-20% between runs here), and a floor beside the receiver moves with it; the floor's row gives the median of its runs, and multiples of the peers are taken from these ratios too.\n"
     )?;
     let results = table(
         report,
