@@ -181,7 +181,6 @@ fn map_shapes(capacity: &Capacity) -> Result<Vec<MapShape>> {
     ])
 }
 
-/// Fails if the map pinned at `path` exists with another shape than `want`.
 /// A random non-zero seed for the limiter table's hash.
 fn random_seed() -> Result<u64> {
     let mut buf = [0u8; 8];
@@ -193,6 +192,7 @@ fn random_seed() -> Result<u64> {
     Ok(u64::from_ne_bytes(buf) | 1)
 }
 
+/// Fails if the map pinned at `path` exists with another shape than `want`.
 fn check_pinned_shape(path: &Path, want: &MapShape) -> Result<()> {
     if !path.exists() {
         return Ok(());

@@ -726,7 +726,7 @@ pub fn end_to_end(report: &mut String, frames: u64, rounds: usize) -> Result<()>
     goals(report, &results, &sources, false)?;
     writeln!(
         report,
-        "\nAll receivers get the same frames from the same generator in one invocation; ratios to the floor from the same run are what to compare (absolute rates move between runs). With sources spread over 4k or 1M addresses each source sends few frames: a per-source limiter (api-shield's default key, nft's `ip saddr`, hashlimit's srcip) passes nearly all of them to the stack, whose cost then dominates every limiter alike; the per-/16 rows show the same limiters keyed by prefix, which is how a spoofed flood is held. Why the goals are missed where they are: the receive path of a veth costs far more than our program (the floor itself is 170-200 ns/frame here, generator included), so the shield's 15-70 ns show as 0.7-0.9x of the floor; and a multiple of the peers is capped by the floor's own multiple (\"the floor itself\" above): where that is under the goal, the goal asks for more than XDP_DROP does on this veth.\n"
+        "\nAll receivers get the same frames from the same generator in one invocation; ratios to the floor from the same run are what to compare (absolute rates move between runs). With sources spread over 4k or 1M addresses each source sends few frames: a per-source limiter (api-shield's default key, nft's `ip saddr`, hashlimit's srcip) passes nearly all of them to the stack, whose cost then dominates every limiter alike; the per-/16 rows show the same limiters keyed by prefix, which is how a spoofed flood is held. Why the goals are missed where they are: the receive path of a veth costs far more than our program (the floor itself is 170-200 ns/frame here, generator included), so the shield's 15-50 ns show as 0.75-0.95x of the floor (the goals are judged on the unrounded ratios, printed to three places in these lines); and a multiple of the peers is capped by the floor's own multiple (\"the floor itself\" above): where that is under the goal, the goal asks for more than XDP_DROP does on this veth.\n"
     )?;
     writeln!(
         report,
@@ -810,7 +810,7 @@ fn goals(
         let peer_goal = if label == "1M sources" { 3.0 } else { 3.5 };
         writeln!(
             report,
-            "- {label}: blocked path {:.2}x the floor (goal >= 0.85: {}), {:.2}x the better of nftables and iptables+ipset (goal >= 3.5: {}; the floor itself: {:.2}x); rate-limited path{} {:.2}x the floor (goal >= 0.8: {}), {:.2}x the better of the nftables and hashlimit limiters (goal >= {peer_goal}: {}; the floor itself: {:.2}x)",
+            "- {label}: blocked path {:.3}x the floor (goal >= 0.85: {}), {:.2}x the better of nftables and iptables+ipset (goal >= 3.5: {}; the floor itself: {:.2}x); rate-limited path{} {:.3}x the floor (goal >= 0.8: {}), {:.2}x the better of the nftables and hashlimit limiters (goal >= {peer_goal}: {}; the floor itself: {:.2}x)",
             block / floor,
             verdict(block / floor >= 0.85),
             block / peers_block,
