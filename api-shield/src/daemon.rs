@@ -1257,6 +1257,18 @@ impl Controller {
         }
         for (list, net, origin) in &gone {
             log::info!("{} entry {net} by {origin} expired", list.name());
+            if *origin == crate::registry::Origin::Penalty {
+                // Released: its next violations open a new window, so a repeat is boxed
+                // again as soon as it passes the threshold.
+                let buckets: usize = self
+                    .instances
+                    .iter()
+                    .map(|i| i.shield.reset_penalty_windows(net))
+                    .sum();
+                log::info!(
+                    "penalty: {net} released; its next violations open a new window ({buckets} buckets)"
+                );
+            }
         }
         if let Err(e) = self.sync() {
             log::error!("applying expiries: {e:#}");

@@ -1,5 +1,7 @@
 //! The limiter table as the controller sees it: the data plane's bucket array, mapped
-//! read-only, to count, list and find buckets without a system call per bucket.
+//! into this process, to count, list and find buckets without a system call per bucket.
+//! The controller writes one thing there: a released penalty box's windows (see
+//! [`LimiterTable::reset_window`]).
 
 use std::os::fd::AsRawFd;
 
@@ -7,24 +9,24 @@ use anyhow::{Result, bail};
 use api_shield_common::limiter::{LIMITER_WAYS, LimiterKey, LimiterSet, LimiterState, set_of};
 
 pub struct LimiterTable {
-    sets: *const LimiterSet,
+    sets: *mut LimiterSet,
     len: usize,
 }
 
-// SAFETY: a read-only mapping owned by this value; the data plane writes it concurrently,
-// which every reader here tolerates (a bucket read mid-update is one packet off).
+// SAFETY: a mapping owned by this value; the data plane writes it concurrently, which
+// every reader here tolerates (a bucket read mid-update is one packet off).
 unsafe impl Send for LimiterTable {}
 
 impl LimiterTable {
     /// Maps the `sets` sets of the array map behind `fd` (created BPF_F_MMAPABLE).
     pub fn map(fd: &impl AsRawFd, sets: u32) -> Result<LimiterTable> {
         let len = sets as usize;
-        // SAFETY: a fresh shared read-only mapping of the whole map; checked below.
+        // SAFETY: a fresh shared mapping of the whole map; checked below.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len * size_of::<LimiterSet>(),
-                libc::PROT_READ,
+                libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
                 0,
@@ -73,17 +75,45 @@ impl LimiterTable {
         out
     }
 
-    /// The bucket of `key`, found as the data plane finds it (its set under `seed`).
-    pub fn get(&self, key: &LimiterKey, seed: u64) -> Option<LimiterState> {
+    /// Where the bucket of `key` is (set index, way), found as the data plane finds it
+    /// (its set under `seed`).
+    fn find(&self, key: &LimiterKey, seed: u64) -> Option<(usize, usize)> {
         if self.len == 0 {
             return None;
         }
         let index = set_of(key.words(), seed, self.len as u32) as usize;
-        self.set(index)
+        let way = self
+            .set(index)
             .slots
-            .into_iter()
-            .find(|s| s.occupied != 0 && s.key == *key)
-            .map(|s| s.state)
+            .iter()
+            .position(|s| s.occupied != 0 && s.key == *key)?;
+        Some((index, way))
+    }
+
+    /// The bucket of `key`, if the table holds it.
+    pub fn get(&self, key: &LimiterKey, seed: u64) -> Option<LimiterState> {
+        let (index, way) = self.find(key, seed)?;
+        Some(self.set(index).slots[way].state)
+    }
+
+    /// Ends the penalty window of `key`'s bucket, if the table holds it, so its next drop
+    /// starts a new one: a prefix released from the penalty box is counted afresh, not
+    /// against the window that boxed it (in which it was already reported once). Returns
+    /// whether there was such a bucket. The data plane's own updates of these two fields
+    /// are plain read-modify-writes too; a drop racing this write is at worst counted in
+    /// the old window.
+    pub fn reset_window(&self, key: &LimiterKey, seed: u64) -> bool {
+        let Some((index, way)) = self.find(key, seed) else {
+            return false;
+        };
+        // SAFETY: index < len and way < LIMITER_WAYS: a slot inside the mapping;
+        // aligned u64 fields, written volatile as the kernel reads them concurrently.
+        unsafe {
+            let state = &raw mut (*self.sets.add(index)).slots[way].state;
+            (&raw mut (*state).window_start).write_volatile(0);
+            (&raw mut (*state).window_drops).write_volatile(0);
+        }
+        true
     }
 }
 
@@ -91,10 +121,7 @@ impl Drop for LimiterTable {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `map`, unmapped once.
         unsafe {
-            libc::munmap(
-                self.sets.cast_mut().cast(),
-                self.len * size_of::<LimiterSet>(),
-            );
+            libc::munmap(self.sets.cast(), self.len * size_of::<LimiterSet>());
         }
     }
 }

@@ -1416,6 +1416,22 @@ impl Shield {
         Ok(self.limiter.entries())
     }
 
+    /// Ends the penalty windows of the buckets of `net` (a prefix the penalty box
+    /// released), under every limit: its next violations are counted afresh. Returns how
+    /// many buckets there were.
+    pub fn reset_penalty_windows(&self, net: &IpNet) -> usize {
+        let addr = match net.network() {
+            IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            IpAddr::V6(a) => a.octets(),
+        };
+        (0..LIMIT_SLOTS)
+            .filter(|&limit| {
+                self.limiter
+                    .reset_window(&LimiterKey { addr, limit }, self.limiter_seed)
+            })
+            .count()
+    }
+
     /// The limiter's state for one bucket, if it is tracked.
     pub fn limiter_state(&self, key: &LimiterKey) -> Result<Option<LimiterState>> {
         Ok(self.limiter.get(key, self.limiter_seed))

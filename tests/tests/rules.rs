@@ -352,6 +352,41 @@ fn penalty_reports_come_once_per_window_past_the_violations() {
 }
 
 #[test]
+fn a_released_prefix_reports_again_within_the_window_that_boxed_it() {
+    let mut s = load(
+        "limits:
+  default: {pps: 1, burst_packets: 2}
+  penalty: {after_violations: 3, window: 1h, block_for: 1m}
+",
+    );
+    let mut ring = s.take_penalties().unwrap();
+    let frame = udp4_to("198.18.7.9", 9000);
+    assert_eq!(passes(&mut s, &frame, 10), 2);
+    assert_eq!(reports(&mut ring).len(), 1, "boxed: reported once");
+    assert_eq!(passes(&mut s, &frame, 10), 0);
+    assert!(reports(&mut ring).is_empty(), "the same window: once");
+    // The box expires (as the daemon does on expiry): a repeat offence is reported as
+    // soon as it passes the threshold again, not an hour later.
+    let net: ipnet::IpNet = "198.18.7.9/32".parse().unwrap();
+    assert_eq!(
+        s.reset_penalty_windows(&net),
+        1,
+        "one bucket of that prefix"
+    );
+    assert_eq!(passes(&mut s, &frame, 3), 0);
+    assert!(reports(&mut ring).is_empty(), "3 drops: not past 3 yet");
+    assert_eq!(passes(&mut s, &frame, 1), 0);
+    let got = reports(&mut ring);
+    assert_eq!(got.len(), 1, "reported again: {got:?}");
+    assert_eq!(got[0].drops, 4);
+    assert_eq!(
+        s.reset_penalty_windows(&"198.18.7.10/32".parse().unwrap()),
+        0,
+        "no bucket for a prefix never seen"
+    );
+}
+
+#[test]
 fn sixty_four_rules_load_and_each_owns_its_port() {
     let rules: String = (0..64)
         .map(|i| {

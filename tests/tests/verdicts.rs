@@ -1404,6 +1404,25 @@ fn whole_addresses_and_prefixes_share_the_list_capacity() {
     drop(&mut h, udp6(host6(18_000), 20), "kept /128");
 }
 
+/// A pin directory of this test process's own under /sys/fs/bpf, removed when dropped.
+struct PinDir(std::path::PathBuf);
+
+impl PinDir {
+    fn new(name: &str) -> PinDir {
+        PinDir(std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/{}{}-{name}",
+            api_shield_tests::netns::NETNS_PREFIX,
+            std::process::id()
+        )))
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A program loaded over pinned maps brings the IPv6 hash back in step with the trie
 /// (a daemon may have stopped between writing the one and the other): a stale copy, here
 /// one the lists never held, goes, and a missing one comes back.
@@ -1413,18 +1432,8 @@ fn reused_maps_bring_the_ipv6_hash_back_in_step() {
     use api_shield_common::lists::HashedV6Key;
     use aya::maps::{HashMap, Map, MapData};
     require_root();
-    let dir = std::path::PathBuf::from(format!(
-        "/sys/fs/bpf/{}{}-hash-sync",
-        api_shield_tests::netns::NETNS_PREFIX,
-        std::process::id()
-    ));
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(dir.clone());
+    let pins = PinDir::new("hash-sync");
+    let dir = pins.0.clone();
     let capacity = config(UNLIMITED).capacity;
     let key = |net: &str| {
         let net: ipnet::Ipv6Net = net.parse().unwrap();
@@ -1536,18 +1545,8 @@ fn a_flooders_bucket_survives_a_spoofed_flood_through_a_small_table() {
 fn limiter_buckets_continue_across_a_reload_over_pins() {
     use api_shield::shield::detach_pinned;
     require_root();
-    let dir = std::path::PathBuf::from(format!(
-        "/sys/fs/bpf/{}{}-buckets",
-        api_shield_tests::netns::NETNS_PREFIX,
-        std::process::id()
-    ));
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(dir.clone());
+    let pins = PinDir::new("buckets");
+    let dir = pins.0.clone();
     let config = config("limits: {default: {pps: 1, burst_packets: 3}}\n");
     let key = LimiterKey {
         addr: "::ffff:198.18.0.7".parse::<Ipv6Addr>().unwrap().octets(),
