@@ -1177,6 +1177,9 @@ impl Controller {
             return Err(e);
         }
         log::info!("{} del {net} by cli", list.name());
+        if boxed {
+            self.release_penalty(net);
+        }
         let mut reply = serde_json::json!({"list": list, "cidr": net, "still_listed_by": left.iter().map(ToString::to_string).collect::<Vec<_>>()});
         if let Some(w) = self.persist() {
             reply["warning"] = w.into();
@@ -1250,6 +1253,20 @@ impl Controller {
         }
     }
 
+    /// A penalty box of `net` is gone (expired or deleted): its buckets' next violations
+    /// open a new window, so a repeat is boxed again as soon as it passes the threshold
+    /// (the data plane reports once per window, and the window that boxed it may run on).
+    fn release_penalty(&self, net: IpNet) {
+        let buckets: usize = self
+            .instances
+            .iter()
+            .map(|i| i.shield.reset_penalty_windows(&net))
+            .sum();
+        log::info!(
+            "penalty: {net} released; its next violations open a new window ({buckets} buckets)"
+        );
+    }
+
     fn expire(&mut self) {
         let gone = self.registry.expire(unix_now());
         if gone.is_empty() {
@@ -1257,17 +1274,8 @@ impl Controller {
         }
         for (list, net, origin) in &gone {
             log::info!("{} entry {net} by {origin} expired", list.name());
-            if *origin == crate::registry::Origin::Penalty {
-                // Released: its next violations open a new window, so a repeat is boxed
-                // again as soon as it passes the threshold.
-                let buckets: usize = self
-                    .instances
-                    .iter()
-                    .map(|i| i.shield.reset_penalty_windows(net))
-                    .sum();
-                log::info!(
-                    "penalty: {net} released; its next violations open a new window ({buckets} buckets)"
-                );
+            if *origin == Origin::Penalty {
+                self.release_penalty(*net);
             }
         }
         if let Err(e) = self.sync() {
