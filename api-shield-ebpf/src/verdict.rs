@@ -582,6 +582,8 @@ fn take_tokens(
 ) -> bool {
     let now = bucket_time(limit.flags & LIMIT_TICK_CLOCK != 0, limit.tick_ns);
     let byte_cost = (len as u64 * limit.byte_cost_fp) >> BYTE_COST_FRAC_BITS;
+    // Read as the five words it was written as, one load each, rather than rebuilt from
+    // its bytes as `LimiterKey::words` does for the controller.
     // SAFETY: LimiterKey is five u32 slots, 4-aligned (see `limiter_key`).
     let words = unsafe {
         let w = (key as *const LimiterKey).cast::<u32>();

@@ -44,6 +44,11 @@ impl LimiterTable {
         })
     }
 
+    /// Sets in the table.
+    pub fn sets(&self) -> u32 {
+        self.len as u32
+    }
+
     /// Buckets the table can hold.
     pub fn capacity(&self) -> usize {
         self.len * LIMITER_WAYS

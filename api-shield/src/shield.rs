@@ -515,7 +515,11 @@ impl Shield {
             }
             _ => bail!("the eBPF object lacks the list summary arrays"),
         };
-        let sets = limiter_sets(u32::try_from(capacity.sources.0)?);
+        let sets = shapes
+            .iter()
+            .find(|s| s.name == names::MAP_LIMITER)
+            .context("no shape for the limiter table")?
+            .max_entries;
         let limiter = match ebpf.map(names::MAP_LIMITER) {
             Some(aya::maps::Map::Array(table)) => LimiterTable::map(&table.fd().as_fd(), sets)?,
             _ => bail!("the eBPF object lacks the limiter table"),
@@ -1344,7 +1348,7 @@ impl Shield {
     /// `settings` says of them.
     pub fn set_settings(&mut self, mut settings: Settings) -> Result<()> {
         settings.limiter_seed = self.limiter_seed;
-        settings.limiter_sets = (self.limiter.capacity() / LIMITER_WAYS) as u32;
+        settings.limiter_sets = self.limiter.sets();
         let mut map: Array<_, Settings> = Array::try_from(self.map_mut(names::MAP_SETTINGS)?)?;
         map.set(0, settings, 0).context("writing settings")?;
         Ok(())
