@@ -24,6 +24,11 @@ pub mod names {
     /// lengthens with the list. It never holds what the trie does not; an entry missing
     /// from it only costs a trie walk.
     pub const MAP_LIST_V6_HASHED: &str = "LIST_V6_HASHED";
+    /// Hash, an IPv4 /24 holding entries of /25 to /31 (its network address) ->
+    /// [`crate::lists::InnerV4`], the verdict of each /31 in it: a source there is found by
+    /// one hash lookup, whatever the list's size, where the trie walk lengthens with the
+    /// list. A /24 missing from it (for want of memory, or while it changes) walks the trie.
+    pub const MAP_LIST_V4_INNER: &str = "LIST_V4_INNER";
     /// Mmapable array of u64: the IPv4 trie summarised per /24 ([`crate::lists::summary`]).
     pub const MAP_LIST_V4_SUMMARY: &str = "LIST_V4_SUMMARY";
     /// Mmapable array of u64: the IPv6 trie summarised per /24, and the lengths of its
@@ -69,8 +74,9 @@ pub mod lists {
     /// /24's base verdict: [`NONE`](summary::NONE), [`LIST_ALLOW`] or [`LIST_BLOCK`], that
     /// of the longest entry of /24 or shorter covering it; then two flags:
     /// [`EXACT`](summary::EXACT), /32 entries lie inside (ask the exact map first);
-    /// [`TRIE`](summary::TRIE), entries of /25 to /31 lie inside (the trie's answer, not
-    /// the base, stands). Both flags: the controller is changing the /24.
+    /// [`TRIE`](summary::TRIE), entries of /25 to /31 lie inside (the /24's
+    /// [`InnerV4`] answers, else the trie; not the base). Both flags: the controller is
+    /// changing the /24.
     pub mod summary {
         /// No entry covers or lies inside this /24.
         pub const NONE: u32 = 0;
@@ -78,7 +84,8 @@ pub mod lists {
         pub const BASE: u32 = 3;
         /// /32 entries lie inside: look the address up in the exact map first.
         pub const EXACT: u32 = 4;
-        /// Entries of /25 to /31 lie inside: the trie's answer, not the base.
+        /// Entries of /25 to /31 lie inside: the /24's [`InnerV4`](super::InnerV4), else
+        /// the trie's answer, not the base.
         pub const TRIE: u32 = 8;
         /// Bits per cell.
         pub const CELL_BITS: u32 = 4;
@@ -98,6 +105,37 @@ pub mod lists {
             )
         }
     }
+
+    /// The verdicts of an IPv4 /24 holding entries of /25 to /31, in
+    /// [`MAP_LIST_V4_INNER`](crate::names::MAP_LIST_V4_INNER): two bits per /31 (the
+    /// finest such an entry splits a /24), each the verdict of the longest entry of /31 or
+    /// shorter holding it ([`summary::NONE`] if none); /32 entries stay in the exact map,
+    /// which is asked first.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct InnerV4 {
+        pub verdicts: [u64; 4],
+    }
+
+    impl InnerV4 {
+        /// Where the verdict of an address whose last byte is `last` is: (word, shift).
+        #[inline(always)]
+        pub const fn position(last: u8) -> (usize, u32) {
+            let pair = (last >> 1) as u32;
+            ((pair >> 5) as usize, (pair & 31) * 2)
+        }
+
+        /// The verdict of an address whose last byte is `last`.
+        #[inline(always)]
+        pub const fn verdict(&self, last: u8) -> ListVerdict {
+            let (word, shift) = Self::position(last);
+            (self.verdicts[word] >> shift) as u32 & summary::BASE
+        }
+    }
+
+    #[cfg(feature = "user")]
+    // SAFETY: four u64: no padding.
+    unsafe impl aya::Pod for InnerV4 {}
 
     /// An IPv6 entry of a hashed length (/48, /64, /128) in
     /// [`MAP_LIST_V6_HASHED`](crate::names::MAP_LIST_V6_HASHED): its network address

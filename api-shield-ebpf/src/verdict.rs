@@ -14,7 +14,7 @@ use api_shield_common::{
         LIMIT_TICK_CLOCK, LIMITER_WAYS, LimiterKey, LimiterSet, LimiterSlot, LimiterState,
         RateLimit, TIME_SHIFT, set_of,
     },
-    lists::{HashedV6Key, LIST_ALLOW, LIST_BLOCK, ListVerdict, summary, summary_v6},
+    lists::{HashedV6Key, InnerV4, LIST_ALLOW, LIST_BLOCK, ListVerdict, summary, summary_v6},
     rules::{
         CLASS_OTHER, CLASS_TCP, CLASS_TCP_SYN, CLASS_UDP, PENALTY_RING_BYTES, PENALTY_V6,
         PenaltyEvent, RuleCounter, TABLE_SLOTS, table_index,
@@ -46,6 +46,9 @@ static LIST_V6: LpmTrie<[u8; 16], ListVerdict> = LpmTrie::with_max_entries(1024,
 /// Flags 1: BPF_F_NO_PREALLOC, so an empty list costs only the buckets.
 #[map(name = "LIST_V4_EXACT")]
 static LIST_V4_EXACT: HashMap<[u8; 4], ListVerdict> = HashMap::with_max_entries(1024, 1);
+/// Flags 1: BPF_F_NO_PREALLOC, as above.
+#[map(name = "LIST_V4_INNER")]
+static LIST_V4_INNER: HashMap<[u8; 4], InnerV4> = HashMap::with_max_entries(1024, 1);
 /// Flags 1: BPF_F_NO_PREALLOC, as above.
 #[map(name = "LIST_V6_HASHED")]
 static LIST_V6_HASHED: HashMap<HashedV6Key, ListVerdict> = HashMap::with_max_entries(1024, 1);
@@ -321,7 +324,9 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
 
 /// The list verdict of an IPv4 source (0: listed nowhere), as its /24's summary cell (an
 /// array read the verifier inlines) directs: the exact map's if the source is listed as a
-/// /32 there, else the trie's where entries of /25 to /31 lie in the /24, else the cell's.
+/// /32 there, else, where entries of /25 to /31 lie in the /24, the /24's inner verdicts
+/// (or the trie's, where the /24 has none: it is changing, or they found no memory), else
+/// the cell's.
 #[inline(always)]
 fn list_v4(src: [u8; 4]) -> ListVerdict {
     let (word, shift) = summary::cell(src);
@@ -337,6 +342,10 @@ fn list_v4(src: [u8; 4]) -> ListVerdict {
     }
     if cell & summary::TRIE == 0 {
         return cell & summary::BASE;
+    }
+    // SAFETY: one word is read from the value at once.
+    if let Some(inner) = unsafe { LIST_V4_INNER.get([src[0], src[1], src[2], 0]) } {
+        return inner.verdict(src[3]);
     }
     LIST_V4
         .get(Key::new(32, src))

@@ -1,6 +1,7 @@
 //! The loaded data plane: loading with capacities, attaching, and typed access to its maps.
 
 use std::{
+    collections::BTreeSet,
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsFd as _,
@@ -14,7 +15,7 @@ use api_shield_common::{
     limiter::{
         DEFAULT_LIMIT, LIMIT_SLOTS, LIMITER_WAYS, LimiterKey, LimiterSet, LimiterState, RateLimit,
     },
-    lists::{HashedV6Key, ListVerdict, summary_v6},
+    lists::{HashedV6Key, InnerV4, ListVerdict, summary_v6},
     names,
     rules::{PENALTY_RING_BYTES, RuleCounter, TABLE_SLOTS},
     settings::{SETTINGS_DRY_RUN, SETTINGS_RULES, Settings},
@@ -39,7 +40,7 @@ use crate::{
     limiter::LimiterTable,
     limits::{event_limit, limit_slot, rule_table},
     lists::{ListDiff, ListTable, fold},
-    summary::SummaryMaps,
+    summary::{self, SummaryMaps},
 };
 
 /// Sets of the limiter table for `sources` buckets (rounded up to whole sets).
@@ -84,6 +85,14 @@ fn map_shapes(capacity: &Capacity) -> Result<Vec<MapShape>> {
             map_type: MapType::Hash,
             key_size: 4,
             value_size: 4,
+            max_entries: list_entries,
+        },
+        // A /24 per IPv4 entry of /25 to /31 at most: within the family's entries.
+        MapShape {
+            name: names::MAP_LIST_V4_INNER,
+            map_type: MapType::Hash,
+            key_size: 4,
+            value_size: size_of::<InnerV4>() as u32,
             max_entries: list_entries,
         },
         // IPv6 entries of /48, /64 and /128, also in the trie: at most the family's entries.
@@ -245,6 +254,11 @@ fn hashed_v6_key(net: &IpNet) -> Option<HashedV6Key> {
         }
         _ => None,
     }
+}
+
+/// The key of IPv4 cell (/24) `cell` in the inner verdicts map: its network address.
+fn inner_key(cell: u32) -> [u8; 4] {
+    (cell << 8).to_be_bytes()
 }
 
 /// The list maps, in the order a change writes them.
@@ -447,6 +461,8 @@ pub struct Shield {
     /// IPv6 entries of hashed lengths now in the trie, to copy into the hash in batches
     /// once a list change is done with the trie.
     hashed_pending: Vec<(HashedV6Key, ListVerdict)>,
+    /// The IPv4 /24s (cells) whose inner verdicts the map holds.
+    inner_v4: BTreeSet<u32>,
 }
 
 impl Shield {
@@ -551,11 +567,14 @@ impl Shield {
             shapes,
             rule_table: None,
             hashed_pending: Vec::new(),
+            inner_v4: BTreeSet::new(),
         };
         // Reused tries already hold entries: learn them, so the first update is a diff.
         shield.lists = shield.read_lists()?;
-        // A reused hash of IPv6 entries may lag the trie (a daemon stopped between the two).
+        // A reused hash of IPv6 entries may lag the trie (a daemon stopped between the two),
+        // and reused inner verdicts may be from another version.
         shield.sync_hashed_v6()?;
+        shield.sync_inner_v4()?;
         // The summary must match the tries before this program is attached (a new map
         // reads "listed nowhere" everywhere; a reused one may be from another version).
         shield.summary.write_all(&shield.lists);
@@ -724,8 +743,10 @@ impl Shield {
             names::MAP_LIST_V6_SUMMARY,
             // Counted with the IPv4 trie, which stands for the whole IPv4 list.
             names::MAP_LIST_V4_EXACT,
-            // A copy of some of the IPv6 trie's entries.
+            // A copy of some of the IPv6 trie's entries, and verdicts derived from the
+            // IPv4 trie's.
             names::MAP_LIST_V6_HASHED,
+            names::MAP_LIST_V4_INNER,
         ];
         let map = |name: &str| {
             self.ebpf
@@ -938,12 +959,17 @@ impl Shield {
         let touched = self
             .summary
             .before_change(diff.upserts.iter().map(|(net, _)| net), &diff.removals);
-        let result = self.apply_diff(next, &diff);
-        // The hash is whole before the summary may send sources to it.
+        // Those /24s walk the trie while it changes: their inner verdicts go first.
+        let cleared = self.clear_inner_v4(&touched.v4);
+        let result = cleared.and_then(|()| self.apply_diff(next, &diff));
+        // The hash and the inner verdicts are whole before the summary may send sources
+        // to them.
         let copied = self.copy_pending_hashed_v6();
+        let inner = self.write_inner_v4(&touched.v4);
         self.summary.after_change(&self.lists, &touched);
         let refused = result?;
         copied?;
+        inner?;
         Ok(refused)
     }
 
@@ -1077,11 +1103,11 @@ impl Shield {
 
     /// [`Shield::map_batch`] over `keys` (and `values`) in chunks of [`BATCH_CHUNK`]: how
     /// many of them, from the start, were done before a batch stopped short.
-    fn in_batches<K: aya::Pod>(
+    fn in_batches<K: aya::Pod, V: aya::Pod>(
         &mut self,
         map: &'static str,
         keys: &[K],
-        values: Option<&[ListVerdict]>,
+        values: Option<&[V]>,
     ) -> Result<usize> {
         if values.is_some_and(|v| v.len() != keys.len()) {
             bail!(
@@ -1127,7 +1153,7 @@ impl Shield {
     /// batches, before they leave the trie: the hash never holds what the trie does not.
     fn remove_hashed_v6(&mut self, removals: &[IpNet]) -> Result<()> {
         let keys: Vec<HashedV6Key> = removals.iter().filter_map(hashed_v6_key).collect();
-        let done = self.in_batches(names::MAP_LIST_V6_HASHED, &keys, None)?;
+        let done = self.in_batches(names::MAP_LIST_V6_HASHED, &keys, None::<&[ListVerdict]>)?;
         // Stopped at a key not there (a copy never made) or refused outright.
         for key in &keys[done..] {
             remove_if_present(&mut self.hashed_v6()?, key)?;
@@ -1139,12 +1165,12 @@ impl Shield {
     /// values, BPF_MAP_DELETE_BATCH of `keys`): how many the kernel did before it stopped,
     /// all of them unless something failed. The caller does the rest one by one, which
     /// reports each failure as it is (a full map, a missing entry, or no batch support at
-    /// all). `K` must be the map's key type.
-    fn map_batch<K: aya::Pod>(
+    /// all). `K` and `V` must be the map's key and value types.
+    fn map_batch<K: aya::Pod, V: aya::Pod>(
         &mut self,
         map: &'static str,
         keys: &[K],
-        values: Option<&[ListVerdict]>,
+        values: Option<&[V]>,
     ) -> Result<usize> {
         use std::os::fd::AsRawFd as _;
         let count = keys.len();
@@ -1166,10 +1192,15 @@ impl Shield {
         const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
         const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
         let key_size = std::mem::size_of::<K>() as u32;
+        let value_size = std::mem::size_of::<V>() as u32;
         if self.shapes.iter().find(|s| s.name == map).is_none_or(|s| {
-            !matches!(s.map_type, MapType::Hash | MapType::LpmTrie) || s.key_size != key_size
+            !matches!(s.map_type, MapType::Hash | MapType::LpmTrie)
+                || s.key_size != key_size
+                || (values.is_some() && s.value_size != value_size)
         }) {
-            bail!("map {map} is not a hash map or trie of {key_size}-byte keys");
+            bail!(
+                "map {map} is not a hash map or trie of {key_size}-byte keys (and {value_size}-byte values)"
+            );
         }
         let fd = match self.map_mut(map)? {
             aya::maps::Map::HashMap(data) | aya::maps::Map::LpmTrie(data) => {
@@ -1193,8 +1224,8 @@ impl Shield {
             BPF_MAP_DELETE_BATCH
         };
         // SAFETY: `attr` points at `count` keys (and values) of the map's sizes (checked
-        // against its shape above; values are 4 bytes in every list map), alive for the
-        // call; the kernel writes back only `attr.count`.
+        // against its shape above), alive for the call; the kernel writes back only
+        // `attr.count`.
         let ret = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -1319,6 +1350,109 @@ impl Shield {
             }
         }
         Ok(())
+    }
+
+    /// Takes the inner verdicts of the IPv4 /24s in `ranges` out of their map (in batches):
+    /// until [`Shield::write_inner_v4`], those /24s walk the trie.
+    fn clear_inner_v4(&mut self, ranges: &[(u32, u32)]) -> Result<()> {
+        let cells: Vec<u32> = ranges
+            .iter()
+            .flat_map(|&(first, last)| self.inner_v4.range(first..=last).copied())
+            .collect();
+        let keys: Vec<[u8; 4]> = cells.iter().map(|&c| inner_key(c)).collect();
+        let done = self.in_batches(names::MAP_LIST_V4_INNER, &keys, None::<&[InnerV4]>)?;
+        for key in &keys[done..] {
+            self.remove_inner_v4(key)?;
+        }
+        for cell in cells {
+            self.inner_v4.remove(&cell);
+        }
+        Ok(())
+    }
+
+    /// Writes the inner verdicts of the IPv4 /24s in `ranges` that hold entries of /25
+    /// to /31 now (in batches). One the kernel will not take for want of memory stays out:
+    /// its sources walk the trie.
+    fn write_inner_v4(&mut self, ranges: &[(u32, u32)]) -> Result<()> {
+        let cells = summary::inner_cells(&self.lists, ranges);
+        let values: Vec<InnerV4> = cells
+            .iter()
+            .map(|&c| summary::inner_value(&self.lists, c).expect("a cell with inner entries"))
+            .collect();
+        let keys: Vec<[u8; 4]> = cells.iter().map(|&c| inner_key(c)).collect();
+        let done = self.in_batches(names::MAP_LIST_V4_INNER, &keys, Some(&values))?;
+        self.inner_v4.extend(&cells[..done]);
+        let mut left_out = Vec::new();
+        for ((&cell, key), value) in cells.iter().zip(&keys).zip(&values).skip(done) {
+            match self.inner_v4_map()?.insert(key, value, 0) {
+                Ok(()) => {
+                    self.inner_v4.insert(cell);
+                }
+                Err(e) if is_out_of_memory(&e) => left_out.push(Ipv4Addr::from(*key)),
+                Err(e) => return Err(e).context("writing a /24's inner verdicts"),
+            }
+        }
+        if let Some(first) = left_out.first() {
+            log::warn!(
+                "the inner verdicts of {} /24s (the first {first}/24) found no room in the \
+                 kernel: their sources take the trie walk",
+                left_out.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// Makes the inner verdicts map hold exactly those of the lists (a reused map may be
+    /// from another version, or behind a change a stopped daemon left).
+    fn sync_inner_v4(&mut self) -> Result<()> {
+        let held: Vec<([u8; 4], InnerV4)> = self
+            .inner_v4_map()?
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the inner verdicts")?;
+        let all = [(0, (1 << 24) - 1)];
+        let want: std::collections::HashMap<[u8; 4], InnerV4> =
+            summary::inner_cells(&self.lists, &all)
+                .into_iter()
+                .map(|c| {
+                    let value = summary::inner_value(&self.lists, c).expect("inner entries");
+                    (inner_key(c), value)
+                })
+                .collect();
+        // Stale ones go first (their /24s walk the trie until rewritten).
+        for (key, value) in &held {
+            if want.get(key) == Some(value) {
+                self.inner_v4.insert(u32::from_be_bytes(*key) >> 8);
+            } else {
+                self.remove_inner_v4(key)?;
+            }
+        }
+        let mut missing: Vec<(u32, u32)> = want
+            .keys()
+            .map(|k| u32::from_be_bytes(*k) >> 8)
+            .filter(|c| !self.inner_v4.contains(c))
+            .map(|c| (c, c))
+            .collect();
+        missing.sort_unstable();
+        self.write_inner_v4(&missing)
+    }
+
+    /// Removes one key from the inner verdicts map; one not there is no error.
+    fn remove_inner_v4(&mut self, key: &[u8; 4]) -> Result<()> {
+        match self.inner_v4_map()?.remove(key) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e).context("removing a /24's inner verdicts"),
+        }
+    }
+
+    fn inner_v4_map(&mut self) -> Result<HashMap<&mut MapData, [u8; 4], InnerV4>> {
+        Ok(HashMap::try_from(self.map_mut(names::MAP_LIST_V4_INNER)?)?)
     }
 
     fn hashed_v6(&mut self) -> Result<HashMap<&mut MapData, HashedV6Key, ListVerdict>> {

@@ -3,7 +3,8 @@
 //! bits per /24 (the first 24 address bits) saying what the lists answer for every address
 //! in it, or which map to ask ([`api_shield_common::lists::summary`],
 //! [`api_shield_common::lists::summary_v6`]); for IPv6 also the lengths of the entries of
-//! /40 or longer in each /40, which say which hash probes may find a source's entry.
+//! /40 or longer in each /40, which say which hash probes may find a source's entry; for
+//! IPv4, the verdict of each /31 of a /24 holding entries of /25 to /31 ([`inner_value`]).
 //!
 //! They are kept in step with the maps by `Shield::apply_lists`: what a change touches is
 //! first set to "ask the maps", then the maps change, then it gets its new value. At every
@@ -14,7 +15,7 @@ use std::os::fd::AsRawFd;
 
 use anyhow::{Result, bail};
 use api_shield_common::lists::{
-    ListVerdict,
+    InnerV4, ListVerdict,
     summary::{CELL_BITS, CELLS_PER_WORD, EXACT, NONE, TRIE, WORDS},
     summary_v6::{self, LONG},
 };
@@ -116,6 +117,61 @@ pub fn cell_value(table: &ListTable, family: Family, cell: u32) -> u32 {
         })
         .unwrap_or(NONE);
     verdict | flags
+}
+
+/// The verdict of each /31 of IPv4 cell `cell` for `table` (see [`InnerV4`]), if entries
+/// of /25 to /31 lie in it: the cell's base, painted over by those entries, shorter first,
+/// so each /31 ends with its longest match (entries nest or are disjoint).
+pub fn inner_value(table: &ListTable, cell: u32) -> Option<InnerV4> {
+    let mut inner: Vec<(Ipv4Net, ListVerdict)> = table
+        .entries
+        .range(Family::V4.cell_first(cell, 0)..=Family::V4.cell_last(cell))
+        .filter_map(|(net, &v)| match net {
+            IpNet::V4(n) if (25..=31).contains(&n.prefix_len()) => Some((*n, v)),
+            _ => None,
+        })
+        .collect();
+    if inner.is_empty() {
+        return None;
+    }
+    let base = cell_value(table, Family::V4, cell) & api_shield_common::lists::summary::BASE;
+    // Two bits per /31: a word of 32 of them all holding `base`.
+    let mut value = InnerV4 {
+        verdicts: [u64::from(base) * (u64::MAX / 3); 4],
+    };
+    inner.sort_by_key(|(n, _)| n.prefix_len());
+    for (net, verdict) in inner {
+        let first = net.network().octets()[3];
+        let pairs = 1u16 << (31 - net.prefix_len());
+        for pair in 0..pairs {
+            let (word, shift) = InnerV4::position(first + (pair << 1) as u8);
+            value.verdicts[word] =
+                (value.verdicts[word] & !(3 << shift)) | (u64::from(verdict) << shift);
+        }
+    }
+    Some(value)
+}
+
+/// The IPv4 cells within `ranges` (inclusive, disjoint) that hold entries of /25 to /31 in
+/// `table`: those with an [`inner_value`].
+pub fn inner_cells(table: &ListTable, ranges: &[(u32, u32)]) -> Vec<u32> {
+    let mut cells = Vec::new();
+    for &(first, last) in ranges {
+        for (net, _) in table
+            .entries
+            .range(Family::V4.cell_first(first, 0)..=Family::V4.cell_last(last))
+        {
+            if let IpNet::V4(n) = net
+                && (25..=31).contains(&n.prefix_len())
+            {
+                let (cell, _) = cells_of(net);
+                if cells.last() != Some(&cell) {
+                    cells.push(cell);
+                }
+            }
+        }
+    }
+    cells
 }
 
 /// Every cell's value of `family` for `table`, packed as the map holds them (cell `c` in
@@ -325,7 +381,8 @@ impl Drop for MappedWords {
 /// What a list change touches, from [`SummaryMaps::before_change`] to
 /// [`SummaryMaps::after_change`].
 pub struct Touched {
-    v4: Vec<(u32, u32)>,
+    /// IPv4 cells, as inclusive ranges: also the /24s whose inner verdicts change.
+    pub v4: Vec<(u32, u32)>,
     v6: Vec<(u32, u32)>,
     /// IPv6 entries of /40 or longer went: their /40's lengths may now be fewer.
     long_removed: bool,
@@ -507,8 +564,9 @@ mod tests {
     }
 
     /// Every claim the summary makes holds for every address of the /24: the data plane's
-    /// answer (the exact map's for a listed /32 where the cell says so, else the trie's
-    /// where it says so, else the base) is the longest match.
+    /// answer (the exact map's for a listed /32 where the cell says so, else the /24's
+    /// inner verdicts where it says entries of /25 to /31 lie there, else the base) is the
+    /// longest match.
     fn check_cell(t: &ListTable, words: &[u64], cell: u32) {
         let value = cell_in(words, cell);
         assert_eq!(
@@ -516,14 +574,27 @@ mod tests {
             cell_value(t, Family::V4, cell),
             "cell {cell}: sweep vs one cell"
         );
-        if value & TRIE != 0 {
-            return;
-        }
+        let inner = inner_value(t, cell);
+        assert_eq!(
+            inner.is_some(),
+            value & TRIE != 0,
+            "cell {cell}: inner verdicts"
+        );
+        assert_eq!(
+            inner_cells(
+                t,
+                &[(cell.saturating_sub(1), (cell + 1).min((1 << 24) - 1))]
+            )
+            .contains(&cell),
+            inner.is_some(),
+            "cell {cell}: listed with inner entries"
+        );
         for host in 0..256 {
             let addr = (cell << 8) | host;
             let exact = Ipv4Net::new(Ipv4Addr::from(addr), 32).unwrap();
-            let answer = match t.entries.get(&IpNet::V4(exact)) {
-                Some(v) if value & EXACT != 0 => *v,
+            let answer = match (t.entries.get(&IpNet::V4(exact)), inner) {
+                (Some(v), _) if value & EXACT != 0 => *v,
+                (_, Some(inner)) => inner.verdict(host as u8),
                 _ => value & BASE,
             };
             assert_eq!(
@@ -588,6 +659,50 @@ mod tests {
     }
 
     #[test]
+    fn inner_verdicts_paint_each_pair_with_its_longest_match() {
+        let t = table(&[
+            ("10.9.0.0/16", LIST_ALLOW),
+            ("10.9.8.0/25", LIST_BLOCK),
+            ("10.9.8.32/27", LIST_ALLOW),
+            ("10.9.8.40/31", LIST_BLOCK),
+            ("10.9.8.41/32", LIST_ALLOW),
+            ("10.9.8.254/31", LIST_BLOCK),
+            ("10.9.9.0/25", LIST_BLOCK),
+        ]);
+        let cell = |a: &str| u32::from(a.parse::<Ipv4Addr>().unwrap()) >> 8;
+        let inner = inner_value(&t, cell("10.9.8.0")).expect("entries of /25 to /31");
+        for (host, want) in [
+            (0, LIST_BLOCK),
+            (31, LIST_BLOCK),
+            (32, LIST_ALLOW),
+            (39, LIST_ALLOW),
+            (40, LIST_BLOCK),
+            // The /32 inside the /31 is the exact map's; the inner verdicts stop at /31.
+            (41, LIST_BLOCK),
+            (42, LIST_ALLOW),
+            (63, LIST_ALLOW),
+            (64, LIST_BLOCK),
+            (127, LIST_BLOCK),
+            (128, LIST_ALLOW),
+            (253, LIST_ALLOW),
+            (254, LIST_BLOCK),
+            (255, LIST_BLOCK),
+        ] {
+            assert_eq!(inner.verdict(host), want, "10.9.8.{host}");
+        }
+        assert_eq!(inner_value(&t, cell("10.9.10.0")), None);
+        assert_eq!(
+            inner_cells(&t, &[(cell("10.0.0.0"), cell("10.255.255.0"))]),
+            vec![cell("10.9.8.0"), cell("10.9.9.0")]
+        );
+        assert_eq!(
+            inner_cells(&t, &[(cell("10.9.9.0"), cell("10.9.9.0"))]).len(),
+            1
+        );
+        assert!(inner_cells(&t, &[(cell("10.9.10.0"), cell("11.0.0.0"))]).is_empty());
+    }
+
+    #[test]
     fn random_nested_tables_agree_with_a_longest_match() {
         let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         for _ in 0..20 {
@@ -604,7 +719,22 @@ mod tests {
                 };
                 t.entries.insert(IpNet::V4(net), v);
             }
+            // And entries of /25 to /32 crowded into four /24s, so that they nest there.
+            for _ in 0..40 {
+                let addr = 0x0a00_0000 | (next() as u32 & 0x3ff);
+                let len = 25 + (next() % 8) as u8;
+                let net = Ipv4Net::new(Ipv4Addr::from(addr), len).unwrap().trunc();
+                let v = if next().is_multiple_of(2) {
+                    LIST_ALLOW
+                } else {
+                    LIST_BLOCK
+                };
+                t.entries.insert(IpNet::V4(net), v);
+            }
             let words = summarize(&t, Family::V4);
+            for cell in (0..4).map(|c| (0x0a00_0000u32 >> 8) + c) {
+                check_cell(&t, &words, cell);
+            }
             for _ in 0..64 {
                 let cell = (0x0a00_0000u32 >> 8) + (next() as u32 % (1 << 10));
                 check_cell(&t, &words, cell);

@@ -1210,10 +1210,11 @@ fn lists_through_changes(
     }
 }
 
-/// The IPv4 summary (one /24 at a time, read before the exact map and the trie) agrees
-/// with the lists through every kind of change: nested prefixes, entries inside a /24
-/// (whole addresses in the exact map, longer prefixes in the trie, both in one /24, an
-/// address changing list), the whole space (which recomputes the summary in one sweep),
+/// The IPv4 summary (one /24 at a time, read before the exact map, the inner verdicts and
+/// the trie) agrees with the lists through every kind of change: nested prefixes, entries
+/// inside a /24 (whole addresses in the exact map, longer prefixes in the inner verdicts,
+/// both in one /24, nested /25 to /31 of both lists, an address changing list, an inner
+/// entry changing length), the whole space (which recomputes the summary in one sweep),
 /// and removals back to nothing.
 #[test]
 fn ipv4_list_summary_follows_every_list_change() {
@@ -1229,12 +1230,39 @@ fn ipv4_list_summary_follows_every_list_change() {
                 &["10.0.0.0/8", "10.1.2.0/25", "10.1.2.9/32", "10.1.2.200/32"],
             ),
             (&[], &["10.1.2.3/32", "10.1.2.9/32"]),
+            (
+                &["10.1.2.32/27", "10.1.2.132/30"],
+                &["10.0.0.0/8", "10.1.2.0/25", "10.1.2.40/31", "10.1.2.128/25"],
+            ),
+            (
+                &["10.1.2.32/28", "10.1.2.41/32"],
+                &[
+                    "10.1.2.0/25",
+                    "10.1.2.40/31",
+                    "10.1.2.130/31",
+                    "10.200.0.0/25",
+                ],
+            ),
+            (&[], &["10.1.2.40/31"]),
             (&[], &[]),
         ],
         &[
             "9.255.255.255",
             "10.1.2.9",
             "10.1.2.10",
+            "10.1.2.32",
+            "10.1.2.40",
+            "10.1.2.41",
+            "10.1.2.42",
+            "10.1.2.47",
+            "10.1.2.48",
+            "10.1.2.127",
+            "10.1.2.128",
+            "10.1.2.130",
+            "10.1.2.131",
+            "10.1.2.132",
+            "10.1.2.135",
+            "10.1.2.136",
             "10.1.2.200",
             "10.1.2.201",
             "10.0.0.0",
@@ -1498,6 +1526,108 @@ fn reused_maps_bring_the_ipv6_hash_back_in_step() {
         XDP_PASS,
         Reason::Allowlisted,
         "in the /64",
+    );
+    drop(h);
+    detach_pinned(&dir).expect("detaching");
+}
+
+/// The data plane answers a source in a /24 holding entries of /25 to /31 from that /24's
+/// inner verdicts, not the trie: a wrong value planted there decides, until a controller
+/// loading over the pins brings the map back in step with the lists; and a list without
+/// such entries leaves the map empty.
+#[test]
+fn inner_verdicts_decide_and_reused_maps_are_brought_back_in_step() {
+    use api_shield::{lists::fold, shield::detach_pinned};
+    use api_shield_common::lists::{InnerV4, LIST_ALLOW};
+    use aya::maps::{HashMap, Map, MapData};
+    require_root();
+    let pins = PinDir::new("inner-sync");
+    let dir = pins.0.clone();
+    let capacity = config(UNLIMITED).capacity;
+    let inner = || -> HashMap<MapData, [u8; 4], InnerV4> {
+        HashMap::try_from(Map::HashMap(
+            MapData::from_pin(dir.join("LIST_V4_INNER")).unwrap(),
+        ))
+        .unwrap()
+    };
+    let nets =
+        |list: &[&str]| -> Vec<ipnet::IpNet> { list.iter().map(|s| s.parse().unwrap()).collect() };
+    let mut h = Harness {
+        shield: Shield::load_pinned(&capacity, &dir).expect("loading over pins"),
+        seen: BTreeMap::new(),
+    };
+    h.seen = h.totals();
+    let table = fold(
+        &nets(&["10.1.2.64/26"]),
+        &nets(&["10.1.2.0/25", "10.1.3.128/28"]),
+    )
+    .table;
+    assert!(h.shield.apply_lists(&table).unwrap().is_empty());
+    let held: BTreeMap<[u8; 4], InnerV4> = inner().iter().map(Result::unwrap).collect();
+    assert_eq!(
+        held.keys().copied().collect::<Vec<_>>(),
+        vec![[10, 1, 2, 0], [10, 1, 3, 0]]
+    );
+    let frame = |a: &str| udp4(a.parse().unwrap(), 20);
+    h.expect(
+        &frame("10.1.2.1"),
+        XDP_DROP,
+        Reason::Blocklisted,
+        "in the /25",
+    );
+    h.expect(
+        &frame("10.1.2.65"),
+        XDP_PASS,
+        Reason::Allowlisted,
+        "in the /26",
+    );
+    h.expect(&frame("10.1.2.200"), XDP_PASS, Reason::Passed, "outside");
+    // Planted: the whole of 10.1.2.0/24 allowed, as no list says.
+    let all_allowed = InnerV4 {
+        verdicts: [u64::from(LIST_ALLOW) * (u64::MAX / 3); 4],
+    };
+    inner().insert([10, 1, 2, 0], all_allowed, 0).unwrap();
+    h.expect(
+        &frame("10.1.2.1"),
+        XDP_PASS,
+        Reason::Allowlisted,
+        "the planted inner verdict decides",
+    );
+    drop(h);
+    let mut h = Harness {
+        shield: Shield::load_pinned(&capacity, &dir).expect("reloading over pins"),
+        seen: BTreeMap::new(),
+    };
+    h.seen = h.totals();
+    let held: BTreeMap<[u8; 4], InnerV4> = inner().iter().map(Result::unwrap).collect();
+    assert_ne!(held[&[10, 1, 2, 0]], all_allowed);
+    h.expect(
+        &frame("10.1.2.1"),
+        XDP_DROP,
+        Reason::Blocklisted,
+        "in step again",
+    );
+    h.expect(
+        &frame("10.1.3.129"),
+        XDP_DROP,
+        Reason::Blocklisted,
+        "in the /28",
+    );
+    // Only /24s and /32s left: no inner verdicts.
+    let table = fold(&[], &nets(&["10.1.2.0/24", "10.1.3.129/32"])).table;
+    assert!(h.shield.apply_lists(&table).unwrap().is_empty());
+    assert_eq!(inner().keys().count(), 0);
+    h.expect(
+        &frame("10.1.2.65"),
+        XDP_DROP,
+        Reason::Blocklisted,
+        "the /24",
+    );
+    h.expect(
+        &frame("10.1.3.130"),
+        XDP_PASS,
+        Reason::Passed,
+        "beside the /32",
     );
     drop(h);
     detach_pinned(&dir).expect("detaching");

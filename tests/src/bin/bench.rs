@@ -515,7 +515,8 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
 }
 
 /// `n` distinct prefixes: 70% IPv4 of /8 to /32, 30% IPv6 of /16 to /128, none covering
-/// the addresses the bench sends from (198.18.0.0/15, 2001:db8:ffff::/48).
+/// the addresses the bench sends from (198.18.0.0/15, 192.0.2.7, 203.0.113.5,
+/// 2001:db8:ffff::/48).
 fn mixed_prefixes(n: usize) -> Vec<ipnet::IpNet> {
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     let mut out = std::collections::HashSet::with_capacity(n);
@@ -537,6 +538,7 @@ fn mixed_prefixes(n: usize) -> Vec<ipnet::IpNet> {
         let avoid = |a: std::net::IpAddr| net.contains(&a);
         if avoid("198.18.0.7".parse().expect("addr"))
             || avoid("192.0.2.7".parse().expect("addr"))
+            || avoid("203.0.113.5".parse().expect("addr"))
             || avoid("2001:db8:ffff::7".parse().expect("addr"))
         {
             continue;
@@ -570,14 +572,15 @@ fn blocklist_scale(
     writeln!(report, "## Blocklist scale\n")?;
     writeln!(
         report,
-        "The blocklist holds N distinct prefixes (70% IPv4 /8-/32, 30% IPv6 /16-/128). Per-packet cost of a repeat source by BPF_PROG_TEST_RUN (64-byte frames, {repeat} runs, median of 3): blocked (inside a listed /32), passed (listed nowhere, limiter taken), blocked IPv6 (inside a listed /48). First-seen sources, every frame from another one (the spoofed-source build of the random-sources section, its prandom-only program subtracted; no limit configured, so the figure is the list lookup alone, not the limiter's new bucket): IPv4 sources at random over all 2^32 addresses, IPv6 sources with their first 32 bits at random. Load time: all N into empty maps, in batches of 16,384 (prefixes into the tries, IPv4 addresses into the exact-match hash, copies of the IPv6 /48, /64 and /128 entries into theirs); memory: the two tries, the two hashes and the two summaries, as the kernel accounts them. Goals: from 1k to 1M prefixes a repeat source's cost grows <= 1.1x, a first-seen source's <= 1.4x; 1M prefixes load in <= 3 s.\n"
+        "The blocklist holds N distinct prefixes (70% IPv4 /8-/32, 30% IPv6 /16-/128). Per-packet cost of a repeat source by BPF_PROG_TEST_RUN (64-byte frames, {repeat} runs, median of 3): blocked (inside a listed /32), blocked inside a /28 (an IPv4 entry of /25 to /31), passed (listed nowhere, limiter taken), blocked IPv6 (inside a listed /48). First-seen sources, every frame from another one (the spoofed-source build of the random-sources section, its prandom-only program subtracted; no limit configured, so the figure is the list lookup alone, not the limiter's new bucket): IPv4 sources at random over all 2^32 addresses, IPv6 sources with their first 32 bits at random. Load time: all N into empty maps, in batches of 16,384 (prefixes into the tries, IPv4 addresses into the exact-match hash, copies of the IPv6 /48, /64 and /128 entries into theirs); memory: the two tries, the two hashes and the two summaries, as the kernel accounts them. Goals: from 1k to 1M prefixes a repeat source's cost grows <= 1.1x, a first-seen source's <= 1.4x; 1M prefixes load in <= 3 s.\n"
     )?;
     writeln!(
         report,
-        "| prefixes | blocked IPv4 ns | passed IPv4 ns | blocked IPv6 ns | first-seen IPv4 ns | first-seen IPv6 ns | load time | load rate | list maps memory |"
+        "| prefixes | blocked IPv4 ns | blocked IPv4 /28 ns | passed IPv4 ns | blocked IPv6 ns | first-seen IPv4 ns | first-seen IPv6 ns | load time | load rate | list maps memory |"
     )?;
-    writeln!(report, "|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(report, "|---|---|---|---|---|---|---|---|---|---|")?;
     let blocked4 = udp4("192.0.2.7".parse()?, 22);
+    let blocked4_inner = udp4("203.0.113.5".parse()?, 22);
     let pass4 = udp4("198.18.0.7".parse()?, 22);
     let blocked6 = udp6("2001:db8:ffff::7".parse()?, 2);
     let mut points = Vec::new();
@@ -590,8 +593,9 @@ fn blocklist_scale(
         let mut shield = random_shield(&config)?;
         let mut prefixes = mixed_prefixes(n);
         // The sources the frames use, inside two of the N prefixes.
-        prefixes.truncate(n - 2);
+        prefixes.truncate(n - 3);
         prefixes.push("192.0.2.7/32".parse()?);
+        prefixes.push("203.0.113.0/28".parse()?);
         prefixes.push("2001:db8:ffff::/48".parse()?);
         lists_v4.push(
             prefixes
@@ -609,14 +613,16 @@ fn blocklist_scale(
         anyhow::ensure!(refused.is_empty(), "{} refused", refused.len());
         let program = shield.program()?;
         let mut b4 = Vec::new();
+        let mut i4 = Vec::new();
         let mut p4 = Vec::new();
         let mut b6 = Vec::new();
         for _ in 0..3 {
             b4.push(test_run_ns(program, &blocked4, repeat)?);
+            i4.push(test_run_ns(program, &blocked4_inner, repeat)?);
             p4.push(test_run_ns(program, &pass4, repeat)?);
             b6.push(test_run_ns(program, &blocked6, repeat)?);
         }
-        let (b4, p4, b6) = (median(b4), median(p4), median(b6));
+        let (b4, i4, p4, b6) = (median(b4), median(i4), median(p4), median(b6));
         // First-seen sources: no limit, so that no bucket is made (see the text).
         shield.set_limit(
             api_shield_common::limiter::DEFAULT_LIMIT,
@@ -640,23 +646,25 @@ fn blocklist_scale(
             api_shield_common::names::MAP_LIST_V6_SUMMARY,
             api_shield_common::names::MAP_LIST_V4_EXACT,
             api_shield_common::names::MAP_LIST_V6_HASHED,
+            api_shield_common::names::MAP_LIST_V4_INNER,
         ]
         .iter()
         .filter_map(|name| shield.map_id(name).ok().and_then(map_memory))
         .sum();
         writeln!(
             report,
-            "| {n} | {b4:.0} | {p4:.0} | {b6:.0} | {f4:.0} | {f6:.0} | {:.2} s | {:.0}k/s | {:.0} KiB |",
+            "| {n} | {b4:.0} | {i4:.0} | {p4:.0} | {b6:.0} | {f4:.0} | {f6:.0} | {:.2} s | {:.0}k/s | {:.0} KiB |",
             load.as_secs_f64(),
             n as f64 / load.as_secs_f64() / 1000.0,
             memory as f64 / 1024.0
         )?;
         println!(
-            "bench: {n} prefixes: blocked {b4:.0} ns, passed {p4:.0} ns, IPv6 blocked {b6:.0} ns, first-seen {f4:.0} / {f6:.0} ns, load {load:?}"
+            "bench: {n} prefixes: blocked {b4:.0} ns, inside a /28 {i4:.0} ns, passed {p4:.0} ns, IPv6 blocked {b6:.0} ns, first-seen {f4:.0} / {f6:.0} ns, load {load:?}"
         );
         points.push(ScalePoint {
             prefixes: n,
             blocked4: b4,
+            blocked4_inner: i4,
             passed4: p4,
             blocked6: b6,
             first_seen4: f4,
@@ -671,10 +679,11 @@ fn blocklist_scale(
     };
     writeln!(
         report,
-        "\nGrowth {} -> {}: repeat sources (goal <= 1.1x): blocked IPv4 {}, passed IPv4 {}, blocked IPv6 {}; first-seen sources (goal <= 1.4x): IPv4 {}, IPv6 {}.{}\n",
+        "\nGrowth {} -> {}: repeat sources (goal <= 1.1x): blocked IPv4 {}, blocked IPv4 inside a /28 {}, passed IPv4 {}, blocked IPv6 {}; first-seen sources (goal <= 1.4x): IPv4 {}, IPv6 {}.{}\n",
         first.prefixes,
         last.prefixes,
         growth(|p| p.blocked4, 1.1),
+        growth(|p| p.blocked4_inner, 1.1),
         growth(|p| p.passed4, 1.1),
         growth(|p| p.blocked6, 1.1),
         growth(|p| p.first_seen4, 1.4),
@@ -738,6 +747,11 @@ fn blocklist_scale(
                 "#c0392b",
                 column(|p| p.blocked4),
             ),
+            (
+                "api-shield, blocked IPv4 /28",
+                "#943126",
+                column(|p| p.blocked4_inner),
+            ),
             ("api-shield, passed IPv4", "#2471a3", column(|p| p.passed4)),
             (
                 "api-shield, blocked IPv6",
@@ -762,7 +776,7 @@ fn blocklist_scale(
     )?;
     writeln!(
         report,
-        "What keeps the cost flat: the data plane reads one summary cell per source, four bits for its /24 (in each family) saying what the lists answer there, or which map to ask. A source whose /24 holds no entry longer than /24 (listed nowhere, or only under shorter prefixes) makes no lookup at all, first seen or not. An IPv4 source listed as a whole address (/32: 40% of this list's IPv4 entries, and most of a large real feed) is one lookup in the exact-match hash, whatever the list's size. An IPv6 source in a /24 holding entries of /40 or longer reads the lengths of those in its /40, and where they are /48, /64 or /128 (80% of this list's IPv6 entries) probes a hash at each, longest first: one lookup for the blocked /48 here, however long the list (lists under 1,024 IPv6 entries walk their short trie instead, which costs less there). What still grows: a source inside an entry of /25 to /31 (IPv4) or /25 to /39 and other lengths (IPv6) walks the trie, which lengthens with the list. Before IPv6 had /24 cells, its summary was a bitmap any entry of /17 to /39 filled with millions of bits, so at 1M most first-seen IPv6 sources walked a 300,000-entry trie from memory (1,027 ns, 7.5x the 1k figure). Memory: the exact-match hashes take their buckets up front (16 bytes per entry of capacity, rounded up to a power of two: 16 MiB each at 1M) and the summaries 24 MiB (8 MiB of IPv4 cells; 8 MiB of IPv6 cells and 8 MiB of /40 lengths), the rest grows with the entries.\n"
+        "What keeps the cost flat: the data plane reads one summary cell per source, four bits for its /24 (in each family) saying what the lists answer there, or which map to ask. A source whose /24 holds no entry longer than /24 (listed nowhere, or only under shorter prefixes) makes no lookup at all, first seen or not. An IPv4 source listed as a whole address (/32: 40% of this list's IPv4 entries, and most of a large real feed) is one lookup in the exact-match hash, whatever the list's size; one in a /24 holding entries of /25 to /31 (10% of this list's IPv4 entries are /28s) is one lookup of that /24's inner verdicts (the longest match of each of its /31s, spelled out by the controller), where it used to walk the trie (measured here before the inner verdicts: 99 -> 150 ns from 1k to 1M prefixes inside a listed /28). An IPv6 source in a /24 holding entries of /40 or longer reads the lengths of those in its /40, and where they are /48, /64 or /128 (80% of this list's IPv6 entries) probes a hash at each, longest first: one lookup for the blocked /48 here, however long the list (lists under 1,024 IPv6 entries walk their short trie instead, which costs less there). What still grows: an IPv6 source inside an entry of /25 to /39 or of another length than /48, /64 or /128 walks the trie, which lengthens with the list. Before IPv6 had /24 cells, its summary was a bitmap any entry of /17 to /39 filled with millions of bits, so at 1M most first-seen IPv6 sources walked a 300,000-entry trie from memory (1,027 ns, 7.5x the 1k figure). Memory: the exact-match hashes take their buckets up front (16 bytes per entry of capacity, rounded up to a power of two: 16 MiB each at 1M) and the summaries 24 MiB (8 MiB of IPv4 cells; 8 MiB of IPv6 cells and 8 MiB of /40 lengths), the rest grows with the entries (the IPv4 inner verdicts also take their buckets up front, with 32 bytes and the kernel's element per /24 that holds entries of /25 to /31).\n"
     )?;
     Ok(())
 }
@@ -771,6 +785,7 @@ fn blocklist_scale(
 struct ScalePoint {
     prefixes: usize,
     blocked4: f64,
+    blocked4_inner: f64,
     passed4: f64,
     blocked6: f64,
     first_seen4: f64,
