@@ -1355,10 +1355,8 @@ impl Shield {
     /// Takes the inner verdicts of the IPv4 /24s in `ranges` out of their map (in batches):
     /// until [`Shield::write_inner_v4`], those /24s walk the trie.
     fn clear_inner_v4(&mut self, ranges: &[(u32, u32)]) -> Result<()> {
-        let cells: Vec<u32> = ranges
-            .iter()
-            .flat_map(|&(first, last)| self.inner_v4.range(first..=last).copied())
-            .collect();
+        let cells: Vec<u32> =
+            summary::cells_in_ranges(self.inner_v4.iter().copied(), ranges).collect();
         let keys: Vec<[u8; 4]> = cells.iter().map(|&c| inner_key(c)).collect();
         let done = self.in_batches(names::MAP_LIST_V4_INNER, &keys, None::<&[InnerV4]>)?;
         for key in &keys[done..] {

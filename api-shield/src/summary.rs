@@ -155,23 +155,55 @@ pub fn inner_value(table: &ListTable, cell: u32) -> Option<InnerV4> {
 /// The IPv4 cells within `ranges` (inclusive, disjoint) that hold entries of /25 to /31 in
 /// `table`: those with an [`inner_value`].
 pub fn inner_cells(table: &ListTable, ranges: &[(u32, u32)]) -> Vec<u32> {
+    let is_inner =
+        |net: &&IpNet| matches!(net, IpNet::V4(n) if (25..=31).contains(&n.prefix_len()));
     let mut cells = Vec::new();
+    if ranges.len() > SWEEP_FROM_RANGES {
+        // Many ranges (a large feed's change): one pass over the IPv4 entries costs less
+        // than a seek per range.
+        let first_v6 = IpNet::V6(Ipv6Net::default());
+        let all = table.entries.range(..first_v6).map(|(net, _)| net);
+        let inner = all.filter(is_inner).map(|net| cells_of(net).0);
+        for cell in cells_in_ranges(inner, ranges) {
+            if cells.last() != Some(&cell) {
+                cells.push(cell);
+            }
+        }
+        return cells;
+    }
     for &(first, last) in ranges {
-        for (net, _) in table
+        let span = Family::V4.cell_first(first, 0)..=Family::V4.cell_last(last);
+        for net in table
             .entries
-            .range(Family::V4.cell_first(first, 0)..=Family::V4.cell_last(last))
+            .range(span)
+            .map(|(net, _)| net)
+            .filter(is_inner)
         {
-            if let IpNet::V4(n) = net
-                && (25..=31).contains(&n.prefix_len())
-            {
-                let (cell, _) = cells_of(net);
-                if cells.last() != Some(&cell) {
-                    cells.push(cell);
-                }
+            let (cell, _) = cells_of(net);
+            if cells.last() != Some(&cell) {
+                cells.push(cell);
             }
         }
     }
     cells
+}
+
+/// Above this many ranges, [`inner_cells`] sweeps the IPv4 entries rather than seek each.
+const SWEEP_FROM_RANGES: usize = 4096;
+
+/// The cells of the ascending `cells` that lie in one of `ranges` (inclusive, ascending,
+/// disjoint): one pass over both.
+pub fn cells_in_ranges(
+    cells: impl IntoIterator<Item = u32>,
+    ranges: &[(u32, u32)],
+) -> impl Iterator<Item = u32> {
+    let mut next = ranges.iter().peekable();
+    cells.into_iter().filter(move |&cell| {
+        while next.peek().is_some_and(|&&(_, last)| last < cell) {
+            next.next();
+        }
+        next.peek().is_some_and(|&&(first, _)| first <= cell)
+    })
 }
 
 /// Every cell's value of `family` for `table`, packed as the map holds them (cell `c` in
@@ -700,6 +732,37 @@ mod tests {
             1
         );
         assert!(inner_cells(&t, &[(cell("10.9.10.0"), cell("11.0.0.0"))]).is_empty());
+    }
+
+    #[test]
+    fn inner_cells_by_sweep_and_by_seek_agree() {
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
+        let mut t = ListTable::default();
+        for _ in 0..20_000 {
+            let addr = 0x0a00_0000 | (next() as u32 & 0x00ff_ffff);
+            let len = [16u8, 24, 26, 29, 31, 32][next() as usize % 6];
+            let net = Ipv4Net::new(Ipv4Addr::from(addr), len).unwrap().trunc();
+            t.entries.insert(IpNet::V4(net), LIST_BLOCK);
+        }
+        t.entries
+            .insert("2001:db8::/33".parse().unwrap(), LIST_BLOCK);
+        // Half of 10.0.0.0/8's cells, in ranges of 4 every 8: past the sweep threshold.
+        let ranges: Vec<(u32, u32)> = (0..(1u32 << 16) / 8)
+            .map(|i| (0x0a_0000 + i * 8, 0x0a_0000 + i * 8 + 3))
+            .collect();
+        assert!(ranges.len() > SWEEP_FROM_RANGES);
+        let swept = inner_cells(&t, &ranges);
+        let sought: Vec<u32> = ranges
+            .chunks(SWEEP_FROM_RANGES)
+            .flat_map(|chunk| inner_cells(&t, chunk))
+            .collect();
+        let brute: Vec<u32> = (0x0a_0000..0x0b_0000)
+            .filter(|&c| ranges.iter().any(|&(a, b)| a <= c && c <= b))
+            .filter(|&c| inner_value(&t, c).is_some())
+            .collect();
+        assert!(brute.len() > 1000, "{} cells", brute.len());
+        assert_eq!(swept, brute);
+        assert_eq!(sought, brute);
     }
 
     #[test]
