@@ -12,23 +12,29 @@ use aya_ebpf::{
 
 #[xdp]
 pub(crate) fn bench_floor(ctx: XdpContext) -> u32 {
+    read_source(&ctx);
+    XDP_PASS
+}
+
+/// Parses Ethernet and reads the IPv4/IPv6 source address's first word, as any filter
+/// must (volatile: not optimised away).
+#[inline(always)]
+fn read_source(ctx: &XdpContext) {
     let (start, end) = (ctx.data(), ctx.data_end());
     if start + 14 > end {
-        return XDP_PASS;
+        return;
     }
     // SAFETY: every read below is bounds-checked against the frame's end first.
     let ether_type = unsafe { core::ptr::read_unaligned((start + 12) as *const u16) };
     let (offset, len) = match u16::from_be(ether_type) {
         0x0800 => (14 + 12, 4),
         0x86dd => (14 + 8, 16),
-        _ => return XDP_PASS,
+        _ => return,
     };
     if start + offset + len > end {
-        return XDP_PASS;
+        return;
     }
-    // Read the source address as a filter would (volatile: not optimised away).
     let _ = unsafe { core::ptr::read_volatile((start + offset) as *const u32) };
-    XDP_PASS
 }
 
 /// Frames `bench_drop` dropped, per CPU: its count is checked like every receiver's.
@@ -39,11 +45,25 @@ static FLOOR_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// reports what it did can do.
 #[xdp]
 pub(crate) fn bench_drop(_ctx: XdpContext) -> u32 {
+    count_drop()
+}
+
+#[inline(always)]
+fn count_drop() -> u32 {
     if let Some(n) = FLOOR_DROPS.get_ptr_mut(0) {
         // SAFETY: a per-CPU slot; nothing else writes it on this CPU meanwhile.
         unsafe { *n += 1 };
     }
     aya_ebpf::bindings::xdp_action::XDP_DROP
+}
+
+/// `bench_drop` after reading the frame's source address: with the generator on another
+/// CPU, the frame's bytes are not in this CPU's cache, and any filter pays to fetch them,
+/// where `bench_drop` never touches them.
+#[xdp]
+pub(crate) fn bench_read_drop(ctx: XdpContext) -> u32 {
+    read_source(&ctx);
+    count_drop()
 }
 
 /// Passes every frame on to the stack, so netfilter peers see the same receive path.
