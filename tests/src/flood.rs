@@ -776,22 +776,16 @@ fn table<'a>(
                 let m = match m {
                     Ok(m) => m,
                     Err(e) if spread && r != *floor => {
-                        rows.push(format!("| {name} | {label} | not measured: {e:#} | | | |"));
+                        rows.push(unmeasured_row(name, label, &e));
                         continue;
                     }
                     Err(e) => return Err(e),
                 };
-                let (rates, ratio) = m.floor.context("no floor runs")?;
+                let (rates, ratio) = m.floor.as_ref().context("no floor runs")?;
+                let ratio = *ratio;
                 floor_rates.extend(rates);
                 results.insert((label, name), ratio);
-                rows.push(format!(
-                    "| {name} | {label} | {:.2} | {ratio:.2} | {} | {} |",
-                    m.mpps, m.drop_note, m.lost
-                ));
-                println!(
-                    "flood{tag}: {name} with {label}: {:.2} Mpps ({ratio:.2}x the floor runs between its runs), dropped {}, lost before the receiver {}",
-                    m.mpps, m.drop_note, m.lost
-                );
+                rows.push(measured_row(tag, name, label, &m, ratio));
             }
             results.insert((label, floor.name()), 1.0);
             floor_rates.sort_by(f64::total_cmp);
@@ -859,30 +853,14 @@ fn table<'a>(
             let m = match m {
                 Ok(m) => m,
                 Err(e) if spread => {
-                    rows.push(format!(
-                        "| {} | {label} | not measured: {e:#} | | | |",
-                        r.name()
-                    ));
+                    rows.push(unmeasured_row(r.name(), label, &e));
                     continue;
                 }
                 Err(e) => return Err(e),
             };
             let ratio = m.mpps / ((before + after.mpps) / 2.0);
             results.insert((label, r.name()), ratio);
-            rows.push(format!(
-                "| {} | {label} | {:.2} | {ratio:.2} | {} | {} |",
-                r.name(),
-                m.mpps,
-                m.drop_note,
-                m.lost
-            ));
-            println!(
-                "flood{tag}: {} with {label}: {:.2} Mpps ({ratio:.2}x the floor runs beside it), dropped {}, lost before the receiver {}",
-                r.name(),
-                m.mpps,
-                m.drop_note,
-                m.lost
-            );
+            rows.push(measured_row(tag, r.name(), label, &m, ratio));
         }
         results.insert((label, floor.name()), 1.0);
         floor_rates.sort_by(f64::total_cmp);
@@ -900,6 +878,23 @@ fn table<'a>(
         }
     }
     Ok(results)
+}
+
+/// A receiver's table row, also printed as it is measured.
+fn measured_row(tag: &str, name: &str, label: &str, m: &Measured, ratio: f64) -> String {
+    println!(
+        "flood{tag}: {name} with {label}: {:.2} Mpps ({ratio:.2}x the floor runs beside its runs), dropped {}, lost before the receiver {}",
+        m.mpps, m.drop_note, m.lost
+    );
+    format!(
+        "| {name} | {label} | {:.2} | {ratio:.2} | {} | {} |",
+        m.mpps, m.drop_note, m.lost
+    )
+}
+
+/// The row of a receiver that could not be measured, saying why.
+fn unmeasured_row(name: &str, label: &str, e: &anyhow::Error) -> String {
+    format!("| {name} | {label} | not measured: {e:#} | | | |")
 }
 
 /// A counter of `ifname`'s in `netns` (/sys/class/net/IF/statistics/NAME).
