@@ -232,8 +232,8 @@ impl Drop for FloorPair {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Receiver {
     Floor,
-    /// The floor after reading the source address (spread over CPUs, that read is a
-    /// cache miss no filter avoids).
+    /// The floor after reading the source address: what touching the frame costs (spread
+    /// over CPUs, the generator wrote it on the other one).
     ReadFloor,
     ShieldBlock,
     ShieldLimit,

@@ -57,9 +57,9 @@ fn count_drop() -> u32 {
     aya_ebpf::bindings::xdp_action::XDP_DROP
 }
 
-/// `bench_drop` after reading the frame's source address: with the generator on another
-/// CPU, the frame's bytes are not in this CPU's cache, and any filter pays to fetch them,
-/// where `bench_drop` never touches them.
+/// `bench_drop` after reading the frame's source address, as any filter must, where
+/// `bench_drop` never touches the frame: beside it, what fetching the frame's bytes costs
+/// (with the generator on another CPU, they were last written there).
 #[xdp]
 pub(crate) fn bench_read_drop(ctx: XdpContext) -> u32 {
     read_source(&ctx);
