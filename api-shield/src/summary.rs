@@ -770,30 +770,24 @@ mod tests {
         let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         for _ in 0..20 {
             let mut t = ListTable::default();
+            // Random entries of 10.0.0.0 | (bits & span), of `shortest` to `shortest + lens - 1`.
+            let mut insert = |count: usize, span: u32, shortest: u8, lens: u64| {
+                for _ in 0..count {
+                    let addr = 0x0a00_0000 | (next() as u32 & span);
+                    let len = shortest + (next() % lens) as u8;
+                    let net = Ipv4Net::new(Ipv4Addr::from(addr), len).unwrap().trunc();
+                    let v = if next().is_multiple_of(2) {
+                        LIST_ALLOW
+                    } else {
+                        LIST_BLOCK
+                    };
+                    t.entries.insert(IpNet::V4(net), v);
+                }
+            };
             // Entries crowded into 10.0.0.0/14 so that they nest and overlap often.
-            for _ in 0..200 {
-                let addr = 0x0a00_0000 | (next() as u32 & 0x0003_ffff);
-                let len = 14 + (next() % 19) as u8;
-                let net = Ipv4Net::new(Ipv4Addr::from(addr), len).unwrap().trunc();
-                let v = if next().is_multiple_of(2) {
-                    LIST_ALLOW
-                } else {
-                    LIST_BLOCK
-                };
-                t.entries.insert(IpNet::V4(net), v);
-            }
+            insert(200, 0x0003_ffff, 14, 19);
             // And entries of /25 to /32 crowded into four /24s, so that they nest there.
-            for _ in 0..40 {
-                let addr = 0x0a00_0000 | (next() as u32 & 0x3ff);
-                let len = 25 + (next() % 8) as u8;
-                let net = Ipv4Net::new(Ipv4Addr::from(addr), len).unwrap().trunc();
-                let v = if next().is_multiple_of(2) {
-                    LIST_ALLOW
-                } else {
-                    LIST_BLOCK
-                };
-                t.entries.insert(IpNet::V4(net), v);
-            }
+            insert(40, 0x3ff, 25, 8);
             let words = summarize(&t, Family::V4);
             for cell in (0..4).map(|c| (0x0a00_0000u32 >> 8) + c) {
                 check_cell(&t, &words, cell);
