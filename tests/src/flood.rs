@@ -527,23 +527,35 @@ struct Measured {
     floor: Option<(Vec<f64>, f64)>,
 }
 
+/// What every run of a table sends: `frames` of `frame` a run, `rounds` runs a receiver;
+/// `spread`: the generator and the receiver on CPUs of their own.
+#[derive(Clone, Copy)]
+struct Flood<'a> {
+    frame: &'a [u8],
+    frames: u64,
+    rounds: usize,
+    spread: bool,
+}
+
 /// Sets receiver `r` up, floods it (after a warm-up), reads its counters, tears it down.
 /// With `spread`, the receiving veth's NAPI runs as a kernel thread on CPU 1 and the
 /// generator on CPU 0, so the two ends no longer share a CPU. With `floor`, a floor run
 /// goes before and after each of the receiver's runs.
-#[allow(clippy::too_many_arguments, reason = "one call site per table")]
 fn measure(
     sb: &Sandbox,
     generator: &mut Generator,
-    frame: &[u8],
+    flood: Flood,
     r: Receiver,
     mask: u32,
-    frames: u64,
-    rounds: usize,
-    spread: bool,
     list: &[Ipv4Net],
     floor: Option<&FloorPair>,
 ) -> Result<Measured> {
+    let Flood {
+        frame,
+        frames,
+        rounds,
+        spread,
+    } = flood;
     let dirs = DaemonDirs::new()?;
     let started = Instant::now();
     let guard = set_up(sb, r, &dirs, list)?;
@@ -726,20 +738,20 @@ fn pin(pid: i32, cpu: usize) -> Result<()> {
 /// runs just before and after it. Either way a drift of the host's load moves both
 /// sides alike; the floor's row gives the median of its runs. Spread over both CPUs, a
 /// receiver that cannot be measured gets a row saying why; else it is an error.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "the run's parts, passed as they are"
-)]
 fn table<'a>(
     report: &mut String,
     sb: &Sandbox,
     generator: &mut Generator,
-    frame: &[u8],
+    flood: Flood,
     cases: &[(&'a str, u32)],
     receivers: &[Receiver],
-    (frames, rounds): (u64, usize),
-    spread: bool,
 ) -> Result<std::collections::BTreeMap<(&'a str, &'static str), f64>> {
+    let Flood {
+        frame,
+        frames,
+        spread,
+        ..
+    } = flood;
     writeln!(
         report,
         "| receiver | sources | Mpps | x floor | dropped by the filter / sent | lost before the receiver |"
@@ -760,18 +772,7 @@ fn table<'a>(
             let mut rows = Vec::new();
             // The floor on the receivers' own veth first: a check that the pairs are alike.
             for &r in receivers {
-                let m = measure(
-                    sb,
-                    generator,
-                    frame,
-                    r,
-                    mask,
-                    frames,
-                    rounds,
-                    spread,
-                    &[],
-                    Some(&pair),
-                );
+                let m = measure(sb, generator, flood, r, mask, &[], Some(&pair));
                 let name = if r == *floor { FLOOR_CHECK } else { r.name() };
                 let m = match m {
                     Ok(m) => m,
@@ -811,18 +812,7 @@ fn table<'a>(
     }
     for &(label, mask) in cases {
         let measure_floor = |generator: &mut Generator| -> Result<Measured> {
-            let m = measure(
-                sb,
-                generator,
-                frame,
-                *floor,
-                mask,
-                frames,
-                rounds,
-                spread,
-                &[],
-                None,
-            )?;
+            let m = measure(sb, generator, flood, *floor, mask, &[], None)?;
             println!(
                 "flood{tag}: {} with {label}: {:.2} Mpps, dropped {}",
                 floor.name(),
@@ -835,18 +825,7 @@ fn table<'a>(
         let mut floor_rates = vec![first_floor.mpps];
         let mut rows = Vec::new();
         for &r in others {
-            let m = measure(
-                sb,
-                generator,
-                frame,
-                r,
-                mask,
-                frames,
-                rounds,
-                spread,
-                &[],
-                None,
-            );
+            let m = measure(sb, generator, flood, r, mask, &[], None);
             let after = measure_floor(generator)?;
             let before = floor_rates[floor_rates.len() - 1];
             floor_rates.push(after.mpps);
@@ -912,6 +891,12 @@ pub fn end_to_end(report: &mut String, frames: u64, rounds: usize) -> Result<()>
     let mac = sb.server_mac()?;
     let mut frame = udp4(Ipv4Addr::new(10, 0, 0, 7), 18);
     frame[..6].copy_from_slice(&mac);
+    let one_cpu = Flood {
+        frame: &frame,
+        frames,
+        rounds,
+        spread: false,
+    };
     let mut generator = Generator::load()?;
     let receivers = [
         Receiver::Floor,
@@ -938,16 +923,7 @@ pub fn end_to_end(report: &mut String, frames: u64, rounds: usize) -> Result<()>
         report,
         "A live-frames generator (BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES on `api-shield-ebpf/src/bin/flood.rs`) in the client namespace redirects 60-byte UDP frames into the veth as xdp_frames, with no skb, as a NIC would; the server side drops them with api-shield, with an XDP program that only returns XDP_DROP (the floor), or with nftables / iptables behind an XDP_PASS program (the same receive path). Both ends run on the generator's CPU, so its rate is the end-to-end rate. {rounds} runs of {frames} frames per case; sources drawn at random by the generator within 10.0.0.0/8. The rate is what the receiver kept up with: the frames its filter dropped (its own counter: api-shield's stats, nft and iptables rule counters) or, where frames pass on, the frames that reached it (the veth's rx counters), per second of generator time. \"lost before the receiver\" are frames the veth's ring refused when the receiver fell behind. The floor sits on a second veth pair between the same namespaces and runs before and after each of every receiver's runs, and each receiver's \"x floor\" is the median over its runs of the run's rate over the mean of the floor runs beside it: the host's load drifts (the floor moved 20-40% within one table here, between runs a minute apart), and a floor seconds away moves with the receiver; the floor's row gives the median of all its runs, and multiples of the peers are taken from these ratios too. The same XDP_DROP program on the receivers' veth, measured as a receiver, checks that the two pairs are alike (its ratio should be near 1).\n"
     )?;
-    let results = table(
-        report,
-        &sb,
-        &mut generator,
-        &frame,
-        &sources,
-        &receivers,
-        (frames, rounds),
-        false,
-    )?;
+    let results = table(report, &sb, &mut generator, one_cpu, &sources, &receivers)?;
     if !results.contains_key(&(sources[0].0, Receiver::Floor.name())) {
         bail!("no floor measured");
     }
@@ -965,11 +941,9 @@ pub fn end_to_end(report: &mut String, frames: u64, rounds: usize) -> Result<()>
         report,
         &sb,
         &mut generator,
-        &frame,
+        one_cpu,
         &[sources[0]],
         &[Receiver::PassFloor, Receiver::ShieldPass],
-        (frames, rounds),
-        false,
     )?;
     writeln!(report)?;
     // The same receivers with the work spread over both CPUs, as the benchmarking notes
@@ -982,7 +956,10 @@ pub fn end_to_end(report: &mut String, frames: u64, rounds: usize) -> Result<()>
         report,
         &sb,
         &mut generator,
-        &frame,
+        Flood {
+            spread: true,
+            ..one_cpu
+        },
         &[sources[0], sources[2]],
         &[
             Receiver::Floor,
@@ -994,8 +971,6 @@ pub fn end_to_end(report: &mut String, frames: u64, rounds: usize) -> Result<()>
             Receiver::NftLimit16,
             Receiver::Hashlimit16,
         ],
-        (frames, rounds),
-        true,
     )?;
     writeln!(
         report,
@@ -1089,18 +1064,13 @@ pub fn blocklist_scale_e2e(lists: &[Vec<Ipv4Net>], frames: u64) -> Result<Vec<Ve
             Receiver::NftSet,
             Receiver::IptablesIpset,
         ] {
-            let m = measure(
-                &sb,
-                &mut generator,
-                &frame,
-                r,
-                0,
+            let flood = Flood {
+                frame: &frame,
                 frames,
-                1,
-                false,
-                list,
-                None,
-            )?;
+                rounds: 1,
+                spread: false,
+            };
+            let m = measure(&sb, &mut generator, flood, r, 0, list, None)?;
             println!(
                 "bench: {} prefixes, {}: {:.0} ns/frame, set up in {:.2?}, dropped {}",
                 list.len(),
