@@ -608,8 +608,9 @@ fn measure(
         if let Some(fp) = floor {
             floor_rates.push(fp.run(sb, generator, frame, frames, mask)?.0);
         }
+        // The counters as the last run left them: the floor pair's frames never reach them.
+        let mut last = (before, link_before);
         for _ in 0..rounds {
-            let run_before = (dropped(sb, r, &dirs, guard.as_ref())?, stats(sb));
             let cpu_before = cpu()?;
             let (sent, mut elapsed) =
                 generator.send(&sb.client, &sb.client_if, frame, frames, mask)?;
@@ -620,9 +621,9 @@ fn measure(
             sent_total += sent;
             elapsed_total += elapsed;
             if let Some(fp) = floor {
-                let run_after = (dropped(sb, r, &dirs, guard.as_ref())?, stats(sb));
-                let (h, received, filtered) =
-                    handled(run_before.0, run_after.0, (run_before.1, run_after.1), sent);
+                let now = (dropped(sb, r, &dirs, guard.as_ref())?, stats(sb));
+                let (h, received, filtered) = handled(last.0, now.0, (last.1, now.1), sent);
+                last = now;
                 println!(
                     "flood: run of {}: handled {h}, reached it {received}, its filter {filtered:?}, sent {sent}, in {elapsed:.2?}",
                     r.name()
@@ -634,8 +635,11 @@ fn measure(
                 ratios.push(rate / ((floor_before + floor_after) / 2.0));
             }
         }
-        let after = dropped(sb, r, &dirs, guard.as_ref())?;
-        let link_after = stats(sb);
+        let (after, link_after) = if floor.is_some() {
+            last
+        } else {
+            (dropped(sb, r, &dirs, guard.as_ref())?, stats(sb))
+        };
         let (handled, received, filtered) =
             handled(before, after, (link_before, link_after), sent_total);
         ratios.sort_by(f64::total_cmp);
