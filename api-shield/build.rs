@@ -9,6 +9,16 @@ fn main() -> anyhow::Result<()> {
         .no_deps()
         .exec()
         .context("cargo metadata")?;
+    let common = metadata
+        .packages
+        .iter()
+        .find(|p| p.name == "api-shield-common")
+        .ok_or_else(|| anyhow!("api-shield-common package not found in the workspace"))?;
+    // aya-build watches the eBPF crate's folder only; the object also holds the shared map
+    // types, and a layout change there must rebuild it, or kernel and controller disagree.
+    if let Some(dir) = common.manifest_path.parent() {
+        println!("cargo:rerun-if-changed={dir}");
+    }
     let ebpf = metadata
         .packages
         .into_iter()
