@@ -250,6 +250,13 @@ enum Receiver {
     /// api-shield passing everything (the limiter taken, its limit never reached).
     PassFloor,
     ShieldPass,
+    /// The floor after busy work that costs, by BPF_PROG_TEST_RUN, what api-shield's
+    /// blocked path (or per-/16 limiter) costs on the same frame: so many rounds of it.
+    BusyBlock(u32),
+    BusyLimit16(u32),
+    /// xdp-filter (xdp-tools), the peer XDP filter, denying the one source's address: it
+    /// takes no prefixes, so it has no row for many sources.
+    XdpFilter,
 }
 
 impl Receiver {
@@ -268,6 +275,13 @@ impl Receiver {
             Receiver::Hashlimit16 => "iptables hashlimit above 1000/s per /16 (srcmask 16)",
             Receiver::PassFloor => "XDP_PASS only, to the stack (the pass floor)",
             Receiver::ShieldPass => "api-shield, pass path (limit never reached), to the stack",
+            Receiver::BusyBlock(_) => {
+                "XDP_DROP after busy work as long as api-shield's blocked path (a calibration)"
+            }
+            Receiver::XdpFilter => "xdp-filter (xdp-tools), the source's address denied",
+            Receiver::BusyLimit16(_) => {
+                "XDP_DROP after busy work as long as api-shield's per-/16 limiter (a calibration)"
+            }
         }
     }
 }
@@ -293,28 +307,19 @@ fn set_up(
         Receiver::Floor => Box::new(attach_floor(&sb.server, ifname, "bench_drop")?),
         Receiver::ReadFloor => Box::new(attach_floor(&sb.server, ifname, "bench_read_drop")?),
         Receiver::PassFloor => Box::new(attach_floor(&sb.server, ifname, "bench_pass")?),
+        Receiver::XdpFilter => Box::new(XdpFilter::load(&sb.server, ifname, "10.0.0.7")?),
+        Receiver::BusyBlock(rounds) | Receiver::BusyLimit16(rounds) => {
+            let mut attached = attach_floor(&sb.server, ifname, "bench_busy_drop")?;
+            set_busy_rounds(&mut attached.ebpf, rounds)?;
+            Box::new(attached)
+        }
         Receiver::ShieldBlock
         | Receiver::ShieldLimit
         | Receiver::ShieldLimit16
         | Receiver::ShieldPass => {
-            let body = match r {
-                Receiver::ShieldBlock => format!(
-                    "blocklist: [{}]\ncapacity: {{blocklist: {}}}\nlimits: {{default: {{pps: 0}}}}",
-                    listed.join(", "),
-                    listed.len().max(1024)
-                ),
-                Receiver::ShieldLimit => {
-                    "limits: {default: {pps: 1000, burst_packets: 1000}}".into()
-                }
-                Receiver::ShieldPass => {
-                    "limits: {default: {pps: 1000000000, burst_packets: 1000000000}}".into()
-                }
-                _ => {
-                    "limits: {default: {pps: 1000, burst_packets: 1000, key: source/16/64}}".into()
-                }
-            };
             let yaml = format!(
-                "interfaces:\n  - name: {ifname}\n    mode: native\n{body}\nstats_interval: 0\nevents: {{rate: 0}}\nmetrics: {{listen: off}}\n"
+                "interfaces:\n  - name: {ifname}\n    mode: native\n{}",
+                shield_config(r, &listed)
             );
             Box::new(Daemon::start_with(
                 &sb.server,
@@ -404,6 +409,183 @@ fn set_up(
     })
 }
 
+/// xdp-filter loaded on an interface in a namespace; unloaded on drop.
+struct XdpFilter {
+    netns_path: String,
+    ifname: String,
+    /// Whether libxdp's pin folder was there before: if not, it goes once empty again.
+    libxdp_dir_existed: bool,
+}
+
+/// Where libxdp pins its dispatchers.
+const LIBXDP_DIR: &str = "/sys/fs/bpf/xdp";
+
+impl XdpFilter {
+    fn load(netns: &NetNs, ifname: &str, denied: &str) -> Result<XdpFilter> {
+        let filter = XdpFilter {
+            netns_path: netns.path(),
+            ifname: ifname.into(),
+            libxdp_dir_existed: std::path::Path::new(LIBXDP_DIR).exists(),
+        };
+        filter.run(&["load", "-m", "native", "-f", "ipv4", ifname])?;
+        filter.run(&["ip", denied, "-m", "src"])?;
+        Ok(filter)
+    }
+
+    /// Runs xdp-filter in the namespace (with this mount namespace's bpffs, which libxdp
+    /// needs and `ip netns exec` would replace).
+    fn run(&self, args: &[&str]) -> Result<String> {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", self.netns_path))
+            .arg("xdp-filter")
+            .args(args)
+            .output()
+            .context("running xdp-filter")?;
+        ensure!(
+            out.status.success(),
+            "xdp-filter {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Frames it dropped: its XDP_DROP statistic.
+    fn drops(&self) -> Result<u64> {
+        let status = self.run(&["status"])?;
+        status
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("XDP_DROP"))
+            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+            .with_context(|| format!("no XDP_DROP count in xdp-filter status: {status}"))
+    }
+}
+
+impl Drop for XdpFilter {
+    fn drop(&mut self) {
+        let _ = self.run(&["unload", &self.ifname]);
+        if !self.libxdp_dir_existed {
+            // Only if empty: never another tool's pins.
+            let _ = std::fs::remove_dir(LIBXDP_DIR);
+        }
+    }
+}
+
+/// api-shield's configuration as receiver `r`, but for its interfaces.
+fn shield_config(r: Receiver, listed: &[String]) -> String {
+    let body = match r {
+        Receiver::ShieldBlock => format!(
+            "blocklist: [{}]\ncapacity: {{blocklist: {}}}\nlimits: {{default: {{pps: 0}}}}",
+            listed.join(", "),
+            listed.len().max(1024)
+        ),
+        Receiver::ShieldLimit => "limits: {default: {pps: 1000, burst_packets: 1000}}".into(),
+        Receiver::ShieldPass => {
+            "limits: {default: {pps: 1000000000, burst_packets: 1000000000}}".into()
+        }
+        _ => "limits: {default: {pps: 1000, burst_packets: 1000, key: source/16/64}}".into(),
+    };
+    format!("{body}\nstats_interval: 0\nevents: {{rate: 0}}\nmetrics: {{listen: off}}\n")
+}
+
+/// Sets how many rounds of busy work `bench_busy_drop` in `ebpf` does per frame.
+fn set_busy_rounds(ebpf: &mut aya::Ebpf, rounds: u32) -> Result<()> {
+    let map = ebpf.map_mut("BUSY_ROUNDS").context("BUSY_ROUNDS map")?;
+    let mut array: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map)?;
+    array.set(0, rounds, 0)?;
+    Ok(())
+}
+
+/// A busy floor's calibration: its rounds, and by BPF_PROG_TEST_RUN on the flood's frame,
+/// ns per run of api-shield's program, of the busy floor at those rounds, of `bench_drop`.
+#[derive(Clone, Copy)]
+struct Busy {
+    rounds: u32,
+    shield_ns: f64,
+    busy_ns: f64,
+    drop_ns: f64,
+}
+
+/// Runs per BPF_PROG_TEST_RUN call, and calls (median) per figure, in a calibration.
+const CALIBRATION_REPEAT: u32 = 1_000_000;
+const CALIBRATION_CALLS: usize = 5;
+
+/// Finds the rounds of busy work that make `bench_busy_drop` cost what api-shield as
+/// receiver `r` costs on `frame`, both by BPF_PROG_TEST_RUN (not attached anywhere).
+fn calibrate_busy(r: Receiver, frame: &[u8]) -> Result<Busy> {
+    let config = api_shield::config::Config::parse(&format!(
+        "interfaces: [{{name: unused0}}]\n{}",
+        shield_config(r, &[BLOCKED.to_string()])
+    ))?;
+    let mut shield = api_shield::shield::Shield::from_config(&config)?;
+    let mut floor = aya::Ebpf::load(api_shield::BENCH_FLOOR_OBJECT)?;
+    for name in ["bench_busy_drop", "bench_drop"] {
+        let p: &mut Xdp = floor.program_mut(name).context(name)?.try_into()?;
+        p.load()?;
+    }
+    let median_ns = |p: &Xdp| -> Result<f64> {
+        let mut v = Vec::with_capacity(CALIBRATION_CALLS);
+        for _ in 0..CALIBRATION_CALLS {
+            let run = p.test_run(TestRunOptions {
+                data_in: Some(frame),
+                repeat: CALIBRATION_REPEAT,
+                ..TestRunOptions::default()
+            })?;
+            v.push(run.duration.as_nanos() as f64);
+        }
+        v.sort_by(f64::total_cmp);
+        Ok(v[v.len() / 2])
+    };
+    let busy_ns = |floor: &mut aya::Ebpf, rounds: u32| -> Result<f64> {
+        set_busy_rounds(floor, rounds)?;
+        let p: &Xdp = floor
+            .program("bench_busy_drop")
+            .context("busy")?
+            .try_into()?;
+        median_ns(p)
+    };
+    // A warm-up: the limiter's first runs take its burst, and caches fill.
+    let program = shield.program()?;
+    program.test_run(TestRunOptions {
+        data_in: Some(frame),
+        repeat: CALIBRATION_REPEAT,
+        ..TestRunOptions::default()
+    })?;
+    let shield_ns = median_ns(program)?;
+    // Bisection for the fewest rounds that cost at least as much (the cost per round is
+    // not constant: the first rounds overlap the program's other work), then the nearer
+    // of those rounds and one fewer.
+    let (mut low, mut high) = (0, MAX_BUSY_ROUNDS);
+    let mut high_ns = busy_ns(&mut floor, high)?;
+    let mut low_ns = busy_ns(&mut floor, low)?;
+    while high - low > 1 {
+        let mid = u32::midpoint(low, high);
+        let ns = busy_ns(&mut floor, mid)?;
+        if ns >= shield_ns {
+            (high, high_ns) = (mid, ns);
+        } else {
+            (low, low_ns) = (mid, ns);
+        }
+    }
+    let (rounds, busy_ns) = if shield_ns - low_ns < high_ns - shield_ns {
+        (low, low_ns)
+    } else {
+        (high, high_ns)
+    };
+    let drop: &Xdp = floor
+        .program("bench_drop")
+        .context("bench_drop")?
+        .try_into()?;
+    Ok(Busy {
+        rounds,
+        shield_ns,
+        busy_ns,
+        drop_ns: median_ns(drop)?,
+    })
+}
+
+/// The most rounds of busy work a calibration tries (`bench_busy_drop` does at most 256).
+const MAX_BUSY_ROUNDS: u32 = 128;
+
 /// Runs `command` in the server namespace with `input` on its stdin.
 fn run_with_input(sb: &Sandbox, command: &[&str], input: &str) -> Result<()> {
     let out = std::process::Command::new("ip")
@@ -469,11 +651,18 @@ fn dropped(
             .ok()
     };
     Ok(match r {
-        Receiver::Floor | Receiver::ReadFloor => match guard.downcast_ref::<Attached>() {
+        Receiver::Floor
+        | Receiver::ReadFloor
+        | Receiver::BusyBlock(_)
+        | Receiver::BusyLimit16(_) => match guard.downcast_ref::<Attached>() {
             Some(a) => Some(a.floor_drops()?),
             None => None,
         },
         Receiver::PassFloor => None,
+        Receiver::XdpFilter => match guard.downcast_ref::<XdpFilter>() {
+            Some(f) => Some(f.drops()?),
+            None => None,
+        },
         Receiver::ShieldBlock
         | Receiver::ShieldLimit
         | Receiver::ShieldLimit16
@@ -776,6 +965,9 @@ fn table<'a>(
             let mut rows = Vec::new();
             // The floor on the receivers' own veth first: a check that the pairs are alike.
             for &r in receivers {
+                if r == Receiver::XdpFilter && mask != 0 {
+                    continue;
+                }
                 let m = measure(sb, generator, flood, r, mask, &[], Some(&pair));
                 let name = if r == *floor { FLOOR_CHECK } else { r.name() };
                 let m = match m {
@@ -905,6 +1097,7 @@ pub fn end_to_end(report: &mut String, frames: u64, rounds: usize) -> Result<()>
     let receivers = [
         Receiver::Floor,
         Receiver::ShieldBlock,
+        Receiver::XdpFilter,
         Receiver::NftSet,
         Receiver::IptablesIpset,
         Receiver::ShieldLimit,
@@ -950,11 +1143,23 @@ pub fn end_to_end(report: &mut String, frames: u64, rounds: usize) -> Result<()>
         &[Receiver::PassFloor, Receiver::ShieldPass],
     )?;
     writeln!(report)?;
+    // Busy floors as long as api-shield's blocked path and per-/16 limiter on this frame.
+    let busy_block = calibrate_busy(Receiver::ShieldBlock, &frame)?;
+    let busy_limit = calibrate_busy(Receiver::ShieldLimit16, &frame)?;
+    for (what, b) in [
+        ("blocked path", busy_block),
+        ("per-/16 limiter", busy_limit),
+    ] {
+        println!(
+            "flood: busy floor as long as api-shield's {what}: {} rounds, {:.1} ns (api-shield {:.1} ns, bench_drop {:.1} ns)",
+            b.rounds, b.busy_ns, b.shield_ns, b.drop_ns
+        );
+    }
     // The same receivers with the work spread over both CPUs, as the benchmarking notes
     // describe: generator on CPU 0, the receiving veth's NAPI as a kernel thread on CPU 1.
     writeln!(
         report,
-        "### Spread over both CPUs (threaded NAPI)\n\nThe generator pinned to CPU 0, the server veth's NAPI made threaded after XDP is attached and its kernel thread pinned to CPU 1: the receiver has a CPU of its own, so the generator outruns the slower receivers and the rest are lost at the ring. The rate is therefore taken on the receiver's side: frames its filter handled per second of CPU time its NAPI thread ran (`/proc/PID/schedstat`), so \"Mpps\" here means frames per CPU-second of the receiver, its capacity, not a wall-clock rate. The floor runs on a second veth pair of its own, interleaved with each receiver's runs as in the one-CPU table, and is measured the same way; the check row (XDP_DROP on the receivers' pair) shows the two pairs alike. The read-floor row (XDP_DROP after reading the source address from the frame) shows that fetching the frame's bytes costs nothing measurable, so a gap to the floor is the program's own work and what it does to the receive path around it: the receiver's floor is about 70-100 ns per frame on this machine, so a program that adds 20-40 ns would show as 0.6-0.8x by itself. The goals are checked against this table too, since it is the setup that shows a receiver's own capacity; the peers lose most frames at the ring here, and their rate counts only what their filter handled. These ratios are rougher than the one-CPU table's, and the one-source rows most: `perf record -C 1` on the receiver's CPU during one run of this table, while this was written (the bench does not run it), put api-shield's program itself at 13-32 ns per frame; the rest of a receiver's time is veth's and the page pool's (each frame's page goes back to the generator's pool on the other CPU through a spinlocked ring), and that part grows once the receiver falls behind the generator and the ring stays full: the same program's one-source blocked runs took 91 ns per frame in one bench run and 157 ns in the next, where the floor took 67-69 ns in both. A NIC's page pool, one per receive queue, does not carry this cost.\n"
+        "### Spread over both CPUs (threaded NAPI)\n\nThe generator pinned to CPU 0, the server veth's NAPI made threaded after XDP is attached and its kernel thread pinned to CPU 1: the receiver has a CPU of its own, so the generator outruns the slower receivers and the rest are lost at the ring. The rate is therefore taken on the receiver's side: frames its filter handled per second of CPU time its NAPI thread ran (`/proc/PID/schedstat`), so \"Mpps\" here means frames per CPU-second of the receiver, its capacity, not a wall-clock rate. The floor runs on a second veth pair of its own, interleaved with each receiver's runs as in the one-CPU table, and is measured the same way; the check row (XDP_DROP on the receivers' pair) shows the two pairs alike. The read-floor row (XDP_DROP after reading the source address from the frame) shows that fetching the frame's bytes costs nothing measurable, so a gap to the floor is the program's own work and what it does to the receive path around it. The busy-floor rows (below the table) measure that: each is XDP_DROP after pure arithmetic that costs, by BPF_PROG_TEST_RUN, what api-shield's program costs on the same frame, and where the two rows read alike, this receive path treats any program of that length as it treats api-shield. The goals are checked against this table too, since it is the setup that shows a receiver's own capacity; the peers lose most frames at the ring here, and their rate counts only what their filter handled. These ratios are rougher than the one-CPU table's, and the one-source rows most: `perf record -C 1` on the receiver's CPU during one run of this table, while this was written (the bench does not run it), put api-shield's program itself at 13-32 ns per frame; the rest of a receiver's time is veth's and the page pool's (each frame's page goes back to the generator's pool on the other CPU through a spinlocked ring), and that part grows once the receiver falls behind the generator and the ring stays full: the same program's one-source blocked runs took 91 ns per frame in one bench run and 157 ns in the next, where the floor took 67-69 ns in both. A NIC's page pool, one per receive queue, does not carry this cost.\n"
     )?;
     let spread = table(
         report,
@@ -969,9 +1174,12 @@ pub fn end_to_end(report: &mut String, frames: u64, rounds: usize) -> Result<()>
             Receiver::Floor,
             Receiver::ReadFloor,
             Receiver::ShieldBlock,
+            Receiver::BusyBlock(busy_block.rounds),
+            Receiver::XdpFilter,
             Receiver::NftSet,
             Receiver::IptablesIpset,
             Receiver::ShieldLimit16,
+            Receiver::BusyLimit16(busy_limit.rounds),
             Receiver::NftLimit16,
             Receiver::Hashlimit16,
         ],
@@ -981,7 +1189,17 @@ pub fn end_to_end(report: &mut String, frames: u64, rounds: usize) -> Result<()>
         "\nAgainst the goals, spread (same run; the rate-limited path is the per-/16 limiter here, one source included):\n"
     )?;
     goals(report, &spread, &[sources[0], sources[2]], true)?;
-    writeln!(report)?;
+    writeln!(
+        report,
+        "\nThe busy floors calibrate these ratios: XDP_DROP after a chain of dependent arithmetic (`bench_busy_drop`), as many rounds of it as make the program cost, by BPF_PROG_TEST_RUN on the one-source frame, what api-shield's program costs there; besides its own settings and drop counter it reads no map, and no more of the frame than the read floor. On this run: {} rounds, {:.1} ns per run, against api-shield's blocked path {:.1} ns; {} rounds, {:.1} ns, against its per-/16 limiter {:.1} ns; `bench_drop` {:.1} ns. Where api-shield's ratio is near its busy floor's, the gap to the floor is what this receive path does to any program that long, not work api-shield could leave out; where it is below, the difference is api-shield's own (its maps' cache lines, which the busy floor does not read).\n",
+        busy_block.rounds,
+        busy_block.busy_ns,
+        busy_block.shield_ns,
+        busy_limit.rounds,
+        busy_limit.busy_ns,
+        busy_limit.shield_ns,
+        busy_block.drop_ns,
+    )?;
     Ok(())
 }
 
@@ -1014,20 +1232,42 @@ fn goals(
                 rate(label, Receiver::Hashlimit16),
             )
         };
+        // Where the table has busy floors: what a program of api-shield's cost gets.
+        let like = |busy: Receiver| {
+            let b = rate(label, busy);
+            if b.is_nan() {
+                String::new()
+            } else {
+                format!(
+                    "; a program of the same BPF_PROG_TEST_RUN cost that only burns time: {b:.3}x"
+                )
+            }
+        };
+        // The peer XDP filter, where it was measured (one source).
+        let peer_xdp = |label: &str| {
+            let x = rate(label, Receiver::XdpFilter);
+            if x.is_nan() {
+                String::new()
+            } else {
+                format!("; xdp-filter blocking the same source: {x:.3}x")
+            }
+        };
         let peers_block = rate(label, Receiver::NftSet).max(rate(label, Receiver::IptablesIpset));
         let peers_limit = nft_limit.max(hashlimit);
         let peer_goal = if label == "1M sources" { 3.0 } else { 3.5 };
         writeln!(
             report,
-            "- {label}: blocked path {:.3}x the floor (goal >= 0.85: {}), {:.2}x the better of nftables and iptables+ipset (goal >= 3.5: {}; the floor itself: {:.2}x); rate-limited path{} {:.3}x the floor (goal >= 0.8: {}), {:.2}x the better of the nftables and hashlimit limiters (goal >= {peer_goal}: {}; the floor itself: {:.2}x)",
+            "- {label}: blocked path {:.3}x the floor (goal >= 0.85: {}{}), {:.2}x the better of nftables and iptables+ipset (goal >= 3.5: {}; the floor itself: {:.2}x); rate-limited path{} {:.3}x the floor (goal >= 0.8: {}{}), {:.2}x the better of the nftables and hashlimit limiters (goal >= {peer_goal}: {}; the floor itself: {:.2}x)",
             block / floor,
             verdict(block / floor >= 0.85),
+            like(Receiver::BusyBlock(0)) + &peer_xdp(label),
             block / peers_block,
             verdict(block / peers_block >= 3.5),
             floor / peers_block,
             if per_source { "" } else { " (per /16)" },
             limit / floor,
             verdict(limit / floor >= 0.8),
+            like(Receiver::BusyLimit16(0)),
             limit / peers_limit,
             verdict(limit / peers_limit >= peer_goal),
             floor / peers_limit,
