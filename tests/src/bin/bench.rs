@@ -514,23 +514,48 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
     Guard(Some(f))
 }
 
-/// `n` distinct prefixes: 70% IPv4 of /8 to /32, 30% IPv6 of /16 to /128, none covering
+/// The short lengths of [`mixed_prefixes`], capped: (IPv6, length, most drawn, the length
+/// drawn instead past it). Real lists hold a few blocks of that size (bogons), not a
+/// share of every list: uncapped, a 1M list held all 256 IPv4 /8s and 30,000 IPv6 /16s,
+/// blocking every IPv4 source and a third of IPv6 ones, so its first-seen sources
+/// measured the summary's verdict, not the lookups below it.
+const SHORT_PREFIX_CAPS: [(bool, u8, usize, u8); 3] =
+    [(false, 8, 4, 20), (false, 16, 256, 20), (true, 16, 4, 32)];
+
+/// `n` distinct prefixes: 70% IPv4 of /8 to /32, 30% IPv6 of /16 to /128 (few of /8 and
+/// /16: see [`SHORT_PREFIX_CAPS`]), none covering
 /// the addresses the bench sends from (198.18.0.0/15, 192.0.2.7, 203.0.113.5,
 /// 2001:db8:ffff::/48).
 fn mixed_prefixes(n: usize) -> Vec<ipnet::IpNet> {
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     let mut out = std::collections::HashSet::with_capacity(n);
+    // Drawn so far of the short lengths, which are capped (see SHORT_PREFIX_CAPS).
+    let mut short = [0usize; 3];
     while out.len() < n {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
+        // Lengths weighted towards long prefixes, as in real lists; a short length past
+        // its cap is drawn as the next length up that has none.
+        let capped = |len: u8, short: &mut [usize; 3], v6: bool| -> u8 {
+            for (i, &(cap_v6, cap_len, cap, instead)) in SHORT_PREFIX_CAPS.iter().enumerate() {
+                if cap_v6 == v6 && cap_len == len {
+                    if short[i] >= cap {
+                        return instead;
+                    }
+                    short[i] += 1;
+                }
+            }
+            len
+        };
         let net = if x % 10 < 7 {
-            // Lengths weighted towards long prefixes, as in real lists.
             let len = [8u8, 16, 20, 24, 24, 28, 32, 32, 32, 32][(x >> 4) as usize % 10];
+            let len = capped(len, &mut short, false);
             let addr = std::net::Ipv4Addr::from((x >> 16) as u32);
             ipnet::IpNet::new(addr.into(), len).expect("prefix").trunc()
         } else {
             let len = [16u8, 32, 48, 48, 64, 64, 64, 96, 128, 128][(x >> 4) as usize % 10];
+            let len = capped(len, &mut short, true);
             let addr =
                 std::net::Ipv6Addr::from((u128::from(x) << 64) | u128::from(x.rotate_left(17)));
             ipnet::IpNet::new(addr.into(), len).expect("prefix").trunc()
@@ -546,6 +571,39 @@ fn mixed_prefixes(n: usize) -> Vec<ipnet::IpNet> {
         out.insert(net);
     }
     out.into_iter().collect()
+}
+
+/// The shares of the scale section's first-seen sources that `prefixes` cover: of all IPv4
+/// addresses, and of IPv6 sources drawn over their first 32 bits (entries of /32 or
+/// shorter decide those; a longer one covers one draw in 2^32 at most).
+fn first_seen_blocked_share(prefixes: &[ipnet::IpNet]) -> (f64, f64) {
+    let share = |mut ranges: Vec<(u64, u64)>| {
+        ranges.sort_unstable();
+        let (mut covered, mut reach) = (0u64, 0u64);
+        for (start, end) in ranges {
+            let start = start.max(reach);
+            if end > start {
+                covered += end - start;
+                reach = end;
+            }
+        }
+        covered as f64 / (1u64 << 32) as f64
+    };
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for net in prefixes {
+        match net {
+            ipnet::IpNet::V4(n) => {
+                let start = u64::from(u32::from(n.network()));
+                v4.push((start, start + (1u64 << (32 - n.prefix_len()))));
+            }
+            ipnet::IpNet::V6(n) if n.prefix_len() <= 32 => {
+                let start = (u128::from(n.network()) >> 96) as u64;
+                v6.push((start, start + (1u64 << (32 - n.prefix_len()))));
+            }
+            ipnet::IpNet::V6(_) => {}
+        }
+    }
+    (share(v4), share(v6))
 }
 
 /// Kernel memory of a map, as bpftool reports it (memlock bytes).
@@ -572,19 +630,21 @@ fn blocklist_scale(
     writeln!(report, "## Blocklist scale\n")?;
     writeln!(
         report,
-        "The blocklist holds N distinct prefixes (70% IPv4 /8-/32, 30% IPv6 /16-/128). Per-packet cost of a repeat source by BPF_PROG_TEST_RUN (64-byte frames, {repeat} runs, median of 3): blocked (inside a listed /32), blocked inside a /28 (an IPv4 entry of /25 to /31), passed (listed nowhere, limiter taken), blocked IPv6 (inside a listed /48). First-seen sources, every frame from another one (the spoofed-source build of the random-sources section, its prandom-only program subtracted; no limit configured, so the figure is the list lookup alone, not the limiter's new bucket): IPv4 sources at random over all 2^32 addresses, IPv6 sources with their first 32 bits at random. Load time: all N into empty maps, in batches of 16,384 (prefixes into the tries, IPv4 addresses into the exact-match hash, copies of the IPv6 /48, /64 and /128 entries into theirs); memory: the two tries, the two hashes and the two summaries, as the kernel accounts them. Goals: from 1k to 1M prefixes a repeat source's cost grows <= 1.1x, a first-seen source's <= 1.4x; 1M prefixes load in <= 3 s.\n"
+        "The blocklist holds N distinct prefixes (70% IPv4 /8-/32, 30% IPv6 /16-/128). Per-packet cost of a repeat source by BPF_PROG_TEST_RUN (64-byte frames, {repeat} runs, median of 3): blocked (inside a listed /32), blocked inside a /28 (an IPv4 entry of /25 to /31), passed (listed nowhere, limiter taken), blocked IPv6 (inside a listed /48). First-seen sources, every frame from another one (the spoofed-source build of the random-sources section, its prandom-only program subtracted; no limit configured, so the figure is the list lookup alone, not the limiter's new bucket): IPv4 sources at random over all 2^32 addresses, IPv6 sources with their first 32 bits at random; {FIRST_SEEN_ROUNDS} rounds, each over every size in turn with all N loaded at once (a drift of the host's load moved these figures 2x between runs), the median of each round's difference; beside them, the share of those sources the list blocks (a mix of verdicts costs the CPU's branch prediction: with the uncapped short prefixes, which blocked a third of IPv6 sources at 1M, first-seen IPv6 grew 1.4-1.6x from 1k to 1M, and 1.2x without them). The list holds few short prefixes (at most 4 IPv4 /8s, 256 IPv4 /16s and 4 IPv6 /16s, as real lists hold a few bogon-sized blocks; uncapped, a 1M list held all 256 IPv4 /8s and blocked every IPv4 source). Load time: all N into empty maps, in batches of 16,384 (prefixes into the tries, IPv4 addresses into the exact-match hash, copies of the IPv6 /48, /64 and /128 entries into theirs); memory: the two tries, the two hashes and the two summaries, as the kernel accounts them. Goals: from 1k to 1M prefixes a repeat source's cost grows <= 1.1x, a first-seen source's <= 1.4x; 1M prefixes load in <= 3 s.\n"
     )?;
     writeln!(
         report,
-        "| prefixes | blocked IPv4 ns | blocked IPv4 /28 ns | passed IPv4 ns | blocked IPv6 ns | first-seen IPv4 ns | first-seen IPv6 ns | load time | load rate | list maps memory |"
+        "| prefixes | blocked IPv4 ns | blocked IPv4 /28 ns | passed IPv4 ns | blocked IPv6 ns | first-seen IPv4 ns | first-seen IPv6 ns | first-seen sources blocked (IPv4 / IPv6) | load time | load rate | list maps memory |"
     )?;
-    writeln!(report, "|---|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(report, "|---|---|---|---|---|---|---|---|---|---|---|")?;
     let blocked4 = udp4("192.0.2.7".parse()?, 22);
     let blocked4_inner = udp4("203.0.113.5".parse()?, 22);
     let pass4 = udp4("198.18.0.7".parse()?, 22);
     let blocked6 = udp6("2001:db8:ffff::7".parse()?, 2);
     let mut points = Vec::new();
     let mut lists_v4 = Vec::new();
+    // Every size's shield stays loaded until the first-seen rounds have run over all.
+    let mut shields = Vec::new();
     for &n in sizes {
         let max = n + 16;
         let config = Config::parse(&format!(
@@ -606,6 +666,7 @@ fn blocklist_scale(
                 })
                 .collect::<Vec<_>>(),
         );
+        let blocked_share = first_seen_blocked_share(&prefixes);
         let table = fold(&[], &prefixes).table;
         let started = Instant::now();
         let refused = shield.apply_lists(&table)?;
@@ -628,17 +689,6 @@ fn blocklist_scale(
             api_shield_common::limiter::DEFAULT_LIMIT,
             api_shield_common::limiter::RateLimit::default(),
         )?;
-        let mut first_seen = |frame: &[u8], v6_word: u32| -> Result<f64> {
-            set_bench_mask(&mut shield, u32::MAX, v6_word)?;
-            let (mut base, mut full) = (Vec::new(), Vec::new());
-            for _ in 0..3 {
-                let (b, f) = random_run(&mut shield, frame, repeat)?;
-                base.push(b);
-                full.push(f);
-            }
-            Ok((median(full) - median(base)).max(0.0))
-        };
-        let (f4, f6) = (first_seen(&pass4, 0)?, first_seen(&blocked6, 3)?);
         let memory: u64 = [
             api_shield_common::names::MAP_LIST_V4,
             api_shield_common::names::MAP_LIST_V6,
@@ -651,15 +701,8 @@ fn blocklist_scale(
         .iter()
         .filter_map(|name| shield.map_id(name).ok().and_then(map_memory))
         .sum();
-        writeln!(
-            report,
-            "| {n} | {b4:.0} | {i4:.0} | {p4:.0} | {b6:.0} | {f4:.0} | {f6:.0} | {:.2} s | {:.0}k/s | {:.0} KiB |",
-            load.as_secs_f64(),
-            n as f64 / load.as_secs_f64() / 1000.0,
-            memory as f64 / 1024.0
-        )?;
         println!(
-            "bench: {n} prefixes: blocked {b4:.0} ns, inside a /28 {i4:.0} ns, passed {p4:.0} ns, IPv6 blocked {b6:.0} ns, first-seen {f4:.0} / {f6:.0} ns, load {load:?}"
+            "bench: {n} prefixes: blocked {b4:.0} ns, inside a /28 {i4:.0} ns, passed {p4:.0} ns, IPv6 blocked {b6:.0} ns, load {load:?}"
         );
         points.push(ScalePoint {
             prefixes: n,
@@ -667,11 +710,52 @@ fn blocklist_scale(
             blocked4_inner: i4,
             passed4: p4,
             blocked6: b6,
-            first_seen4: f4,
-            first_seen6: f6,
+            first_seen4: f64::NAN,
+            first_seen6: f64::NAN,
             load,
+            memory,
+            blocked_share,
         });
+        shields.push(shield);
     }
+    // First-seen sources, every size in each round, so that a drift of the host's load
+    // (it moved these figures 2x between runs a minute apart) moves all sizes alike; each
+    // figure is the median over rounds of the round's difference to the prandom-only run.
+    let mut diffs = vec![(Vec::new(), Vec::new()); shields.len()];
+    for _ in 0..FIRST_SEEN_ROUNDS {
+        for (shield, (d4, d6)) in shields.iter_mut().zip(diffs.iter_mut()) {
+            for (frame, v6_word, d) in [(&pass4, 0, &mut *d4), (&blocked6, 3, &mut *d6)] {
+                set_bench_mask(shield, u32::MAX, v6_word)?;
+                let (base, full) = random_run(shield, frame, repeat)?;
+                d.push(full - base);
+            }
+        }
+    }
+    for (point, (d4, d6)) in points.iter_mut().zip(diffs) {
+        point.first_seen4 = median(d4).max(0.0);
+        point.first_seen6 = median(d6).max(0.0);
+        println!(
+            "bench: {} prefixes: first-seen {:.0} / {:.0} ns",
+            point.prefixes, point.first_seen4, point.first_seen6
+        );
+        writeln!(
+            report,
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}% / {:.2}% | {:.2} s | {:.0}k/s | {:.0} KiB |",
+            point.prefixes,
+            point.blocked4,
+            point.blocked4_inner,
+            point.passed4,
+            point.blocked6,
+            point.first_seen4,
+            point.first_seen6,
+            point.blocked_share.0 * 100.0,
+            point.blocked_share.1 * 100.0,
+            point.load.as_secs_f64(),
+            point.prefixes as f64 / point.load.as_secs_f64() / 1000.0,
+            point.memory as f64 / 1024.0
+        )?;
+    }
+    drop(shields);
     let (first, last) = (&points[0], &points[points.len() - 1]);
     let growth = |f: fn(&ScalePoint) -> f64, goal: f64| {
         let g = f(last) / f(first);
@@ -791,7 +875,14 @@ struct ScalePoint {
     first_seen4: f64,
     first_seen6: f64,
     load: Duration,
+    /// Kernel memory of the list maps, bytes.
+    memory: u64,
+    /// The shares of first-seen IPv4 and IPv6 sources the list blocks.
+    blocked_share: (f64, f64),
 }
+
+/// Rounds of the first-seen measures, each over every blocklist size.
+const FIRST_SEEN_ROUNDS: usize = 5;
 
 /// A line of a plot panel: its name, colour, and its value at each size.
 type Series = (&'static str, &'static str, Vec<f64>);
