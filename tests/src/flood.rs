@@ -214,8 +214,8 @@ impl FloorPair {
         let cpu_before = self.napi.as_deref().map(run_time).transpose()?;
         let (sent, mut elapsed) =
             generator.send(&sb.client, &self.client_if, frame, frames, mask)?;
+        std::thread::sleep(DRAIN);
         if let (Some(pids), Some(cpu_before)) = (self.napi.as_deref(), cpu_before) {
-            std::thread::sleep(DRAIN);
             elapsed = run_time(pids)? - cpu_before;
         }
         let dropped = (self.attached.floor_drops()? - before).min(sent);
