@@ -277,10 +277,10 @@ impl Receiver {
             Receiver::Hashlimit16 => "iptables hashlimit above 1000/s per /16 (srcmask 16)",
             Receiver::PassFloor => "XDP_PASS only, to the stack (the pass floor)",
             Receiver::ShieldPass => "api-shield, pass path (limit never reached), to the stack",
+            Receiver::XdpFilter => "xdp-filter (xdp-tools), the source's address denied",
             Receiver::BusyBlock(_) => {
                 "XDP_DROP after busy work as long as api-shield's blocked path (a calibration)"
             }
-            Receiver::XdpFilter => "xdp-filter (xdp-tools), the source's address denied",
             Receiver::BusyLimit16(_) => {
                 "XDP_DROP after busy work as long as api-shield's per-/16 limiter (a calibration)"
             }
@@ -309,7 +309,9 @@ fn set_up(
         Receiver::Floor => Box::new(attach_floor(&sb.server, ifname, "bench_drop")?),
         Receiver::ReadFloor => Box::new(attach_floor(&sb.server, ifname, "bench_read_drop")?),
         Receiver::PassFloor => Box::new(attach_floor(&sb.server, ifname, "bench_pass")?),
-        Receiver::XdpFilter => Box::new(XdpFilter::load(&sb.server, ifname, "10.0.0.7")?),
+        Receiver::XdpFilter => {
+            Box::new(XdpFilter::load(&sb.server, ifname, "ipv4", &["10.0.0.7"])?)
+        }
         Receiver::BusyBlock(rounds) | Receiver::BusyLimit16(rounds) => {
             let mut attached = attach_floor(&sb.server, ifname, "bench_busy_drop")?;
             set_busy_rounds(&mut attached.ebpf, rounds)?;
@@ -412,7 +414,7 @@ fn set_up(
 }
 
 /// xdp-filter loaded on an interface in a namespace; unloaded on drop.
-struct XdpFilter {
+pub struct XdpFilter {
     netns_path: String,
     ifname: String,
     /// Whether libxdp's pin folder was there before: if not, it goes once empty again.
@@ -423,14 +425,18 @@ struct XdpFilter {
 const LIBXDP_DIR: &str = "/sys/fs/bpf/xdp";
 
 impl XdpFilter {
-    fn load(netns: &NetNs, ifname: &str, denied: &str) -> Result<XdpFilter> {
+    /// Loads it in native mode with `features` (xdp-filter's `-f`), denying each source
+    /// address in `denied`.
+    pub fn load(netns: &NetNs, ifname: &str, features: &str, denied: &[&str]) -> Result<XdpFilter> {
         let filter = XdpFilter {
             netns_path: netns.path(),
             ifname: ifname.into(),
             libxdp_dir_existed: std::path::Path::new(LIBXDP_DIR).exists(),
         };
-        filter.run(&["load", "-m", "native", "-f", "ipv4", ifname])?;
-        filter.run(&["ip", denied, "-m", "src"])?;
+        filter.run(&["load", "-m", "native", "-f", features, ifname])?;
+        for address in denied {
+            filter.run(&["ip", address, "-m", "src"])?;
+        }
         Ok(filter)
     }
 
@@ -556,7 +562,7 @@ fn calibrate_busy(r: Receiver, frame: &[u8]) -> Result<Busy> {
     // Bisection for the fewest rounds that cost at least as much (the cost per round is
     // not constant: the first rounds overlap the program's other work), then the nearer
     // of those rounds and one fewer.
-    let (mut low, mut high) = (0, MAX_BUSY_ROUNDS);
+    let (mut low, mut high) = (0, CALIBRATION_MAX_ROUNDS);
     let mut high_ns = busy_ns(&mut floor, high)?;
     let mut low_ns = busy_ns(&mut floor, low)?;
     while high - low > 1 {
@@ -586,7 +592,7 @@ fn calibrate_busy(r: Receiver, frame: &[u8]) -> Result<Busy> {
 }
 
 /// The most rounds of busy work a calibration tries (`bench_busy_drop` does at most 256).
-const MAX_BUSY_ROUNDS: u32 = 128;
+const CALIBRATION_MAX_ROUNDS: u32 = 128;
 
 /// Runs `command` in the server namespace with `input` on its stdin.
 fn run_with_input(sb: &Sandbox, command: &[&str], input: &str) -> Result<()> {

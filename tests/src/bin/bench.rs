@@ -232,33 +232,13 @@ fn per_packet(report: &mut String, repeat: u32, rounds: usize) -> Result<()> {
     // xdp-filter, attached to a veth in a namespace of ours, with the same deny entries.
     let sb = Sandbox::new("veth-server")?;
     let scratch = TempDir::new()?;
-    let ns = sb.server.path();
-    let xf = |args: &[&str]| -> Result<String> {
-        let out = std::process::Command::new("nsenter")
-            .arg(format!("--net={ns}"))
-            .arg("xdp-filter")
-            .args(args)
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "xdp-filter {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    // libxdp keeps its dispatcher pins under /sys/fs/bpf/xdp: remove that folder afterwards
-    // if it was ours (empty, and absent before).
-    let libxdp_dir = std::path::Path::new("/sys/fs/bpf/xdp");
-    let libxdp_dir_existed = libxdp_dir.exists();
-    xf(&["load", "-m", "native", "-f", "ipv4,ipv6", &sb.server_if])?;
-    let unload = scopeguard(|| {
-        let _ = std::process::Command::new("nsenter")
-            .arg(format!("--net={ns}"))
-            .args(["xdp-filter", "unload", "veth-server"])
-            .output();
-    });
-    xf(&["ip", "192.0.2.7", "-m", "src"])?;
-    xf(&["ip", "2001:db8:bad::7", "-m", "src"])?;
+    // Unloaded on drop, with libxdp's pin folder if it was ours.
+    let xdp_filter = api_shield_tests::flood::XdpFilter::load(
+        &sb.server,
+        &sb.server_if,
+        "ipv4,ipv6",
+        &["192.0.2.7", "2001:db8:bad::7"],
+    )?;
     let link = sb
         .server
         .exec(&["ip", "-d", "link", "show", "dev", &sb.server_if])?;
@@ -336,10 +316,7 @@ fn per_packet(report: &mut String, repeat: u32, rounds: usize) -> Result<()> {
         report,
         "\nWhere the time goes (measured here with single-purpose programs, the floor subtracted): each kernel call costs 10-35 ns on this machine (retpolines and safe-RET mitigations make every call and return dear), so the data plane makes as few as it can. The blocked and allowlisted paths read the list summaries (array loads the verifier inlines: a /24's verdict, for each family) and make a lookup (a call) only where the summary sends them, for entries longer than /24 in the source's /24: the exact-match hash for IPv4 addresses listed whole; for IPv6 entries of /48, /64 and /128, hash probes once the IPv6 list holds 1,024 entries (a probe costs 20-25 ns more than walking a near-empty trie, and no more as the list grows); else the LPM trie (10-20 ns on these small lists). Here the IPv6 frames' /48 is the IPv6 list's one entry, so it takes the trie. The pass and rate-limited paths also run the limiter, without a kernel call: a seeded hash of the source picks a set of 4 buckets in an array map (a load the verifier inlines), the program compares their keys itself, and takes with a compare-and-swap per dimension; the clock is the kernel tick (`jiffies`, one inlined load) wherever a limit's burst spans two ticks, instead of `bpf_ktime_get_ns` (~33 ns). xdp-filter makes its lookups without a limiter, so the pass path's limiter is what separates the two: with the limiter cut out of a build, the IPv4 pass path ran at 60 ns, 0.86x xdp-filter's; when the buckets lived in an LRU hash map, its lookup (a kernel call) put it back at 93 ns (1.31x), which is why they no longer do. Host load moves the pass path more than the floor (it reads some eight cache lines where the floor reads one): the same build measured 66-70 ns for the IPv4 pass path in quiet moments while this section was written, 90-100 ns in busy ones, with the floor at 22-28 ns throughout.\n"
     )?;
-    drop(unload);
-    if !libxdp_dir_existed {
-        let _ = std::fs::remove_dir(libxdp_dir);
-    }
+    drop(xdp_filter);
     Ok(())
 }
 
@@ -499,19 +476,6 @@ fn random_run(
         test_run_ns(p, frame, repeat)
     };
     Ok((run("bench_prandom")?, run("bench_random")?))
-}
-
-/// Runs `f` on drop.
-fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
-    struct Guard<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for Guard<F> {
-        fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f();
-            }
-        }
-    }
-    Guard(Some(f))
 }
 
 /// The short lengths of [`mixed_prefixes`], capped: (IPv6, length, most drawn, the length
