@@ -570,6 +570,30 @@ fn first_seen_blocked_share(prefixes: &[ipnet::IpNet]) -> (f64, f64) {
     (share(v4), share(v6))
 }
 
+/// The shares of the scale section's first-seen sources whose /24 sends them past the
+/// summary: IPv4 sources in a /24 holding entries longer than /24 (a lookup in the exact
+/// hash or the inner verdicts), IPv6 sources in a /24 holding entries of /25 to /39 (a walk
+/// of the trie).
+fn first_seen_lookup_share(prefixes: &[ipnet::IpNet]) -> (f64, f64) {
+    let (mut v4, mut v6) = (
+        std::collections::HashSet::new(),
+        std::collections::HashSet::new(),
+    );
+    for net in prefixes {
+        match net {
+            ipnet::IpNet::V4(n) if n.prefix_len() > 24 => {
+                v4.insert(u32::from(n.network()) >> 8);
+            }
+            ipnet::IpNet::V6(n) if (25..=39).contains(&n.prefix_len()) => {
+                v6.insert((u128::from(n.network()) >> 104) as u32);
+            }
+            _ => {}
+        }
+    }
+    let cells = f64::from(1u32 << 24);
+    (v4.len() as f64 / cells, v6.len() as f64 / cells)
+}
+
 /// Kernel memory of a map, as bpftool reports it (memlock bytes).
 fn map_memory(id: u32) -> Option<u64> {
     let out = std::process::Command::new("bpftool")
@@ -594,13 +618,13 @@ fn blocklist_scale(
     writeln!(report, "## Blocklist scale\n")?;
     writeln!(
         report,
-        "The blocklist holds N distinct prefixes (70% IPv4 /8-/32, 30% IPv6 /16-/128). Per-packet cost of a repeat source by BPF_PROG_TEST_RUN (64-byte frames, {repeat} runs, median of 3): blocked (inside a listed /32), blocked inside a /28 (an IPv4 entry of /25 to /31), passed (listed nowhere, limiter taken), blocked IPv6 (inside a listed /48). First-seen sources, every frame from another one (the spoofed-source build of the random-sources section, its prandom-only program subtracted; no limit configured, so the figure is the list lookup alone, not the limiter's new bucket): IPv4 sources at random over all 2^32 addresses, IPv6 sources with their first 32 bits at random; {FIRST_SEEN_ROUNDS} rounds, each over every size in turn with all N loaded at once (a drift of the host's load moved these figures 2x between runs), the median of each round's difference; beside them, the share of those sources the list blocks (a mix of verdicts costs the CPU's branch prediction: with the uncapped short prefixes, which blocked a third of IPv6 sources at 1M, first-seen IPv6 grew 1.4-1.6x from 1k to 1M, and 1.2x without them). The list holds few short prefixes (at most 4 IPv4 /8s, 256 IPv4 /16s and 4 IPv6 /16s, as real lists hold a few bogon-sized blocks; uncapped, a 1M list held all 256 IPv4 /8s and blocked every IPv4 source). Load time: all N into empty maps, in batches of 16,384 (prefixes into the tries, IPv4 addresses into the exact-match hash, copies of the IPv6 /48, /64 and /128 entries into theirs); memory: the two tries, the two hashes and the two summaries, as the kernel accounts them. Goals: from 1k to 1M prefixes a repeat source's cost grows <= 1.1x, a first-seen source's <= 1.4x; 1M prefixes load in <= 3 s.\n"
+        "The blocklist holds N distinct prefixes (70% IPv4 /8-/32, 30% IPv6 /16-/128). Per-packet cost of a repeat source by BPF_PROG_TEST_RUN (64-byte frames, {repeat} runs, median of 3): blocked (inside a listed /32), blocked inside a /28 (an IPv4 entry of /25 to /31), passed (listed nowhere, limiter taken), blocked IPv6 (inside a listed /48). First-seen sources, every frame from another one (the spoofed-source build of the random-sources section, its prandom-only program subtracted; no limit configured, so the figure is the list lookup alone, not the limiter's new bucket): IPv4 sources at random over all 2^32 addresses, IPv6 sources with their first 32 bits at random; {FIRST_SEEN_ROUNDS} rounds, each over every size in turn with all N loaded at once (a drift of the host's load moved these figures 2x between runs), the median of each round's difference; beside them, the share of those sources the list blocks and the share its summary sends on (IPv4: in a /24 holding entries longer than /24, to the exact hash or the inner verdicts; IPv6: in a /24 holding entries of /25 to /39, to the trie) (a mix of verdicts costs the CPU's branch prediction: with the uncapped short prefixes, which blocked a third of IPv6 sources at 1M, first-seen IPv6 grew 1.4-1.6x from 1k to 1M, and 1.2x without them). The list holds few short prefixes (at most 4 IPv4 /8s, 256 IPv4 /16s and 4 IPv6 /16s, as real lists hold a few bogon-sized blocks; uncapped, a 1M list held all 256 IPv4 /8s and blocked every IPv4 source). Load time: all N into empty maps, in batches of 16,384 (prefixes into the tries, IPv4 addresses into the exact-match hash, copies of the IPv6 /48, /64 and /128 entries into theirs); memory: the two tries, the two hashes and the two summaries, as the kernel accounts them. Goals: from 1k to 1M prefixes a repeat source's cost grows <= 1.1x, a first-seen source's <= 1.4x; 1M prefixes load in <= 3 s.\n"
     )?;
     writeln!(
         report,
-        "| prefixes | blocked IPv4 ns | blocked IPv4 /28 ns | passed IPv4 ns | blocked IPv6 ns | first-seen IPv4 ns | first-seen IPv6 ns | first-seen sources blocked (IPv4 / IPv6) | load time | load rate | list maps memory |"
+        "| prefixes | blocked IPv4 ns | blocked IPv4 /28 ns | passed IPv4 ns | blocked IPv6 ns | first-seen IPv4 ns | first-seen IPv6 ns | first-seen sources blocked (IPv4 / IPv6) | first-seen sources past the summary (IPv4 lookup / IPv6 trie) | load time | load rate | list maps memory |"
     )?;
-    writeln!(report, "|---|---|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(report, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
     let blocked4 = udp4("192.0.2.7".parse()?, 22);
     let blocked4_inner = udp4("203.0.113.5".parse()?, 22);
     let pass4 = udp4("198.18.0.7".parse()?, 22);
@@ -631,6 +655,7 @@ fn blocklist_scale(
                 .collect::<Vec<_>>(),
         );
         let blocked_share = first_seen_blocked_share(&prefixes);
+        let lookup_share = first_seen_lookup_share(&prefixes);
         let table = fold(&[], &prefixes).table;
         let started = Instant::now();
         let refused = shield.apply_lists(&table)?;
@@ -679,6 +704,7 @@ fn blocklist_scale(
             load,
             memory,
             blocked_share,
+            lookup_share,
         });
         shields.push(shield);
     }
@@ -704,7 +730,7 @@ fn blocklist_scale(
         );
         writeln!(
             report,
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}% / {:.2}% | {:.2} s | {:.0}k/s | {:.0} KiB |",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}% / {:.2}% | {:.3}% / {:.3}% | {:.2} s | {:.0}k/s | {:.0} KiB |",
             point.prefixes,
             point.blocked4,
             point.blocked4_inner,
@@ -714,6 +740,8 @@ fn blocklist_scale(
             point.first_seen6,
             point.blocked_share.0 * 100.0,
             point.blocked_share.1 * 100.0,
+            point.lookup_share.0 * 100.0,
+            point.lookup_share.1 * 100.0,
             point.load.as_secs_f64(),
             point.prefixes as f64 / point.load.as_secs_f64() / 1000.0,
             point.memory as f64 / 1024.0
@@ -824,7 +852,7 @@ fn blocklist_scale(
     )?;
     writeln!(
         report,
-        "What keeps the cost flat: the data plane reads one summary cell per source, four bits for its /24 (in each family) saying what the lists answer there, or which map to ask. A source whose /24 holds no entry longer than /24 (listed nowhere, or only under shorter prefixes) makes no lookup at all, first seen or not. An IPv4 source listed as a whole address (/32: 40% of this list's IPv4 entries, and most of a large real feed) is one lookup in the exact-match hash, whatever the list's size; one in a /24 holding entries of /25 to /31 (10% of this list's IPv4 entries are /28s) is one lookup of that /24's inner verdicts (the longest match of each of its /31s, spelled out by the controller), where it used to walk the trie (measured here before the inner verdicts: 99 -> 150 ns from 1k to 1M prefixes inside a listed /28). An IPv6 source in a /24 holding entries of /40 or longer reads the lengths of those in its /40, and where they are /48, /64 or /128 (70% of this list's IPv6 entries) probes a hash at each, longest first: one lookup for the blocked /48 here, however long the list (lists under 1,024 IPv6 entries walk their short trie instead, which costs less there). What still grows: an IPv6 source inside an entry of /25 to /39 or of another length than /48, /64 or /128 walks the trie, which lengthens with the list. The first-seen IPv6 growth is not the blocked share, which stays at 0.01%: it is the further reads from memory that a 1M list asks for in more cells and a 1k list almost never (the /40 lengths, hash probes, and the trie for sources in a /24 holding one of the 20% of IPv6 entries that are /32s: a tenth drawn so, a tenth the capped /16s). First-seen sources also cost more where the list blocks more of them: a stream of mixed verdicts defeats the CPU's branch prediction (the blocked path returns before the transport header; the passed one goes on), and more of the sources fall in /24s that need a lookup, from memory; so the first-seen growth follows the blocked share beside it rather than the number of entries. Before IPv6 had /24 cells, its summary was a bitmap any entry of /17 to /39 filled with millions of bits, so at 1M most first-seen IPv6 sources walked a 300,000-entry trie from memory (1,027 ns, 7.5x the 1k figure). Memory: the exact-match hashes take their buckets up front (16 bytes per entry of capacity, rounded up to a power of two: 16 MiB each at 1M) and the summaries 24 MiB (8 MiB of IPv4 cells; 8 MiB of IPv6 cells and 8 MiB of /40 lengths), the rest grows with the entries (the IPv4 inner verdicts also take their buckets up front, with 32 bytes and the kernel's element per /24 that holds entries of /25 to /31).\n"
+        "What keeps the cost flat: the data plane reads one summary cell per source, four bits for its /24 (in each family) saying what the lists answer there, or which map to ask. A source whose /24 holds no entry longer than /24 (listed nowhere, or only under shorter prefixes) makes no lookup at all, first seen or not. An IPv4 source listed as a whole address (/32: 40% of this list's IPv4 entries, and most of a large real feed) is one lookup in the exact-match hash, whatever the list's size; one in a /24 holding entries of /25 to /31 (10% of this list's IPv4 entries are /28s) is one lookup of that /24's inner verdicts (the longest match of each of its /31s, spelled out by the controller), where it used to walk the trie (measured here before the inner verdicts: 99 -> 150 ns from 1k to 1M prefixes inside a listed /28). An IPv6 source in a /24 holding entries of /40 or longer reads the lengths of those in its /40, and where they are /48, /64 or /128 (70% of this list's IPv6 entries) probes a hash at each, longest first: one lookup for the blocked /48 here, however long the list (lists under 1,024 IPv6 entries walk their short trie instead, which costs less there). What still grows: an IPv6 source inside an entry of /25 to /39 or of another length than /48, /64 or /128 walks the trie, which lengthens with the list. The first-seen IPv6 growth is not the blocked share, which stays at 0.01%: it is the further reads from memory that a 1M list asks for in more cells and a 1k list almost never (the /40 lengths, hash probes, and the trie for sources in a /24 holding one of the 20% of IPv6 entries that are /32s: a tenth drawn so, a tenth the capped /16s; the trie share is in the table, and a walk from memory costs far more than the summary's reads). First-seen sources also cost more where the list blocks more of them: a stream of mixed verdicts defeats the CPU's branch prediction (the blocked path returns before the transport header; the passed one goes on), and more of the sources fall in /24s that need a lookup, from memory; so the first-seen growth follows the blocked share beside it rather than the number of entries. Before IPv6 had /24 cells, its summary was a bitmap any entry of /17 to /39 filled with millions of bits, so at 1M most first-seen IPv6 sources walked a 300,000-entry trie from memory (1,027 ns, 7.5x the 1k figure). Memory: the exact-match hashes take their buckets up front (16 bytes per entry of capacity, rounded up to a power of two: 16 MiB each at 1M) and the summaries 24 MiB (8 MiB of IPv4 cells; 8 MiB of IPv6 cells and 8 MiB of /40 lengths), the rest grows with the entries (the IPv4 inner verdicts also take their buckets up front, with 32 bytes and the kernel's element per /24 that holds entries of /25 to /31).\n"
     )?;
     Ok(())
 }
@@ -843,6 +871,9 @@ struct ScalePoint {
     memory: u64,
     /// The shares of first-seen IPv4 and IPv6 sources the list blocks.
     blocked_share: (f64, f64),
+    /// The shares of first-seen IPv4 sources looked up past the summary, and of IPv6 ones
+    /// that walk the trie.
+    lookup_share: (f64, f64),
 }
 
 /// Rounds of the first-seen measures, each over every blocklist size.
