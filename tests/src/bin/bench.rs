@@ -618,7 +618,7 @@ fn blocklist_scale(
     writeln!(report, "## Blocklist scale\n")?;
     writeln!(
         report,
-        "The blocklist holds N distinct prefixes (70% IPv4 /8-/32, 30% IPv6 /16-/128). Per-packet cost of a repeat source by BPF_PROG_TEST_RUN (64-byte frames, {repeat} runs, median of 3): blocked (inside a listed /32), blocked inside a /28 (an IPv4 entry of /25 to /31), passed (listed nowhere, limiter taken), blocked IPv6 (inside a listed /48). First-seen sources, every frame from another one (the spoofed-source build of the random-sources section, its prandom-only program subtracted; no limit configured, so the figure is the list lookup alone, not the limiter's new bucket): IPv4 sources at random over all 2^32 addresses, IPv6 sources with their first 32 bits at random; {FIRST_SEEN_ROUNDS} rounds, each over every size in turn with all N loaded at once (a drift of the host's load moved these figures 2x between runs), the median of each round's difference; beside them, the share of those sources the list blocks and the share its summary sends on (IPv4: in a /24 holding entries longer than /24, to the exact hash or the inner verdicts; IPv6: in a /24 holding entries of /25 to /39, to the trie) (a mix of verdicts costs the CPU's branch prediction: with the uncapped short prefixes, which blocked a third of IPv6 sources at 1M, first-seen IPv6 grew 1.4-1.6x from 1k to 1M, and 1.2x without them). The list holds few short prefixes (at most 4 IPv4 /8s, 256 IPv4 /16s and 4 IPv6 /16s, as real lists hold a few bogon-sized blocks; uncapped, a 1M list held all 256 IPv4 /8s and blocked every IPv4 source). Load time: all N into empty maps, in batches of 16,384 (prefixes into the tries, IPv4 addresses into the exact-match hash, copies of the IPv6 /48, /64 and /128 entries into theirs); memory: the two tries, the two hashes and the two summaries, as the kernel accounts them. Goals: from 1k to 1M prefixes a repeat source's cost grows <= 1.1x, a first-seen source's <= 1.4x; 1M prefixes load in <= 3 s.\n"
+        "The blocklist holds N distinct prefixes (70% IPv4 /8-/32, 30% IPv6 /16-/128). Per-packet cost of a repeat source by BPF_PROG_TEST_RUN (64-byte frames, {repeat} runs, median of 3): blocked (inside a listed /32), blocked inside a /28 (an IPv4 entry of /25 to /31), passed (listed nowhere, limiter taken), blocked IPv6 (inside a listed /48). First-seen sources, every frame from another one (the spoofed-source build of the random-sources section, its prandom-only program subtracted; no limit configured, so the figure is the list lookup alone, not the limiter's new bucket): IPv4 sources at random over all 2^32 addresses, IPv6 sources with their first 32 bits at random; {FIRST_SEEN_ROUNDS} rounds of a third as many runs, each over every size in turn with all N loaded at once (a drift of the host's load moved these figures 2x between runs), the median of each round's difference; beside them, the share of those sources the list blocks and the share its summary sends on (IPv4: in a /24 holding entries longer than /24, to the exact hash or the inner verdicts; IPv6: in a /24 holding entries of /25 to /39, to the trie). A mix of verdicts costs the CPU's branch prediction: with the uncapped short prefixes, which blocked a third of IPv6 sources at 1M, first-seen IPv6 grew 1.4-1.6x from 1k to 1M, and 1.2x without them. The list holds few short prefixes (at most 4 IPv4 /8s, 256 IPv4 /16s and 4 IPv6 /16s, as real lists hold a few bogon-sized blocks; uncapped, a 1M list held all 256 IPv4 /8s and blocked every IPv4 source). Load time: all N into empty maps, in batches of 16,384 (prefixes into the tries, IPv4 addresses into the exact-match hash, copies of the IPv6 /48, /64 and /128 entries into theirs); memory: the two tries, the two hashes and the two summaries, as the kernel accounts them. Goals: from 1k to 1M prefixes a repeat source's cost grows <= 1.1x, a first-seen source's <= 1.4x; 1M prefixes load in <= 3 s.\n"
     )?;
     writeln!(
         report,
@@ -716,7 +716,7 @@ fn blocklist_scale(
         for (shield, (d4, d6)) in shields.iter_mut().zip(diffs.iter_mut()) {
             for (frame, v6_word, d) in [(&pass4, 0, &mut *d4), (&blocked6, 3, &mut *d6)] {
                 set_bench_mask(shield, u32::MAX, v6_word)?;
-                let (base, full) = random_run(shield, frame, repeat)?;
+                let (base, full) = random_run(shield, frame, repeat / FIRST_SEEN_SHORTER)?;
                 d.push(full - base);
             }
         }
@@ -877,7 +877,12 @@ struct ScalePoint {
 }
 
 /// Rounds of the first-seen measures, each over every blocklist size.
-const FIRST_SEEN_ROUNDS: usize = 5;
+const FIRST_SEEN_ROUNDS: usize = 15;
+
+/// How much shorter than the repeat-source runs each first-seen run is: more, shorter
+/// rounds in the same time, as the host's memory traffic moves these figures from one
+/// second to the next.
+const FIRST_SEEN_SHORTER: u32 = 3;
 
 /// A line of a plot panel: its name, colour, and its value at each size.
 type Series = (&'static str, &'static str, Vec<f64>);
