@@ -1240,26 +1240,17 @@ fn goals(
                 rate(label, Receiver::Hashlimit16),
             )
         };
-        // Where the table has busy floors: what a program of api-shield's cost gets.
-        let like = |busy: Receiver| {
-            let b = rate(label, busy);
-            if b.is_nan() {
-                String::new()
-            } else {
-                format!(
-                    "; a program of the same BPF_PROG_TEST_RUN cost that only burns time: {b:.3}x"
-                )
-            }
-        };
-        // The peer XDP filter, where it was measured (one source).
-        let peer_xdp = |label: &str| {
-            let x = rate(label, Receiver::XdpFilter);
+        // A receiver's ratio, where the table measured it: the busy floors (what a program
+        // of api-shield's cost gets) and xdp-filter (one source only).
+        let beside = |what: &str, r: Receiver| {
+            let x = rate(label, r);
             if x.is_nan() {
                 String::new()
             } else {
-                format!("; xdp-filter blocking the same source: {x:.3}x")
+                format!("; {what}: {x:.3}x")
             }
         };
+        const BUSY: &str = "a program of the same BPF_PROG_TEST_RUN cost that only burns time";
         let peers_block = rate(label, Receiver::NftSet).max(rate(label, Receiver::IptablesIpset));
         let peers_limit = nft_limit.max(hashlimit);
         let peer_goal = if label == "1M sources" { 3.0 } else { 3.5 };
@@ -1268,14 +1259,15 @@ fn goals(
             "- {label}: blocked path {:.3}x the floor (goal >= 0.85: {}{}), {:.2}x the better of nftables and iptables+ipset (goal >= 3.5: {}; the floor itself: {:.2}x); rate-limited path{} {:.3}x the floor (goal >= 0.8: {}{}), {:.2}x the better of the nftables and hashlimit limiters (goal >= {peer_goal}: {}; the floor itself: {:.2}x)",
             block / floor,
             verdict(block / floor >= 0.85),
-            like(Receiver::BusyBlock(0)) + &peer_xdp(label),
+            beside(BUSY, Receiver::BusyBlock(0))
+                + &beside("xdp-filter blocking the same source", Receiver::XdpFilter),
             block / peers_block,
             verdict(block / peers_block >= 3.5),
             floor / peers_block,
             if per_source { "" } else { " (per /16)" },
             limit / floor,
             verdict(limit / floor >= 0.8),
-            like(Receiver::BusyLimit16(0)),
+            beside(BUSY, Receiver::BusyLimit16(0)),
             limit / peers_limit,
             verdict(limit / peers_limit >= peer_goal),
             floor / peers_limit,

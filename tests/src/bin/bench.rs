@@ -495,23 +495,23 @@ fn mixed_prefixes(n: usize) -> Vec<ipnet::IpNet> {
     let mut out = std::collections::HashSet::with_capacity(n);
     // Drawn so far of the short lengths, which are capped (see SHORT_PREFIX_CAPS).
     let mut short = [0usize; 3];
+    // Lengths are weighted towards long prefixes, as in real lists; a short length past
+    // its cap is drawn as the next length up that has none.
+    let capped = |len: u8, short: &mut [usize; 3], v6: bool| -> u8 {
+        for (i, &(cap_v6, cap_len, cap, instead)) in SHORT_PREFIX_CAPS.iter().enumerate() {
+            if cap_v6 == v6 && cap_len == len {
+                if short[i] >= cap {
+                    return instead;
+                }
+                short[i] += 1;
+            }
+        }
+        len
+    };
     while out.len() < n {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        // Lengths weighted towards long prefixes, as in real lists; a short length past
-        // its cap is drawn as the next length up that has none.
-        let capped = |len: u8, short: &mut [usize; 3], v6: bool| -> u8 {
-            for (i, &(cap_v6, cap_len, cap, instead)) in SHORT_PREFIX_CAPS.iter().enumerate() {
-                if cap_v6 == v6 && cap_len == len {
-                    if short[i] >= cap {
-                        return instead;
-                    }
-                    short[i] += 1;
-                }
-            }
-            len
-        };
         let net = if x % 10 < 7 {
             let len = [8u8, 16, 20, 24, 24, 28, 32, 32, 32, 32][(x >> 4) as usize % 10];
             let len = capped(len, &mut short, false);
