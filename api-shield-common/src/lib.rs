@@ -13,6 +13,12 @@ pub mod names {
     pub const MAP_LIST_V4: &str = "LIST_V4";
     /// LPM trie, IPv6 source prefixes -> [`crate::lists::ListVerdict`].
     pub const MAP_LIST_V6: &str = "LIST_V6";
+    /// Hash, an IPv6 /24 holding entries of /25 to /39 (its first three bytes, then a
+    /// zero byte) -> [`crate::lists::InnerV6`], the verdict of each /32 in it: a source
+    /// there is found by one hash lookup, whatever the list's size, where the trie walk
+    /// lengthens with the list. A /24 missing from it walks the trie, as does a /32
+    /// holding entries longer than /32.
+    pub const MAP_LIST_V6_INNER: &str = "LIST_V6_INNER";
     /// Hash, IPv4 addresses listed as /32 -> [`crate::lists::ListVerdict`]: most of a large
     /// feed, found by one hash lookup where the trie walk lengthens with the list. (IPv6
     /// lists hold few /128s, so they keep the trie alone: an exact map's bit check cost
@@ -106,36 +112,75 @@ pub mod lists {
         }
     }
 
-    /// The verdicts of an IPv4 /24 holding entries of /25 to /31, in
-    /// [`MAP_LIST_V4_INNER`](crate::names::MAP_LIST_V4_INNER): two bits per /31 (the
-    /// finest such an entry splits a /24), each the verdict of the longest entry of /31 or
-    /// shorter holding it ([`summary::NONE`] if none); /32 entries stay in the exact map,
-    /// which is asked first.
+    /// The verdicts of the parts ("slots") of a /24 holding entries of /25 to the
+    /// finest length a slot splits, two bits per slot, each the verdict of the longest
+    /// entry holding the slot ([`summary::NONE`] if none), or [`ASK_TRIE`].
     #[repr(C)]
-    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-    pub struct InnerV4 {
-        pub verdicts: [u64; 4],
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Inner<const WORDS: usize> {
+        pub verdicts: [u64; WORDS],
     }
 
-    impl InnerV4 {
-        /// Where the verdict of an address whose last byte is `last` is: (word, shift).
-        #[inline(always)]
-        pub const fn position(last: u8) -> (usize, u32) {
-            let pair = (last >> 1) as u32;
-            ((pair >> 5) as usize, (pair & 31) * 2)
+    /// A slot's value when entries longer than the slot lie inside it: the trie answers.
+    pub const ASK_TRIE: ListVerdict = 3;
+
+    impl<const WORDS: usize> Inner<WORDS> {
+        /// Slots in a value: 32 per word.
+        pub const SLOTS: usize = WORDS * 32;
+
+        /// Every slot holding `verdict`.
+        pub const fn filled(verdict: ListVerdict) -> Self {
+            Inner {
+                verdicts: [verdict as u64 * (u64::MAX / 3); WORDS],
+            }
         }
 
-        /// The verdict of an address whose last byte is `last`.
+        /// Where slot `slot`'s verdict is: (word, shift). The word is masked, so that the
+        /// verifier sees it within the value (WORDS is a power of two).
         #[inline(always)]
-        pub const fn verdict(&self, last: u8) -> ListVerdict {
-            let (word, shift) = Self::position(last);
+        pub const fn position(slot: u8) -> (usize, u32) {
+            ((slot as usize >> 5) & (WORDS - 1), (slot as u32 & 31) * 2)
+        }
+
+        /// The verdict of slot `slot`.
+        #[inline(always)]
+        pub const fn verdict(&self, slot: u8) -> ListVerdict {
+            let (word, shift) = Self::position(slot);
             (self.verdicts[word] >> shift) as u32 & summary::BASE
         }
+
+        /// Sets slot `slot` to `verdict`.
+        pub fn set(&mut self, slot: u8, verdict: ListVerdict) {
+            let (word, shift) = Self::position(slot);
+            self.verdicts[word] =
+                (self.verdicts[word] & !(3 << shift)) | (u64::from(verdict & 3) << shift);
+        }
     }
 
+    /// The verdicts of an IPv4 /24 holding entries of /25 to /31, in
+    /// [`MAP_LIST_V4_INNER`](crate::names::MAP_LIST_V4_INNER): a slot per /31 (the finest
+    /// such an entry splits a /24; slot [`InnerV4::slot`]), each the verdict of the
+    /// longest entry of /31 or shorter holding it; /32 entries stay in the exact map,
+    /// which is asked first.
+    pub type InnerV4 = Inner<4>;
+
+    impl Inner<4> {
+        /// The slot of an address whose last byte is `last`: its /31.
+        #[inline(always)]
+        pub const fn slot(last: u8) -> u8 {
+            last >> 1
+        }
+    }
+
+    /// The verdicts of an IPv6 /24 holding entries of /25 to /39, in
+    /// [`MAP_LIST_V6_INNER`](crate::names::MAP_LIST_V6_INNER): a slot per /32 (the fourth
+    /// address byte), each the verdict of the longest entry of /32 or shorter holding it,
+    /// or [`ASK_TRIE`] where entries longer than /32 lie inside that /32.
+    pub type InnerV6 = Inner<8>;
+
     #[cfg(feature = "user")]
-    // SAFETY: four u64: no padding.
-    unsafe impl aya::Pod for InnerV4 {}
+    // SAFETY: u64s: no padding.
+    unsafe impl<const WORDS: usize> aya::Pod for Inner<WORDS> {}
 
     /// An IPv6 entry of a hashed length (/48, /64, /128) in
     /// [`MAP_LIST_V6_HASHED`](crate::names::MAP_LIST_V6_HASHED): its network address
@@ -156,7 +201,9 @@ pub mod lists {
     /// base verdict of the longest entry of /24 or shorter covering it, then two flags:
     /// [`LONG`](summary_v6::LONG), entries of /40 or longer lie inside (read the lengths
     /// of the source's /40); [`TRIE`](summary::TRIE), entries of /25 to /39 lie inside
-    /// (the trie's answer stands). Both flags: the controller is changing the /24.
+    /// (the /24's [`InnerV6`] answers, else the trie), whether or not [`LONG`](summary_v6::LONG)
+    /// is set too. Both flags: entries of both kinds lie inside, or the controller is
+    /// changing the /24 (and has taken its [`InnerV6`] out).
     ///
     /// After the cells, four bits per value of address bits 16 to 39 (a /40 without its
     /// first 16 bits; within one /24 that is the /40 itself): the lengths of the entries

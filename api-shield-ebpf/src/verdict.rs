@@ -14,7 +14,10 @@ use api_shield_common::{
         LIMIT_TICK_CLOCK, LIMITER_WAYS, LimiterKey, LimiterSet, LimiterSlot, LimiterState,
         RateLimit, TIME_SHIFT, set_of,
     },
-    lists::{HashedV6Key, InnerV4, LIST_ALLOW, LIST_BLOCK, ListVerdict, summary, summary_v6},
+    lists::{
+        ASK_TRIE, HashedV6Key, InnerV4, InnerV6, LIST_ALLOW, LIST_BLOCK, ListVerdict, summary,
+        summary_v6,
+    },
     rules::{
         CLASS_OTHER, CLASS_TCP, CLASS_TCP_SYN, CLASS_UDP, PENALTY_RING_BYTES, PENALTY_V6,
         PenaltyEvent, RuleCounter, TABLE_SLOTS, table_index,
@@ -49,6 +52,9 @@ static LIST_V4_EXACT: HashMap<[u8; 4], ListVerdict> = HashMap::with_max_entries(
 /// Flags 1: BPF_F_NO_PREALLOC, as above.
 #[map(name = "LIST_V4_INNER")]
 static LIST_V4_INNER: HashMap<[u8; 4], InnerV4> = HashMap::with_max_entries(1024, 1);
+/// Flags 1: BPF_F_NO_PREALLOC, as above.
+#[map(name = "LIST_V6_INNER")]
+static LIST_V6_INNER: HashMap<[u8; 4], InnerV6> = HashMap::with_max_entries(1024, 1);
 /// Flags 1: BPF_F_NO_PREALLOC, as above.
 #[map(name = "LIST_V6_HASHED")]
 static LIST_V6_HASHED: HashMap<HashedV6Key, ListVerdict> = HashMap::with_max_entries(1024, 1);
@@ -345,7 +351,7 @@ fn list_v4(src: [u8; 4]) -> ListVerdict {
     }
     // SAFETY: one word is read from the value at once.
     if let Some(inner) = unsafe { LIST_V4_INNER.get([src[0], src[1], src[2], 0]) } {
-        return inner.verdict(src[3]);
+        return inner.verdict(InnerV4::slot(src[3]));
     }
     LIST_V4
         .get(Key::new(32, src))
@@ -354,9 +360,11 @@ fn list_v4(src: [u8; 4]) -> ListVerdict {
 }
 
 /// The list verdict of an IPv6 source (0: listed nowhere), as its /24's summary cell
-/// directs: the cell's, unless entries longer than /24 lie in the /24. Where those are of
-/// /40 or longer, the lengths of the source's /40 say which hash probes may find its
-/// longest match (a hit is it); else, and where no probe hits, the trie's.
+/// directs: the cell's, unless entries longer than /24 lie in the /24. Where some are of
+/// /25 to /39, the /24's inner verdict of the source's /32 (unless entries longer than
+/// /32 lie in that /32, or the /24 has none: it is changing, or they found no memory);
+/// where all are of /40 or longer, the lengths of the source's /40 say which hash probes
+/// may find its longest match (a hit is it); else, and where no probe hits, the trie's.
 #[inline(always)]
 fn list_v6(src: &[u8; 16]) -> ListVerdict {
     let (word, shift) = summary_v6::cell(src);
@@ -367,7 +375,15 @@ fn list_v6(src: &[u8; 16]) -> ListVerdict {
     if cell & (summary::TRIE | summary_v6::LONG) == 0 {
         return cell & summary::BASE;
     }
-    if cell & summary::TRIE == 0 {
+    if cell & summary::TRIE != 0 {
+        // SAFETY: one word is read from the value at once.
+        if let Some(inner) = unsafe { LIST_V6_INNER.get([src[0], src[1], src[2], 0]) } {
+            let verdict = inner.verdict(src[3]);
+            if verdict != ASK_TRIE {
+                return verdict;
+            }
+        }
+    } else {
         let (word, shift) = summary_v6::long_cell(src);
         let lengths = match LIST_V6_SUMMARY.get(word) {
             Some(w) => (*w >> shift) as u32 & ((1 << summary::CELL_BITS) - 1),

@@ -15,7 +15,7 @@ use api_shield_common::{
     limiter::{
         DEFAULT_LIMIT, LIMIT_SLOTS, LIMITER_WAYS, LimiterKey, LimiterSet, LimiterState, RateLimit,
     },
-    lists::{HashedV6Key, InnerV4, ListVerdict, summary_v6},
+    lists::{HashedV6Key, InnerV4, InnerV6, ListVerdict, summary_v6},
     names,
     rules::{PENALTY_RING_BYTES, RuleCounter, TABLE_SLOTS},
     settings::{SETTINGS_DRY_RUN, SETTINGS_RULES, Settings},
@@ -40,7 +40,7 @@ use crate::{
     limiter::LimiterTable,
     limits::{event_limit, limit_slot, rule_table},
     lists::{ListDiff, ListTable, fold},
-    summary::{self, SummaryMaps},
+    summary::{self, Family, InnerVerdicts, SummaryMaps, inner_key},
 };
 
 /// Sets of the limiter table for `sources` buckets (rounded up to whole sets).
@@ -93,6 +93,14 @@ fn map_shapes(capacity: &Capacity) -> Result<Vec<MapShape>> {
             map_type: MapType::Hash,
             key_size: 4,
             value_size: size_of::<InnerV4>() as u32,
+            max_entries: list_entries,
+        },
+        // A /24 per IPv6 entry of /25 to /39 at most: within the family's entries.
+        MapShape {
+            name: names::MAP_LIST_V6_INNER,
+            map_type: MapType::Hash,
+            key_size: 4,
+            value_size: size_of::<InnerV6>() as u32,
             max_entries: list_entries,
         },
         // IPv6 entries of /48, /64 and /128, also in the trie: at most the family's entries.
@@ -254,11 +262,6 @@ fn hashed_v6_key(net: &IpNet) -> Option<HashedV6Key> {
         }
         _ => None,
     }
-}
-
-/// The key of IPv4 cell (/24) `cell` in the inner verdicts map: its network address.
-fn inner_key(cell: u32) -> [u8; 4] {
-    (cell << 8).to_be_bytes()
 }
 
 /// The list maps, in the order a change writes them.
@@ -461,8 +464,8 @@ pub struct Shield {
     /// IPv6 entries of hashed lengths now in the trie, to copy into the hash in batches
     /// once a list change is done with the trie.
     hashed_pending: Vec<(HashedV6Key, ListVerdict)>,
-    /// The IPv4 /24s (cells) whose inner verdicts the map holds.
-    inner_v4: BTreeSet<u32>,
+    /// The /24s (cells) whose inner verdicts the maps hold: IPv4's, IPv6's.
+    inner_held: [BTreeSet<u32>; 2],
 }
 
 impl Shield {
@@ -567,14 +570,15 @@ impl Shield {
             shapes,
             rule_table: None,
             hashed_pending: Vec::new(),
-            inner_v4: BTreeSet::new(),
+            inner_held: [BTreeSet::new(), BTreeSet::new()],
         };
         // Reused tries already hold entries: learn them, so the first update is a diff.
         shield.lists = shield.read_lists()?;
         // A reused hash of IPv6 entries may lag the trie (a daemon stopped between the two),
         // and reused inner verdicts may be from another version.
         shield.sync_hashed_v6()?;
-        shield.sync_inner_v4()?;
+        shield.sync_inner::<InnerV4>()?;
+        shield.sync_inner::<InnerV6>()?;
         // The summary must match the tries before this program is attached (a new map
         // reads "listed nowhere" everywhere; a reused one may be from another version).
         shield.summary.write_all(&shield.lists);
@@ -744,9 +748,10 @@ impl Shield {
             // Counted with the IPv4 trie, which stands for the whole IPv4 list.
             names::MAP_LIST_V4_EXACT,
             // A copy of some of the IPv6 trie's entries, and verdicts derived from the
-            // IPv4 trie's.
+            // tries'.
             names::MAP_LIST_V6_HASHED,
             names::MAP_LIST_V4_INNER,
+            names::MAP_LIST_V6_INNER,
         ];
         let map = |name: &str| {
             self.ebpf
@@ -960,12 +965,16 @@ impl Shield {
             .summary
             .before_change(diff.upserts.iter().map(|(net, _)| net), &diff.removals);
         // Those /24s walk the trie while it changes: their inner verdicts go first.
-        let cleared = self.clear_inner_v4(&touched.v4);
+        let cleared = self
+            .clear_inner::<InnerV4>(&touched.v4)
+            .and_then(|()| self.clear_inner::<InnerV6>(&touched.v6));
         let result = cleared.and_then(|()| self.apply_diff(next, &diff));
         // The hash and the inner verdicts are whole before the summary may send sources
         // to them.
         let copied = self.copy_pending_hashed_v6();
-        let inner = self.write_inner_v4(&touched.v4);
+        let inner = self
+            .write_inner::<InnerV4>(&touched.v4)
+            .and(self.write_inner::<InnerV6>(&touched.v6));
         self.summary.after_change(&self.lists, &touched);
         let refused = result?;
         copied?;
@@ -1352,45 +1361,49 @@ impl Shield {
         Ok(())
     }
 
-    /// Takes the inner verdicts of the IPv4 /24s in `ranges` out of their map (in batches):
-    /// until [`Shield::write_inner_v4`], those /24s walk the trie.
-    fn clear_inner_v4(&mut self, ranges: &[(u32, u32)]) -> Result<()> {
-        let cells: Vec<u32> =
-            summary::cells_in_ranges(self.inner_v4.iter().copied(), ranges).collect();
+    /// Takes the inner verdicts of `I`'s family's /24s in `ranges` out of their map (in
+    /// batches): until [`Shield::write_inner`], those /24s walk the trie.
+    fn clear_inner<I: InnerVerdicts>(&mut self, ranges: &[(u32, u32)]) -> Result<()> {
+        let held = &self.inner_held[I::FAMILY as usize];
+        let cells: Vec<u32> = summary::cells_in_ranges(held.iter().copied(), ranges).collect();
         let keys: Vec<[u8; 4]> = cells.iter().map(|&c| inner_key(c)).collect();
-        let done = self.in_batches(names::MAP_LIST_V4_INNER, &keys, None::<&[InnerV4]>)?;
+        let done = self.in_batches(I::MAP, &keys, None::<&[I]>)?;
         for key in &keys[done..] {
-            self.remove_inner_v4(key)?;
+            self.remove_inner::<I>(key)?;
         }
         for cell in cells {
-            self.inner_v4.remove(&cell);
+            self.inner_held[I::FAMILY as usize].remove(&cell);
         }
         Ok(())
     }
 
-    /// Writes the inner verdicts of the IPv4 /24s in `ranges` that hold entries of /25
-    /// to /31 now (in batches). One the kernel will not take for want of memory stays out:
-    /// its sources walk the trie.
-    fn write_inner_v4(&mut self, ranges: &[(u32, u32)]) -> Result<()> {
-        let cells = summary::inner_cells(&self.lists, ranges);
-        let values: Vec<InnerV4> = cells
+    /// Writes the inner verdicts of `I`'s family's /24s in `ranges` that hold entries of
+    /// /25 to /31 (IPv4) or /39 (IPv6) now (in batches). One the kernel will not take for
+    /// want of memory stays out: its sources walk the trie.
+    fn write_inner<I: InnerVerdicts>(&mut self, ranges: &[(u32, u32)]) -> Result<()> {
+        let cells = summary::inner_cells(&self.lists, I::FAMILY, ranges);
+        let values: Vec<I> = cells
             .iter()
             .map(|&c| summary::inner_value(&self.lists, c).expect("a cell with inner entries"))
             .collect();
         let keys: Vec<[u8; 4]> = cells.iter().map(|&c| inner_key(c)).collect();
-        let done = self.in_batches(names::MAP_LIST_V4_INNER, &keys, Some(&values))?;
-        self.inner_v4.extend(&cells[..done]);
+        let done = self.in_batches(I::MAP, &keys, Some(&values))?;
+        self.inner_held[I::FAMILY as usize].extend(&cells[..done]);
         let mut left_out = Vec::new();
         for ((&cell, key), value) in cells.iter().zip(&keys).zip(&values).skip(done) {
-            match self.inner_v4_map()?.insert(key, value, 0) {
+            match self.inner_map::<I>()?.insert(key, value, 0) {
                 Ok(()) => {
-                    self.inner_v4.insert(cell);
+                    self.inner_held[I::FAMILY as usize].insert(cell);
                 }
-                Err(e) if is_out_of_memory(&e) => left_out.push(Ipv4Addr::from(*key)),
+                Err(e) if is_out_of_memory(&e) => left_out.push(cell),
                 Err(e) => return Err(e).context("writing a /24's inner verdicts"),
             }
         }
-        if let Some(first) = left_out.first() {
+        if let Some(&first) = left_out.first() {
+            let first = match I::FAMILY {
+                Family::V4 => IpAddr::from(Ipv4Addr::from(first << 8)),
+                Family::V6 => IpAddr::from(Ipv6Addr::from(u128::from(first) << 104)),
+            };
             log::warn!(
                 "the inner verdicts of {} /24s (the first {first}/24) found no room in the \
                  kernel: their sources take the trie walk",
@@ -1400,17 +1413,17 @@ impl Shield {
         Ok(())
     }
 
-    /// Makes the inner verdicts map hold exactly those of the lists (a reused map may be
-    /// from another version, or behind a change a stopped daemon left).
-    fn sync_inner_v4(&mut self) -> Result<()> {
-        let held: Vec<([u8; 4], InnerV4)> = self
-            .inner_v4_map()?
+    /// Makes `I`'s family's inner verdicts map hold exactly those of the lists (a reused
+    /// map may be from another version, or behind a change a stopped daemon left).
+    fn sync_inner<I: InnerVerdicts>(&mut self) -> Result<()> {
+        let held: Vec<([u8; 4], I)> = self
+            .inner_map::<I>()?
             .iter()
             .collect::<Result<_, _>>()
             .context("reading the inner verdicts")?;
         let all = [(0, (1 << 24) - 1)];
-        let want: std::collections::HashMap<[u8; 4], InnerV4> =
-            summary::inner_cells(&self.lists, &all)
+        let want: std::collections::HashMap<[u8; 4], I> =
+            summary::inner_cells(&self.lists, I::FAMILY, &all)
                 .into_iter()
                 .map(|c| {
                     let value = summary::inner_value(&self.lists, c).expect("inner entries");
@@ -1420,24 +1433,24 @@ impl Shield {
         // Stale ones go first (their /24s walk the trie until rewritten).
         for (key, value) in &held {
             if want.get(key) == Some(value) {
-                self.inner_v4.insert(u32::from_be_bytes(*key) >> 8);
+                self.inner_held[I::FAMILY as usize].insert(u32::from_be_bytes(*key) >> 8);
             } else {
-                self.remove_inner_v4(key)?;
+                self.remove_inner::<I>(key)?;
             }
         }
         let mut missing: Vec<(u32, u32)> = want
             .keys()
             .map(|k| u32::from_be_bytes(*k) >> 8)
-            .filter(|c| !self.inner_v4.contains(c))
+            .filter(|c| !self.inner_held[I::FAMILY as usize].contains(c))
             .map(|c| (c, c))
             .collect();
         missing.sort_unstable();
-        self.write_inner_v4(&missing)
+        self.write_inner::<I>(&missing)
     }
 
-    /// Removes one key from the inner verdicts map; one not there is no error.
-    fn remove_inner_v4(&mut self, key: &[u8; 4]) -> Result<()> {
-        match self.inner_v4_map()?.remove(key) {
+    /// Removes one key from an inner verdicts map; one not there is no error.
+    fn remove_inner<I: InnerVerdicts>(&mut self, key: &[u8; 4]) -> Result<()> {
+        match self.inner_map::<I>()?.remove(key) {
             Ok(()) => Ok(()),
             Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(aya::maps::MapError::SyscallError(e))
@@ -1449,8 +1462,8 @@ impl Shield {
         }
     }
 
-    fn inner_v4_map(&mut self) -> Result<HashMap<&mut MapData, [u8; 4], InnerV4>> {
-        Ok(HashMap::try_from(self.map_mut(names::MAP_LIST_V4_INNER)?)?)
+    fn inner_map<I: InnerVerdicts>(&mut self) -> Result<HashMap<&mut MapData, [u8; 4], I>> {
+        Ok(HashMap::try_from(self.map_mut(I::MAP)?)?)
     }
 
     fn hashed_v6(&mut self) -> Result<HashMap<&mut MapData, HashedV6Key, ListVerdict>> {

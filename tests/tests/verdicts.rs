@@ -1288,8 +1288,9 @@ fn ipv4_list_summary_follows_every_list_change() {
 /// and the trie) agrees with the lists through every kind of change: prefixes covering
 /// whole /24s (nested, and the whole space), prefixes of /25 to /39 and of /40 or longer
 /// inside one /24 beside such a cover, hashed lengths nested in each other (/128 in /64
-/// in /48) and beside an unhashed one (/56), an address changing list, removals (which
-/// clear /40 lengths) back to nothing.
+/// in /48) and beside an unhashed one (/56), nested /25 to /33 of both lists (the /24's
+/// inner verdicts, a /32 holding a longer entry asking the trie), both kinds in one /24,
+/// an address changing list, removals (which clear /40 lengths) back to nothing.
 #[test]
 fn ipv6_list_summary_follows_every_list_change() {
     let steps: &[(&[&str], &[&str])] = &[
@@ -1325,6 +1326,14 @@ fn ipv6_list_summary_follows_every_list_change() {
             &["2001:db8:a11::/48", "2001:db8:a11:100::1/128"],
         ),
         (&[], &["2001:db8:a11::7/128", "2001::/20"]),
+        (
+            &["2001:db8:8000::/33"],
+            &["2001:d80::/25", "2001:db8::/32", "2001:dbc::/30"],
+        ),
+        (
+            &["2001:dbd::/32", "2001:db8:a11::/48"],
+            &["2001:d80::/25", "2001:dbc::/30", "2001:dbe::/31"],
+        ),
         (&[], &[]),
     ];
     let probes: &[&str] = &[
@@ -1347,6 +1356,15 @@ fn ipv6_list_summary_follows_every_list_change() {
         "2001::1",
         "2001:d00::1",
         "2001:dc0::1",
+        "2001:d7f:ffff::1",
+        "2001:d80::1",
+        "2001:db8:7fff::1",
+        "2001:db8:8000::1",
+        "2001:dbb:ffff::1",
+        "2001:dbc::1",
+        "2001:dbd::1",
+        "2001:dbe::1",
+        "2001:dbf:ffff::1",
         "2001:dff:ffff::1",
         "2001:fff:ffff::1",
         "2001:1000::1",
@@ -1531,25 +1549,24 @@ fn reused_maps_bring_the_ipv6_hash_back_in_step() {
     detach_pinned(&dir).expect("detaching");
 }
 
-/// The data plane answers a source in a /24 holding entries of /25 to /31 from that /24's
-/// inner verdicts, not the trie: a wrong value planted there decides, until a controller
-/// loading over the pins brings the map back in step with the lists; and a list without
-/// such entries leaves the map empty.
+/// The data plane answers a source in a /24 holding entries of /25 to /31 (IPv4) or /39
+/// (IPv6) from that /24's inner verdicts, not the trie: a wrong value planted there
+/// decides, until a controller loading over the pins brings the map back in step with the
+/// lists; and a list without such entries leaves the map empty.
 #[test]
 fn inner_verdicts_decide_and_reused_maps_are_brought_back_in_step() {
     use api_shield::{lists::fold, shield::detach_pinned};
-    use api_shield_common::lists::{InnerV4, LIST_ALLOW};
+    use api_shield_common::lists::{Inner, InnerV4, InnerV6, LIST_ALLOW};
     use aya::maps::{HashMap, Map, MapData};
     require_root();
     let pins = PinDir::new("inner-sync");
     let dir = pins.0.clone();
     let capacity = config(UNLIMITED).capacity;
-    let inner = || -> HashMap<MapData, [u8; 4], InnerV4> {
-        HashMap::try_from(Map::HashMap(
-            MapData::from_pin(dir.join("LIST_V4_INNER")).unwrap(),
-        ))
-        .unwrap()
-    };
+    fn inner_map<const W: usize>(path: std::path::PathBuf) -> HashMap<MapData, [u8; 4], Inner<W>> {
+        HashMap::try_from(Map::HashMap(MapData::from_pin(path).unwrap())).unwrap()
+    }
+    let inner = || inner_map::<4>(dir.join("LIST_V4_INNER"));
+    let inner6 = || inner_map::<8>(dir.join("LIST_V6_INNER"));
     let nets =
         |list: &[&str]| -> Vec<ipnet::IpNet> { list.iter().map(|s| s.parse().unwrap()).collect() };
     let mut h = Harness {
@@ -1558,8 +1575,8 @@ fn inner_verdicts_decide_and_reused_maps_are_brought_back_in_step() {
     };
     h.seen = h.totals();
     let table = fold(
-        &nets(&["10.1.2.64/26"]),
-        &nets(&["10.1.2.0/25", "10.1.3.128/28"]),
+        &nets(&["10.1.2.64/26", "2001:db8:8000::/33"]),
+        &nets(&["10.1.2.0/25", "10.1.3.128/28", "2001:db8::/32"]),
     )
     .table;
     assert!(h.shield.apply_lists(&table).unwrap().is_empty());
@@ -1567,6 +1584,41 @@ fn inner_verdicts_decide_and_reused_maps_are_brought_back_in_step() {
     assert_eq!(
         held.keys().copied().collect::<Vec<_>>(),
         vec![[10, 1, 2, 0], [10, 1, 3, 0]]
+    );
+    let held6: BTreeMap<[u8; 4], InnerV6> = inner6().iter().map(Result::unwrap).collect();
+    assert_eq!(
+        held6.keys().copied().collect::<Vec<_>>(),
+        vec![[0x20, 0x01, 0x0d, 0]]
+    );
+    let frame6 = |a: &str| udp6(a.parse().unwrap(), 20);
+    h.expect(
+        &frame6("2001:db8::1"),
+        XDP_DROP,
+        Reason::Blocklisted,
+        "in the IPv6 /32",
+    );
+    h.expect(
+        &frame6("2001:db8:8000::1"),
+        XDP_PASS,
+        Reason::Allowlisted,
+        "in the /33 (the trie)",
+    );
+    h.expect(
+        &frame6("2001:db9::1"),
+        XDP_PASS,
+        Reason::Passed,
+        "beside the /32",
+    );
+    // Planted: every /32 of 2001:d00::/24 allowed, as no list says (the one holding the
+    // /33 too: a planted verdict is believed).
+    inner6()
+        .insert([0x20, 0x01, 0x0d, 0], InnerV6::filled(LIST_ALLOW), 0)
+        .unwrap();
+    h.expect(
+        &frame6("2001:db8::1"),
+        XDP_PASS,
+        Reason::Allowlisted,
+        "the planted IPv6 inner verdict decides",
     );
     let frame = |a: &str| udp4(a.parse().unwrap(), 20);
     h.expect(
@@ -1583,9 +1635,7 @@ fn inner_verdicts_decide_and_reused_maps_are_brought_back_in_step() {
     );
     h.expect(&frame("10.1.2.200"), XDP_PASS, Reason::Passed, "outside");
     // Planted: the whole of 10.1.2.0/24 allowed, as no list says.
-    let all_allowed = InnerV4 {
-        verdicts: [u64::from(LIST_ALLOW) * (u64::MAX / 3); 4],
-    };
+    let all_allowed = InnerV4::filled(LIST_ALLOW);
     inner().insert([10, 1, 2, 0], all_allowed, 0).unwrap();
     h.expect(
         &frame("10.1.2.1"),
@@ -1607,16 +1657,40 @@ fn inner_verdicts_decide_and_reused_maps_are_brought_back_in_step() {
         Reason::Blocklisted,
         "in step again",
     );
+    let held6: BTreeMap<[u8; 4], InnerV6> = inner6().iter().map(Result::unwrap).collect();
+    assert_ne!(held6[&[0x20, 0x01, 0x0d, 0]], InnerV6::filled(LIST_ALLOW));
+    h.expect(
+        &frame6("2001:db8::1"),
+        XDP_DROP,
+        Reason::Blocklisted,
+        "IPv6 in step again",
+    );
     h.expect(
         &frame("10.1.3.129"),
         XDP_DROP,
         Reason::Blocklisted,
         "in the /28",
     );
-    // Only /24s and /32s left: no inner verdicts.
-    let table = fold(&[], &nets(&["10.1.2.0/24", "10.1.3.129/32"])).table;
+    // Only /24s and /32s (IPv4), /24s and /48s (IPv6) left: no inner verdicts.
+    let table = fold(
+        &[],
+        &nets(&[
+            "10.1.2.0/24",
+            "10.1.3.129/32",
+            "2001:d00::/24",
+            "2001:db8:1::/48",
+        ]),
+    )
+    .table;
     assert!(h.shield.apply_lists(&table).unwrap().is_empty());
     assert_eq!(inner().keys().count(), 0);
+    assert_eq!(inner6().keys().count(), 0);
+    h.expect(
+        &frame6("2001:db8:8000::1"),
+        XDP_DROP,
+        Reason::Blocklisted,
+        "the IPv6 /24",
+    );
     h.expect(
         &frame("10.1.2.65"),
         XDP_DROP,
