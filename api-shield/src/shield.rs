@@ -972,13 +972,13 @@ impl Shield {
         // The hash and the inner verdicts are whole before the summary may send sources
         // to them.
         let copied = self.copy_pending_hashed_v6();
-        let inner = self
-            .write_inner::<InnerV4>(&touched.v4)
-            .and(self.write_inner::<InnerV6>(&touched.v6));
+        let inner_v4 = self.write_inner::<InnerV4>(&touched.v4);
+        let inner_v6 = self.write_inner::<InnerV6>(&touched.v6);
         self.summary.after_change(&self.lists, &touched);
         let refused = result?;
         copied?;
-        inner?;
+        inner_v4?;
+        inner_v6?;
         Ok(refused)
     }
 
