@@ -618,7 +618,7 @@ fn blocklist_scale(
     writeln!(report, "## Blocklist scale\n")?;
     writeln!(
         report,
-        "The blocklist holds N distinct prefixes (70% IPv4 /8-/32, 30% IPv6 /16-/128). Per-packet cost of a repeat source by BPF_PROG_TEST_RUN (64-byte frames, {repeat} runs, median of 3): blocked (inside a listed /32), blocked inside a /28 (an IPv4 entry of /25 to /31), passed (listed nowhere, limiter taken), blocked IPv6 (inside a listed /48), blocked IPv6 inside a /32 (an IPv6 entry of /25 to /39). First-seen sources, every frame from another one (the spoofed-source build of the random-sources section, its prandom-only program subtracted; no limit configured, so the figure is the list lookup alone, not the limiter's new bucket): IPv4 sources at random over all 2^32 addresses, IPv6 sources with their first 32 bits at random; {FIRST_SEEN_ROUNDS} rounds of a third as many runs, each over every size in turn with all N loaded at once (a drift of the host's load moved these figures 2x between runs), the median of each round's difference; beside them, the share of those sources the list blocks and the share its summary sends on (IPv4: in a /24 holding entries longer than /24, to the exact hash or the inner verdicts; IPv6: in a /24 holding entries of /25 to /39, to its inner verdicts). A mix of verdicts costs the CPU's branch prediction: with the uncapped short prefixes, which blocked a third of IPv6 sources at 1M, first-seen IPv6 grew 1.4-1.6x from 1k to 1M, and 1.2x without them. The list holds few short prefixes (at most 4 IPv4 /8s, 256 IPv4 /16s and 4 IPv6 /16s, as real lists hold a few bogon-sized blocks; uncapped, a 1M list held all 256 IPv4 /8s and blocked every IPv4 source). Load time: all N into empty maps, in batches of 16,384 (prefixes into the tries, IPv4 addresses into the exact-match hash, copies of the IPv6 /48, /64 and /128 entries into theirs); memory: the two tries, the two hashes and the two summaries, as the kernel accounts them. Goals: from 1k to 1M prefixes a repeat source's cost grows <= 1.1x, a first-seen source's <= 1.4x; 1M prefixes load in <= 3 s.\n"
+        "The blocklist holds N distinct prefixes (70% IPv4 /8-/32, 30% IPv6 /16-/128). Per-packet cost of a repeat source by BPF_PROG_TEST_RUN (64-byte frames, {repeat} runs, median of 3 rounds, each over every size in turn with all N loaded at once): blocked (inside a listed /32), blocked inside a /28 (an IPv4 entry of /25 to /31), passed (listed nowhere, limiter taken), blocked IPv6 (inside a listed /48), blocked IPv6 inside a /32 (an IPv6 entry of /25 to /39). First-seen sources, every frame from another one (the spoofed-source build of the random-sources section, its prandom-only program subtracted; no limit configured, so the figure is the list lookup alone, not the limiter's new bucket): IPv4 sources at random over all 2^32 addresses, IPv6 sources with their first 32 bits at random; {FIRST_SEEN_ROUNDS} rounds of a third as many runs, each over every size in turn with all N loaded at once (a drift of the host's load moved these figures 2x between runs), the median of each round's difference; beside them, the share of those sources the list blocks and the share its summary sends on (IPv4: in a /24 holding entries longer than /24, to the exact hash or the inner verdicts; IPv6: in a /24 holding entries of /25 to /39, to its inner verdicts). A mix of verdicts costs the CPU's branch prediction: with the uncapped short prefixes, which blocked a third of IPv6 sources at 1M, first-seen IPv6 grew 1.4-1.6x from 1k to 1M, and 1.2x without them. The list holds few short prefixes (at most 4 IPv4 /8s, 256 IPv4 /16s and 4 IPv6 /16s, as real lists hold a few bogon-sized blocks; uncapped, a 1M list held all 256 IPv4 /8s and blocked every IPv4 source). Load time: all N into empty maps, in batches of 16,384 (prefixes into the tries, IPv4 addresses into the exact-match hash, copies of the IPv6 /48, /64 and /128 entries into theirs); memory: the two tries, the two hashes and the two summaries, as the kernel accounts them. Goals: from 1k to 1M prefixes a repeat source's cost grows <= 1.1x, a first-seen source's <= 1.4x; 1M prefixes load in <= 3 s.\n"
     )?;
     writeln!(
         report,
@@ -666,26 +666,6 @@ fn blocklist_scale(
         let refused = shield.apply_lists(&table)?;
         let load = started.elapsed();
         anyhow::ensure!(refused.is_empty(), "{} refused", refused.len());
-        let program = shield.program()?;
-        let mut b4 = Vec::new();
-        let mut i4 = Vec::new();
-        let mut p4 = Vec::new();
-        let mut b6 = Vec::new();
-        let mut i6 = Vec::new();
-        for _ in 0..3 {
-            b4.push(test_run_ns(program, &blocked4, repeat)?);
-            i4.push(test_run_ns(program, &blocked4_inner, repeat)?);
-            p4.push(test_run_ns(program, &pass4, repeat)?);
-            b6.push(test_run_ns(program, &blocked6, repeat)?);
-            i6.push(test_run_ns(program, &blocked6_inner, repeat)?);
-        }
-        let (b4, i4, p4) = (median(b4), median(i4), median(p4));
-        let (b6, i6) = (median(b6), median(i6));
-        // First-seen sources: no limit, so that no bucket is made (see the text).
-        shield.set_limit(
-            api_shield_common::limiter::DEFAULT_LIMIT,
-            api_shield_common::limiter::RateLimit::default(),
-        )?;
         let memory: u64 = [
             api_shield_common::names::MAP_LIST_V4,
             api_shield_common::names::MAP_LIST_V6,
@@ -699,16 +679,14 @@ fn blocklist_scale(
         .iter()
         .filter_map(|name| shield.map_id(name).ok().and_then(map_memory))
         .sum();
-        println!(
-            "bench: {n} prefixes: blocked {b4:.0} ns, inside a /28 {i4:.0} ns, passed {p4:.0} ns, IPv6 blocked {b6:.0} ns, inside a /32 {i6:.0} ns, load {load:?}"
-        );
+        println!("bench: {n} prefixes: load {load:?}");
         points.push(ScalePoint {
             prefixes: n,
-            blocked4: b4,
-            blocked4_inner: i4,
-            passed4: p4,
-            blocked6: b6,
-            blocked6_inner: i6,
+            blocked4: f64::NAN,
+            blocked4_inner: f64::NAN,
+            passed4: f64::NAN,
+            blocked6: f64::NAN,
+            blocked6_inner: f64::NAN,
             first_seen4: f64::NAN,
             first_seen6: f64::NAN,
             load,
@@ -717,6 +695,43 @@ fn blocklist_scale(
             lookup_share,
         });
         shields.push(shield);
+    }
+    // Repeat sources, every size in each round too (as the first-seen ones below): measured
+    // size after size, a drift of the host's load moved one size's figure 12%.
+    let frames = [
+        &blocked4,
+        &blocked4_inner,
+        &pass4,
+        &blocked6,
+        &blocked6_inner,
+    ];
+    let mut repeat_ns = vec![vec![Vec::new(); frames.len()]; shields.len()];
+    for _ in 0..3 {
+        for (shield, ns) in shields.iter_mut().zip(repeat_ns.iter_mut()) {
+            let program = shield.program()?;
+            for (frame, ns) in frames.iter().zip(ns.iter_mut()) {
+                ns.push(test_run_ns(program, frame, repeat)?);
+            }
+        }
+    }
+    for ((point, shield), ns) in points.iter_mut().zip(&mut shields).zip(repeat_ns) {
+        let ns: Vec<f64> = ns.into_iter().map(median).collect();
+        [
+            point.blocked4,
+            point.blocked4_inner,
+            point.passed4,
+            point.blocked6,
+            point.blocked6_inner,
+        ] = [ns[0], ns[1], ns[2], ns[3], ns[4]];
+        println!(
+            "bench: {} prefixes: blocked {:.0} ns, inside a /28 {:.0} ns, passed {:.0} ns, IPv6 blocked {:.0} ns, inside a /32 {:.0} ns",
+            point.prefixes, ns[0], ns[1], ns[2], ns[3], ns[4]
+        );
+        // First-seen sources: no limit, so that no bucket is made (see the text).
+        shield.set_limit(
+            api_shield_common::limiter::DEFAULT_LIMIT,
+            api_shield_common::limiter::RateLimit::default(),
+        )?;
     }
     // First-seen sources, every size in each round, so that a drift of the host's load
     // (it moved these figures 2x between runs a minute apart) moves all sizes alike; each
