@@ -24,7 +24,7 @@ pub mod names {
     /// lists hold few /128s, so they keep the trie alone: an exact map's bit check cost
     /// every IPv6 lookup more than it saved.)
     pub const MAP_LIST_V4_EXACT: &str = "LIST_V4_EXACT";
-    /// Hash, IPv6 entries of /48, /64 and /128 (also in the trie) ->
+    /// Hash, IPv6 entries of /48, /56, /64 and /128 (also in the trie) ->
     /// [`crate::lists::ListVerdict`], keyed by [`crate::lists::HashedV6Key`]: a source
     /// inside one is found by a hash probe, whatever the list's size, where the trie walk
     /// lengthens with the list. It never holds what the trie does not; an entry missing
@@ -182,7 +182,7 @@ pub mod lists {
     // SAFETY: u64s: no padding.
     unsafe impl<const WORDS: usize> aya::Pod for Inner<WORDS> {}
 
-    /// An IPv6 entry of a hashed length (/48, /64, /128) in
+    /// An IPv6 entry of a hashed length (/48, /56, /64, /128) in
     /// [`MAP_LIST_V6_HASHED`](crate::names::MAP_LIST_V6_HASHED): its network address
     /// and length.
     #[repr(C)]
@@ -207,7 +207,7 @@ pub mod lists {
     ///
     /// After the cells, four bits per value of address bits 16 to 39 (a /40 without its
     /// first 16 bits; within one /24 that is the /40 itself): the lengths of the entries
-    /// of /40 or longer there. Where only hashed lengths (/48, /64, /128) lie, the data
+    /// of /40 or longer there. Where only hashed lengths (/48, /56, /64, /128) lie, the data
     /// plane probes [`MAP_LIST_V6_HASHED`](crate::names::MAP_LIST_V6_HASHED) at each,
     /// longest first, and a hit is the longest match; else (another length there, or no
     /// probe hit) it walks the trie. The bits alias across /24s: an alias only costs
@@ -223,12 +223,22 @@ pub mod lists {
         pub const HASHED_48: u32 = 1;
         /// ... a /64 ...
         pub const HASHED_64: u32 = 2;
-        /// ... a /128 (all three also in the hash) ...
+        /// ... a /128 ...
         pub const HASHED_128: u32 = 4;
-        /// ... or an entry of another length: the trie.
-        pub const UNHASHED: u32 = 8;
+        /// ... a /56 (all four also in the hash; the last bit, so that a program from
+        /// before /56 was hashed, which took this bit for [`UNHASHED`], walks the trie
+        /// there while a restart hands over to its successor) ...
+        pub const HASHED_56: u32 = 8;
+        /// ... or an entry of another length: every bit, the trie. A /40 holding all four
+        /// hashed lengths reads the same and walks the trie too: the right verdict, slower.
+        pub const UNHASHED: u32 = HASHED_48 | HASHED_64 | HASHED_128 | HASHED_56;
         /// The hashed lengths and their flags, longest first: the order of the probes.
-        pub const HASHED: [(u32, u32); 3] = [(HASHED_128, 128), (HASHED_64, 64), (HASHED_48, 48)];
+        pub const HASHED: [(u32, u32); 4] = [
+            (HASHED_128, 128),
+            (HASHED_64, 64),
+            (HASHED_56, 56),
+            (HASHED_48, 48),
+        ];
         /// Words of the /24 cells: 2^24 cells of [`summary::CELL_BITS`], 8 MiB.
         pub const CELL_WORDS: u32 = summary::WORDS;
         /// Words of the /40 lengths: 2^24 of four bits, 8 MiB.

@@ -392,7 +392,7 @@ fn list_v6(src: &[u8; 16]) -> ListVerdict {
         if lengths == 0 {
             return cell & summary::BASE;
         }
-        if lengths & summary_v6::UNHASHED == 0 {
+        if lengths != summary_v6::UNHASHED {
             for (flag, len) in summary_v6::HASHED {
                 if lengths & flag != 0
                     && let Some(v) = hashed_v6(src, len)
@@ -408,13 +408,14 @@ fn list_v6(src: &[u8; 16]) -> ListVerdict {
         .unwrap_or(summary::NONE)
 }
 
-/// The hashed entry of length `len` (48, 64 or 128) holding `src`, if listed.
+/// The hashed entry of length `len` (48, 56, 64 or 128) holding `src`, if listed.
 #[inline(always)]
 fn hashed_v6(src: &[u8; 16], len: u32) -> Option<ListVerdict> {
     let word = |i: usize| u32::from_ne_bytes([src[i], src[i + 1], src[i + 2], src[i + 3]]);
     let (w1, w2, w3) = match len {
         128 => (word(4), word(8), word(12)),
         64 => (word(4), 0, 0),
+        56 => (word(4) & u32::from_ne_bytes([0xff, 0xff, 0xff, 0]), 0, 0),
         // 48: the first two bytes of the second word.
         _ => (word(4) & u32::from_ne_bytes([0xff, 0xff, 0, 0]), 0, 0),
     };

@@ -103,7 +103,7 @@ fn map_shapes(capacity: &Capacity) -> Result<Vec<MapShape>> {
             value_size: size_of::<InnerV6>() as u32,
             max_entries: list_entries,
         },
-        // IPv6 entries of /48, /64 and /128, also in the trie: at most the family's entries.
+        // IPv6 entries of /48, /56, /64 and /128, also in the trie: at most the family's entries.
         MapShape {
             name: names::MAP_LIST_V6_HASHED,
             map_type: MapType::Hash,
@@ -250,8 +250,8 @@ fn exact_address(net: &IpNet) -> Option<Ipv4Addr> {
     }
 }
 
-/// The IPv6 hash's key of `net`, if it is an IPv6 entry of a hashed length (/48, /64,
-/// /128): its network address, as the data plane masks a source, and its length.
+/// The IPv6 hash's key of `net`, if it is an IPv6 entry of a hashed length (/48, /56,
+/// /64, /128): its network address, as the data plane masks a source, and its length.
 fn hashed_v6_key(net: &IpNet) -> Option<HashedV6Key> {
     match net {
         IpNet::V6(n) if summary_v6::length_flag(n.prefix_len()) != summary_v6::UNHASHED => {

@@ -919,7 +919,7 @@ mod tests {
         if lengths == 0 {
             return V6Path::Summary(cell & BASE);
         }
-        if lengths & summary_v6::UNHASHED == 0 {
+        if lengths != summary_v6::UNHASHED {
             for (flag, len) in summary_v6::HASHED {
                 let net = IpNet::V6(Ipv6Net::new(addr, len as u8).unwrap().trunc());
                 if lengths & flag != 0
@@ -954,7 +954,15 @@ mod tests {
             ("2400:cb00::/32", LIST_BLOCK),
             ("2a02:f000::/20", LIST_BLOCK),
             ("2001:db8:7::7/128", LIST_ALLOW),
-            ("2001:db8:c00::/56", LIST_BLOCK),
+            ("2001:db8:c00::/60", LIST_BLOCK),
+            ("2001:db8:d00::/56", LIST_ALLOW),
+            // A /40 of /48 and /56, and one holding all four hashed lengths.
+            ("2001:db8:f00::/48", LIST_BLOCK),
+            ("2001:db8:f00:100::/56", LIST_ALLOW),
+            ("2001:db8:e00::/48", LIST_BLOCK),
+            ("2001:db8:e00:100::/56", LIST_ALLOW),
+            ("2001:db8:e00:101::/64", LIST_BLOCK),
+            ("2001:db8:e00:101::1/128", LIST_ALLOW),
             ("10.0.0.0/8", LIST_BLOCK),
         ]);
         let cells = summarize(&t, Family::V6);
@@ -995,9 +1003,21 @@ mod tests {
         assert_eq!(path("fd00:2::1"), V6Path::Inner(LIST_BLOCK));
         assert_eq!(path("2400:cb00:ffff::1"), V6Path::Inner(LIST_BLOCK));
         assert_eq!(path("2400:cb01::1"), V6Path::Inner(NONE));
-        // A /40 holding a length the hash does not: the trie, for all of it.
+        // A /56 is hashed too, and a /56 inside a /48 is probed before it.
+        assert_eq!(path("2001:db8:d00:ff::1"), V6Path::Hash(LIST_ALLOW));
+        assert_eq!(path("2001:db8:d00:100::1"), V6Path::Trie);
+        assert_eq!(path("2001:db8:f00:1ff::1"), V6Path::Hash(LIST_ALLOW));
+        assert_eq!(path("2001:db8:f00:200::1"), V6Path::Hash(LIST_BLOCK));
+        // A /40 holding a length the hash does not: the trie, for all of it; and one
+        // holding all four hashed lengths, whose flags read as that.
         assert_eq!(path("2001:db8:c00::1"), V6Path::Trie);
         assert_eq!(path("2001:db8:c01::1"), V6Path::Trie);
+        let (word, shift) =
+            summary_v6::long_cell(&"2001:db8:e00::".parse::<Ipv6Addr>().unwrap().octets());
+        let lengths = (long[(word - summary_v6::CELL_WORDS) as usize] >> shift & CELL_MASK) as u32;
+        assert_eq!(lengths, summary_v6::UNHASHED);
+        assert_eq!(path("2001:db8:e00:100::1"), V6Path::Trie);
+        assert_eq!(path("2001:db8:e00:101::1"), V6Path::Trie);
         // A small list walks the trie, where no probe pays.
         assert!(!probes_pay(&t));
         let walk_only = long_lengths(t.entries.keys(), false);
@@ -1106,7 +1126,8 @@ mod tests {
                 let mut net = random_v6(&mut next, top, 30, 20);
                 // Half of them of the hashed lengths, so that probes hit and miss often.
                 if next().is_multiple_of(2) {
-                    let len = summary_v6::HASHED[(next() % 3) as usize].1 as u8;
+                    let len =
+                        summary_v6::HASHED[next() as usize % summary_v6::HASHED.len()].1 as u8;
                     net = IpNet::new(net.addr(), len).unwrap().trunc();
                 }
                 let v = if next().is_multiple_of(2) {

@@ -1288,7 +1288,7 @@ fn ipv4_list_summary_follows_every_list_change() {
 /// and the trie) agrees with the lists through every kind of change: prefixes covering
 /// whole /24s (nested, and the whole space), prefixes of /25 to /39 and of /40 or longer
 /// inside one /24 beside such a cover, hashed lengths nested in each other (/128 in /64
-/// in /48) and beside an unhashed one (/56), nested /25 to /33 of both lists (the /24's
+/// in /56 in /48, a /40 holding all four), nested /25 to /33 of both lists (the /24's
 /// inner verdicts, a /32 holding a longer entry asking the trie), both kinds in one /24,
 /// an address changing list, removals (which clear /40 lengths) back to nothing.
 #[test]
@@ -1326,6 +1326,16 @@ fn ipv6_list_summary_follows_every_list_change() {
             &["2001:db8:a11::/48", "2001:db8:a11:100::1/128"],
         ),
         (&[], &["2001:db8:a11::7/128", "2001::/20"]),
+        // /56s, hashed: alone, inside a /48, holding a /64.
+        (&["2001:db8:a11:100::/56"], &[]),
+        (
+            &["2001:db8:a11:100::/56"],
+            &["2001:db8:a11::/48", "2001:db8:a11:1ff::/64"],
+        ),
+        (
+            &["2001:db8:a11::/48"],
+            &["2001:db8:a11:100::/56", "2001:db8:bad:ff00::/56"],
+        ),
         (
             &["2001:db8:8000::/33"],
             &["2001:d80::/25", "2001:db8::/32", "2001:dbc::/30"],
@@ -1350,6 +1360,8 @@ fn ipv6_list_summary_follows_every_list_change() {
         "2001:db8:a11:1ff::1",
         "2001:db8:a12::1",
         "2001:db8:bad::ffff",
+        "2001:db8:bad:ff00::1",
+        "2001:db8:bad:ffff::1",
         "2001:db8:ffff::7",
         "2a00:db8:a11::1",
         "2000:ffff::1",
@@ -1547,6 +1559,84 @@ fn reused_maps_bring_the_ipv6_hash_back_in_step() {
     );
     drop(h);
     detach_pinned(&dir).expect("detaching");
+}
+
+/// Once the IPv6 list is long enough for probes to pay, a source inside a hashed entry
+/// (/48, /56, /64, /128) gets the IPv6 hash's verdict, the longest first, without the trie:
+/// a verdict planted in the hash, the opposite of the trie's, decides. So each probe's key
+/// (the source masked to its length) is the one the controller wrote.
+#[test]
+fn ipv6_hash_probes_decide_at_each_hashed_length() {
+    use api_shield::lists::fold;
+    use api_shield_common::lists::{HashedV6Key, LIST_ALLOW};
+    use aya::maps::HashMap;
+    let mut h = Harness::new(UNLIMITED);
+    let filler = api_shield::summary::PROBES_FROM_V6_ENTRIES as u128;
+    let mut block: Vec<ipnet::IpNet> = (0..filler)
+        .map(|i| ipnet::IpNet::new(Ipv6Addr::from(0x3fff_u128 << 112 | i).into(), 128).unwrap())
+        .collect();
+    let nested = [
+        ("2001:db8:a11::/48", "2001:db8:a11:ff:1::1"),
+        ("2001:db8:a11:100::/56", "2001:db8:a11:1ff::1"),
+        ("2001:db8:a11:101::/64", "2001:db8:a11:101::2"),
+        ("2001:db8:a11:101::1/128", "2001:db8:a11:101::1"),
+    ];
+    block.extend(
+        nested
+            .iter()
+            .map(|(net, _)| net.parse::<ipnet::IpNet>().unwrap()),
+    );
+    assert!(
+        h.shield
+            .apply_lists(&fold(&[], &block).table)
+            .unwrap()
+            .is_empty()
+    );
+    h.seen = h.totals();
+    let frame = |a: &str| udp6(a.parse().unwrap(), 20);
+    for (_, source) in nested {
+        h.expect(&frame(source), XDP_DROP, Reason::Blocklisted, source);
+    }
+    // A /40 holding all four lengths reads as one holding some other: the trie decides
+    // there. Move the /128 out to a /40 of its own, beside a /56.
+    let mut block: Vec<ipnet::IpNet> = block[..block.len() - 1].to_vec();
+    block.push("2001:db8:b00::1/128".parse().unwrap());
+    block.push("2001:db8:b00:100::/56".parse().unwrap());
+    assert!(
+        h.shield
+            .apply_lists(&fold(&[], &block).table)
+            .unwrap()
+            .is_empty()
+    );
+    let planted = [
+        ("2001:db8:a11::/48", "2001:db8:a11:ff:1::1"),
+        ("2001:db8:a11:100::/56", "2001:db8:a11:1ff::1"),
+        ("2001:db8:a11:101::/64", "2001:db8:a11:101::1"),
+        ("2001:db8:b00::1/128", "2001:db8:b00::1"),
+        ("2001:db8:b00:100::/56", "2001:db8:b00:100::1"),
+    ];
+    {
+        let mut hashed: HashMap<_, HashedV6Key, u32> =
+            HashMap::try_from(h.shield.ebpf_mut().map_mut("LIST_V6_HASHED").unwrap()).unwrap();
+        for (net, _) in planted {
+            let net: ipnet::Ipv6Net = net.parse().unwrap();
+            let key = HashedV6Key {
+                addr: net.network().octets(),
+                prefix_len: u32::from(net.prefix_len()),
+            };
+            assert!(hashed.get(&key, 0).is_ok(), "{net} is hashed");
+            hashed.insert(key, LIST_ALLOW, 0).unwrap();
+        }
+    }
+    h.seen = h.totals();
+    for (net, source) in planted {
+        h.expect(
+            &frame(source),
+            XDP_PASS,
+            Reason::Allowlisted,
+            &format!("{source}: the hash's {net}"),
+        );
+    }
 }
 
 /// The data plane answers a source in a /24 holding entries of /25 to /31 (IPv4) or /39
