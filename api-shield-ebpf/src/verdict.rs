@@ -363,8 +363,9 @@ fn list_v4(src: [u8; 4]) -> ListVerdict {
 /// directs: the cell's, unless entries longer than /24 lie in the /24. Where some are of
 /// /25 to /39, the /24's inner verdict of the source's /32 (unless entries longer than
 /// /32 lie in that /32, or the /24 has none: it is changing, or they found no memory);
-/// where all are of /40 or longer, the lengths of the source's /40 say which hash probes
-/// may find its longest match (a hit is it); else, and where no probe hits, the trie's.
+/// where all are of /40 or longer, or the /32's inner verdict asks and the /24 holds some,
+/// the lengths of the source's /40 say which hash probes may find its longest match (a
+/// hit is it); else, and where no probe hits, the trie's.
 #[inline(always)]
 fn list_v6(src: &[u8; 16]) -> ListVerdict {
     let (word, shift) = summary_v6::cell(src);
@@ -375,24 +376,36 @@ fn list_v6(src: &[u8; 16]) -> ListVerdict {
     if cell & (summary::TRIE | summary_v6::LONG) == 0 {
         return cell & summary::BASE;
     }
-    if cell & summary::TRIE != 0 {
-        // SAFETY: one word is read from the value at once.
-        if let Some(inner) = unsafe { LIST_V6_INNER.get([src[0], src[1], src[2], 0]) } {
-            let verdict = inner.verdict(src[3]);
-            if verdict != ASK_TRIE {
-                return verdict;
-            }
-        }
+    let probe = if cell & summary::TRIE == 0 {
+        true
     } else {
+        // SAFETY: one word is read from the value at once.
+        match unsafe { LIST_V6_INNER.get([src[0], src[1], src[2], 0]) } {
+            Some(inner) => {
+                let verdict = inner.verdict(src[3]);
+                if verdict != ASK_TRIE {
+                    return verdict;
+                }
+                // Entries longer than /32 in the source's /32: those of /40 or longer are
+                // probed as below (a hit is longer than any of /33 to /39), the rest walk.
+                cell & summary_v6::LONG != 0
+            }
+            // The /24 may be changing: only the trie is in step then.
+            None => false,
+        }
+    };
+    if probe {
         let (word, shift) = summary_v6::long_cell(src);
         let lengths = match LIST_V6_SUMMARY.get(word) {
             Some(w) => (*w >> shift) as u32 & ((1 << summary::CELL_BITS) - 1),
             None => summary_v6::UNHASHED,
         };
-        if lengths == 0 {
+        // No entry of /40 or longer in the /40: the /24's base, unless entries of /25 to
+        // /39 lie in it too (then the trie knows which holds the source).
+        if lengths == 0 && cell & summary::TRIE == 0 {
             return cell & summary::BASE;
         }
-        if lengths != summary_v6::UNHASHED {
+        if lengths != 0 && lengths != summary_v6::UNHASHED {
             for (flag, len) in summary_v6::HASHED {
                 if lengths & flag != 0
                     && let Some(v) = hashed_v6(src, len)

@@ -909,15 +909,21 @@ mod tests {
         }
         if cell & TRIE != 0 {
             let slash24 = (u128::from(addr) >> 104) as u32;
-            return match inner_value::<InnerV6>(t, slash24).map(|i| i.verdict(a[3])) {
-                Some(ASK_TRIE) | None => V6Path::Trie,
-                Some(v) => V6Path::Inner(v),
-            };
+            match inner_value::<InnerV6>(t, slash24).map(|i| i.verdict(a[3])) {
+                None => return V6Path::Trie,
+                Some(ASK_TRIE) if cell & LONG == 0 => return V6Path::Trie,
+                Some(ASK_TRIE) => {}
+                Some(v) => return V6Path::Inner(v),
+            }
         }
         let (word, shift) = summary_v6::long_cell(&a);
         let lengths = (long[(word - summary_v6::CELL_WORDS) as usize] >> shift & CELL_MASK) as u32;
         if lengths == 0 {
-            return V6Path::Summary(cell & BASE);
+            return if cell & TRIE == 0 {
+                V6Path::Summary(cell & BASE)
+            } else {
+                V6Path::Trie
+            };
         }
         if lengths != summary_v6::UNHASHED {
             for (flag, len) in summary_v6::HASHED {
@@ -956,6 +962,12 @@ mod tests {
             ("2001:db8:7::7/128", LIST_ALLOW),
             ("2001:db8:c00::/60", LIST_BLOCK),
             ("2001:db8:d00::/56", LIST_ALLOW),
+            // Beside the /32 above, in its /24: a /32 holding a /48, one holding a /33
+            // holding a /64.
+            ("2400:cb05::/32", LIST_BLOCK),
+            ("2400:cb05:5::/48", LIST_ALLOW),
+            ("2400:cb06:8000::/33", LIST_ALLOW),
+            ("2400:cb06:8000:1::/64", LIST_BLOCK),
             // A /40 of /48 and /56, and one holding all four hashed lengths.
             ("2001:db8:f00::/48", LIST_BLOCK),
             ("2001:db8:f00:100::/56", LIST_ALLOW),
@@ -975,7 +987,7 @@ mod tests {
             ("fdff:ffff::1", LIST_BLOCK),
             // A /32 inside a listed /7's /24: the trie's answer.
             ("fd00:1::1", TRIE | LIST_BLOCK),
-            ("2400:cb00::1", TRIE),
+            ("2400:cb00::1", TRIE | LONG),
             ("2a02:f000::1", LIST_BLOCK),
             ("2a02:f0ff::1", LIST_BLOCK),
             ("2a02:ffff::1", LIST_BLOCK),
@@ -1003,6 +1015,12 @@ mod tests {
         assert_eq!(path("fd00:2::1"), V6Path::Inner(LIST_BLOCK));
         assert_eq!(path("2400:cb00:ffff::1"), V6Path::Inner(LIST_BLOCK));
         assert_eq!(path("2400:cb01::1"), V6Path::Inner(NONE));
+        // A /32 holding longer entries: those of /40 or longer are probed, else the trie.
+        assert_eq!(path("2400:cb05:5::1"), V6Path::Hash(LIST_ALLOW));
+        assert_eq!(path("2400:cb05:6::1"), V6Path::Trie);
+        assert_eq!(path("2400:cb06:8000:1::1"), V6Path::Hash(LIST_BLOCK));
+        assert_eq!(path("2400:cb06:8000:2::1"), V6Path::Trie);
+        assert_eq!(path("2400:cb06::1"), V6Path::Trie);
         // A /56 is hashed too, and a /56 inside a /48 is probed before it.
         assert_eq!(path("2001:db8:d00:ff::1"), V6Path::Hash(LIST_ALLOW));
         assert_eq!(path("2001:db8:d00:100::1"), V6Path::Trie);

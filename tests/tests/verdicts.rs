@@ -1562,7 +1562,8 @@ fn reused_maps_bring_the_ipv6_hash_back_in_step() {
 }
 
 /// Once the IPv6 list is long enough for probes to pay, a source inside a hashed entry
-/// (/48, /56, /64, /128) gets the IPv6 hash's verdict, the longest first, without the trie:
+/// (/48, /56, /64, /128; also inside a /32 its /24's inner verdicts send on, for holding
+/// longer entries) gets the IPv6 hash's verdict, the longest first, without the trie:
 /// a verdict planted in the hash, the opposite of the trie's, decides. So each probe's key
 /// (the source masked to its length) is the one the controller wrote.
 #[test]
@@ -1602,6 +1603,9 @@ fn ipv6_hash_probes_decide_at_each_hashed_length() {
     let mut block: Vec<ipnet::IpNet> = block[..block.len() - 1].to_vec();
     block.push("2001:db8:b00::1/128".parse().unwrap());
     block.push("2001:db8:b00:100::/56".parse().unwrap());
+    // A /48 inside a listed /32 (its /24's inner verdicts ask for more there): probed too.
+    block.push("2a0e:b107::/32".parse().unwrap());
+    block.push("2a0e:b107:5::/48".parse().unwrap());
     assert!(
         h.shield
             .apply_lists(&fold(&[], &block).table)
@@ -1614,6 +1618,7 @@ fn ipv6_hash_probes_decide_at_each_hashed_length() {
         ("2001:db8:a11:101::/64", "2001:db8:a11:101::1"),
         ("2001:db8:b00::1/128", "2001:db8:b00::1"),
         ("2001:db8:b00:100::/56", "2001:db8:b00:100::1"),
+        ("2a0e:b107:5::/48", "2a0e:b107:5::1"),
     ];
     {
         let mut hashed: HashMap<_, HashedV6Key, u32> =
@@ -1637,6 +1642,13 @@ fn ipv6_hash_probes_decide_at_each_hashed_length() {
             &format!("{source}: the hash's {net}"),
         );
     }
+    // Beside the /48, the probe misses and the trie finds the /32.
+    h.expect(
+        &frame("2a0e:b107:6::1"),
+        XDP_DROP,
+        Reason::Blocklisted,
+        "in the /32",
+    );
 }
 
 /// The data plane answers a source in a /24 holding entries of /25 to /31 (IPv4) or /39
