@@ -531,6 +531,7 @@ fn mixed_prefixes(n: usize) -> Vec<ipnet::IpNet> {
             || avoid("2001:db8:ffff::7".parse().expect("addr"))
             || avoid("2a0e:b107::7".parse().expect("addr"))
             || avoid("2a0f:1200:ff00:1234::7".parse().expect("addr"))
+            || avoid("2a0e:b108:5::7".parse().expect("addr"))
         {
             continue;
         }
@@ -620,15 +621,15 @@ fn blocklist_scale(
     writeln!(report, "## Blocklist scale\n")?;
     writeln!(
         report,
-        "The blocklist holds N distinct prefixes (70% IPv4 /8-/32, 30% IPv6 /16-/128). Per-packet cost of a repeat source by BPF_PROG_TEST_RUN (64-byte frames, {repeat} runs, median of 3 rounds, each over every size in turn with all N loaded at once): blocked (inside a listed /32), blocked inside a /28 (an IPv4 entry of /25 to /31), passed (listed nowhere, limiter taken), blocked IPv6 (inside a listed /48), blocked IPv6 inside a /32 (an IPv6 entry of /25 to /39), blocked IPv6 inside a /56 (hashed like the /48; the mix holds no /56, so one is planted). First-seen sources, every frame from another one (the spoofed-source build of the random-sources section, its prandom-only program subtracted; no limit configured, so the figure is the list lookup alone, not the limiter's new bucket): IPv4 sources at random over all 2^32 addresses, IPv6 sources with their first 32 bits at random; {FIRST_SEEN_ROUNDS} rounds of a third as many runs, each over every size in turn with all N loaded at once (a drift of the host's load moved these figures 2x between runs), the median of each round's difference; beside them, the share of those sources the list blocks and the share its summary sends on (IPv4: in a /24 holding entries longer than /24, to the exact hash or the inner verdicts; IPv6: in a /24 holding entries of /25 to /39, to its inner verdicts). A mix of verdicts costs the CPU's branch prediction: with the uncapped short prefixes, which blocked a third of IPv6 sources at 1M, first-seen IPv6 grew 1.4-1.6x from 1k to 1M, and 1.2x without them. The list holds few short prefixes (at most 4 IPv4 /8s, 256 IPv4 /16s and 4 IPv6 /16s, as real lists hold a few bogon-sized blocks; uncapped, a 1M list held all 256 IPv4 /8s and blocked every IPv4 source). Load time: all N into empty maps, in batches of 16,384 (prefixes into the tries, IPv4 addresses into the exact-match hash, copies of the IPv6 /48, /56, /64 and /128 entries into theirs); memory: the two tries, the two hashes and the two summaries, as the kernel accounts them. Goals: from 1k to 1M prefixes a repeat source's cost grows <= 1.1x, a first-seen source's <= 1.4x; 1M prefixes load in <= 3 s.\n"
+        "The blocklist holds N distinct prefixes (70% IPv4 /8-/32, 30% IPv6 /16-/128). Per-packet cost of a repeat source by BPF_PROG_TEST_RUN (64-byte frames, {repeat} runs, median of 3 rounds, each over every size in turn with all N loaded at once): blocked (inside a listed /32), blocked inside a /28 (an IPv4 entry of /25 to /31), passed (listed nowhere, limiter taken), blocked IPv6 (inside a listed /48), blocked IPv6 inside a /32 (an IPv6 entry of /25 to /39), blocked IPv6 inside a /56 (hashed like the /48; the mix holds no /56, so one is planted), blocked IPv6 inside a /48 inside a listed /32 (in the /24 of the /32 before, so its inner verdicts ask for more there). First-seen sources, every frame from another one (the spoofed-source build of the random-sources section, its prandom-only program subtracted; no limit configured, so the figure is the list lookup alone, not the limiter's new bucket): IPv4 sources at random over all 2^32 addresses, IPv6 sources with their first 32 bits at random; {FIRST_SEEN_ROUNDS} rounds of a third as many runs, each over every size in turn with all N loaded at once (a drift of the host's load moved these figures 2x between runs), the median of each round's difference; beside them, the share of those sources the list blocks and the share its summary sends on (IPv4: in a /24 holding entries longer than /24, to the exact hash or the inner verdicts; IPv6: in a /24 holding entries of /25 to /39, to its inner verdicts). A mix of verdicts costs the CPU's branch prediction: with the uncapped short prefixes, which blocked a third of IPv6 sources at 1M, first-seen IPv6 grew 1.4-1.6x from 1k to 1M, and 1.2x without them. The list holds few short prefixes (at most 4 IPv4 /8s, 256 IPv4 /16s and 4 IPv6 /16s, as real lists hold a few bogon-sized blocks; uncapped, a 1M list held all 256 IPv4 /8s and blocked every IPv4 source). Load time: all N into empty maps, in batches of 16,384 (prefixes into the tries, IPv4 addresses into the exact-match hash, copies of the IPv6 /48, /56, /64 and /128 entries into theirs); memory: the two tries, the two hashes and the two summaries, as the kernel accounts them. Goals: from 1k to 1M prefixes a repeat source's cost grows <= 1.1x, a first-seen source's <= 1.4x; 1M prefixes load in <= 3 s.\n"
     )?;
     writeln!(
         report,
-        "| prefixes | blocked IPv4 ns | blocked IPv4 /28 ns | passed IPv4 ns | blocked IPv6 ns | blocked IPv6 /32 ns | blocked IPv6 /56 ns | first-seen IPv4 ns | first-seen IPv6 ns | first-seen sources blocked (IPv4 / IPv6) | first-seen sources past the summary (IPv4 / IPv6 lookup) | load time | load rate | list maps memory |"
+        "| prefixes | blocked IPv4 ns | blocked IPv4 /28 ns | passed IPv4 ns | blocked IPv6 ns | blocked IPv6 /32 ns | blocked IPv6 /56 ns | blocked IPv6 /48 in a /32 ns | first-seen IPv4 ns | first-seen IPv6 ns | first-seen sources blocked (IPv4 / IPv6) | first-seen sources past the summary (IPv4 / IPv6 lookup) | load time | load rate | list maps memory |"
     )?;
     writeln!(
         report,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )?;
     let blocked4 = udp4("192.0.2.7".parse()?, 22);
     let blocked4_inner = udp4("203.0.113.5".parse()?, 22);
@@ -636,6 +637,7 @@ fn blocklist_scale(
     let blocked6 = udp6("2001:db8:ffff::7".parse()?, 2);
     let blocked6_inner = udp6("2a0e:b107::7".parse()?, 2);
     let blocked6_56 = udp6("2a0f:1200:ff00:1234::7".parse()?, 2);
+    let blocked6_48_in_32 = udp6("2a0e:b108:5::7".parse()?, 2);
     let mut points = Vec::new();
     let mut lists_v4 = Vec::new();
     // Every size's shield stays loaded until the first-seen rounds have run over all.
@@ -648,12 +650,14 @@ fn blocklist_scale(
         let mut shield = random_shield(&config)?;
         let mut prefixes = mixed_prefixes(n);
         // The sources the frames use, inside two of the N prefixes.
-        prefixes.truncate(n - 5);
+        prefixes.truncate(n - 7);
         prefixes.push("192.0.2.7/32".parse()?);
         prefixes.push("203.0.113.0/28".parse()?);
         prefixes.push("2001:db8:ffff::/48".parse()?);
         prefixes.push("2a0e:b107::/32".parse()?);
         prefixes.push("2a0f:1200:ff00:1200::/56".parse()?);
+        prefixes.push("2a0e:b108::/32".parse()?);
+        prefixes.push("2a0e:b108:5::/48".parse()?);
         lists_v4.push(
             prefixes
                 .iter()
@@ -692,6 +696,7 @@ fn blocklist_scale(
             blocked6: f64::NAN,
             blocked6_inner: f64::NAN,
             blocked6_56: f64::NAN,
+            blocked6_48_in_32: f64::NAN,
             first_seen4: f64::NAN,
             first_seen6: f64::NAN,
             load,
@@ -710,6 +715,7 @@ fn blocklist_scale(
         &blocked6,
         &blocked6_inner,
         &blocked6_56,
+        &blocked6_48_in_32,
     ];
     let mut repeat_ns = vec![vec![Vec::new(); frames.len()]; shields.len()];
     for _ in 0..3 {
@@ -729,10 +735,11 @@ fn blocklist_scale(
             point.blocked6,
             point.blocked6_inner,
             point.blocked6_56,
-        ] = [ns[0], ns[1], ns[2], ns[3], ns[4], ns[5]];
+            point.blocked6_48_in_32,
+        ] = [ns[0], ns[1], ns[2], ns[3], ns[4], ns[5], ns[6]];
         println!(
-            "bench: {} prefixes: blocked {:.0} ns, inside a /28 {:.0} ns, passed {:.0} ns, IPv6 blocked {:.0} ns, inside a /32 {:.0} ns, inside a /56 {:.0} ns",
-            point.prefixes, ns[0], ns[1], ns[2], ns[3], ns[4], ns[5]
+            "bench: {} prefixes: blocked {:.0} ns, inside a /28 {:.0} ns, passed {:.0} ns, IPv6 blocked {:.0} ns, inside a /32 {:.0} ns, inside a /56 {:.0} ns, a /48 inside a /32 {:.0} ns",
+            point.prefixes, ns[0], ns[1], ns[2], ns[3], ns[4], ns[5], ns[6]
         );
         // First-seen sources: no limit, so that no bucket is made (see the text).
         shield.set_limit(
@@ -762,7 +769,7 @@ fn blocklist_scale(
         );
         writeln!(
             report,
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}% / {:.2}% | {:.3}% / {:.3}% | {:.2} s | {:.0}k/s | {:.0} KiB |",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}% / {:.2}% | {:.3}% / {:.3}% | {:.2} s | {:.0}k/s | {:.0} KiB |",
             point.prefixes,
             point.blocked4,
             point.blocked4_inner,
@@ -770,6 +777,7 @@ fn blocklist_scale(
             point.blocked6,
             point.blocked6_inner,
             point.blocked6_56,
+            point.blocked6_48_in_32,
             point.first_seen4,
             point.first_seen6,
             point.blocked_share.0 * 100.0,
@@ -789,7 +797,7 @@ fn blocklist_scale(
     };
     writeln!(
         report,
-        "\nGrowth {} -> {}: repeat sources (goal <= 1.1x): blocked IPv4 {}, blocked IPv4 inside a /28 {}, passed IPv4 {}, blocked IPv6 {}, blocked IPv6 inside a /32 {}, blocked IPv6 inside a /56 {}; first-seen sources (goal <= 1.4x): IPv4 {}, IPv6 {}.{}\n",
+        "\nGrowth {} -> {}: repeat sources (goal <= 1.1x): blocked IPv4 {}, blocked IPv4 inside a /28 {}, passed IPv4 {}, blocked IPv6 {}, blocked IPv6 inside a /32 {}, blocked IPv6 inside a /56 {}, blocked IPv6 /48 inside a listed /32 {}; first-seen sources (goal <= 1.4x): IPv4 {}, IPv6 {}.{}\n",
         first.prefixes,
         last.prefixes,
         growth(|p| p.blocked4, 1.1),
@@ -798,6 +806,7 @@ fn blocklist_scale(
         growth(|p| p.blocked6, 1.1),
         growth(|p| p.blocked6_inner, 1.1),
         growth(|p| p.blocked6_56, 1.1),
+        growth(|p| p.blocked6_48_in_32, 1.1),
         growth(|p| p.first_seen4, 1.4),
         growth(|p| p.first_seen6, 1.4),
         if last.prefixes >= 1_000_000 {
@@ -880,6 +889,11 @@ fn blocklist_scale(
                 "#52be80",
                 column(|p| p.blocked6_56),
             ),
+            (
+                "api-shield, blocked IPv6 /48 in a /32",
+                "#7dcea0",
+                column(|p| p.blocked6_48_in_32),
+            ),
             ("first-seen IPv4", "#e67e22", column(|p| p.first_seen4)),
             ("first-seen IPv6", "#17a589", column(|p| p.first_seen6)),
         ],
@@ -898,7 +912,7 @@ fn blocklist_scale(
     )?;
     writeln!(
         report,
-        "What keeps the cost flat: the data plane reads one summary cell per source, four bits for its /24 (in each family) saying what the lists answer there, or which map to ask. A source whose /24 holds no entry longer than /24 (listed nowhere, or only under shorter prefixes) makes no lookup at all, first seen or not. An IPv4 source listed as a whole address (/32: 40% of this list's IPv4 entries, and most of a large real feed) is one lookup in the exact-match hash, whatever the list's size; one in a /24 holding entries of /25 to /31 (10% of this list's IPv4 entries are /28s) is one lookup of that /24's inner verdicts (the longest match of each of its /31s, spelled out by the controller), where it used to walk the trie (measured here before the inner verdicts: 99 -> 150 ns from 1k to 1M prefixes inside a listed /28). An IPv6 source in a /24 holding entries of /25 to /39 (20% of this list's IPv6 entries are /32s) is likewise one lookup of that /24's inner verdicts (the longest match of each of its /32s, or \"ask the trie\" for a /32 holding longer entries), where it used to walk the trie (measured here before the IPv6 inner verdicts, in one run: 106 -> 159 ns from 1k to 1M prefixes inside a listed /32, 1.50x, and first-seen IPv6 sources 1.39x; with them, in the run just before, 59 -> 59 ns and 1.12x). An IPv6 source in a /24 holding only entries of /40 or longer reads the lengths of those in its /40, and where they are /48, /56, /64 or /128 (70% of this list's IPv6 entries) probes a hash at each, longest first: one lookup for the blocked /48 and for the /56 here, however long the list (the /56 walked the trie before it was hashed: 80 -> 128 ns from 1k to 1M prefixes, 1.60x, in one run; with the probe, in the run before, 81 -> 66 ns) (lists under 1,024 IPv6 entries walk their short trie instead, which costs less there). What still grows: an IPv6 source in a /32 holding an entry longer than /32 inside a /24 that holds one of /25 to /39, or in a /40 holding an entry of another length than /48, /56, /64 or /128 (or entries of all four: the /40's four bits then read as that), walks the trie, which lengthens with the list. The first-seen IPv6 growth is not the blocked share, which stays at 0.01%: it is the further reads from memory that a 1M list asks for in more cells and a 1k list almost never (the inner verdicts of the /24s holding /32 entries, the /40 lengths, hash probes; the share past the summary is in the table). First-seen sources also cost more where the list blocks more of them: a stream of mixed verdicts defeats the CPU's branch prediction (the blocked path returns before the transport header; the passed one goes on), and more of the sources fall in /24s that need a lookup, from memory; so the first-seen growth follows the blocked share beside it rather than the number of entries. Before IPv6 had /24 cells, its summary was a bitmap any entry of /17 to /39 filled with millions of bits, so at 1M most first-seen IPv6 sources walked a 300,000-entry trie from memory (1,027 ns, 7.5x the 1k figure). Memory: the exact-match hashes take their buckets up front (16 bytes per entry of capacity, rounded up to a power of two: 16 MiB each at 1M) and the summaries 24 MiB (8 MiB of IPv4 cells; 8 MiB of IPv6 cells and 8 MiB of /40 lengths), the rest grows with the entries (the inner verdicts also take their buckets up front, with 32 bytes for IPv4, 64 for IPv6, and the kernel's element per /24 that holds entries of /25 to /31 or /39).\n"
+        "What keeps the cost flat: the data plane reads one summary cell per source, four bits for its /24 (in each family) saying what the lists answer there, or which map to ask. A source whose /24 holds no entry longer than /24 (listed nowhere, or only under shorter prefixes) makes no lookup at all, first seen or not. An IPv4 source listed as a whole address (/32: 40% of this list's IPv4 entries, and most of a large real feed) is one lookup in the exact-match hash, whatever the list's size; one in a /24 holding entries of /25 to /31 (10% of this list's IPv4 entries are /28s) is one lookup of that /24's inner verdicts (the longest match of each of its /31s, spelled out by the controller), where it used to walk the trie (measured here before the inner verdicts: 99 -> 150 ns from 1k to 1M prefixes inside a listed /28). An IPv6 source in a /24 holding entries of /25 to /39 (20% of this list's IPv6 entries are /32s) is likewise one lookup of that /24's inner verdicts (the longest match of each of its /32s, or \"ask the trie\" for a /32 holding longer entries), where it used to walk the trie (measured here before the IPv6 inner verdicts, in one run: 106 -> 159 ns from 1k to 1M prefixes inside a listed /32, 1.50x, and first-seen IPv6 sources 1.39x; with them, in the run just before, 59 -> 59 ns and 1.12x). Where such a /32 holds longer entries, those of /40 or longer are then probed as below (a hit is longer than any entry of /33 to /39), so a source in a listed /48 inside a listed /32 costs two lookups however long the list (measured before those probes, in one run: 113 -> 171 ns from 1k to 1M prefixes, 1.51x; with them, in the run before, 116 -> 91 ns, flat from 10k). An IPv6 source in a /24 holding only entries of /40 or longer reads the lengths of those in its /40, and where they are /48, /56, /64 or /128 (70% of this list's IPv6 entries) probes a hash at each, longest first: one lookup for the blocked /48 and for the /56 here, however long the list (the /56 walked the trie before it was hashed: 80 -> 128 ns from 1k to 1M prefixes, 1.60x, in one run; with the probe, in the run before, 81 -> 66 ns) (lists under 1,024 IPv6 entries walk their short trie instead, which costs less there). What still grows: an IPv6 source in a /32 holding an entry longer than /32 inside a /24 that holds one of /25 to /39, unless a hashed entry holds it, or in a /40 holding an entry of another length than /48, /56, /64 or /128 (or entries of all four: the /40's four bits then read as that), walks the trie, which lengthens with the list. The first-seen IPv6 growth is not the blocked share, which stays at 0.01%: it is the further reads from memory that a 1M list asks for in more cells and a 1k list almost never (the inner verdicts of the /24s holding /32 entries, the /40 lengths, hash probes; the share past the summary is in the table). First-seen sources also cost more where the list blocks more of them: a stream of mixed verdicts defeats the CPU's branch prediction (the blocked path returns before the transport header; the passed one goes on), and more of the sources fall in /24s that need a lookup, from memory; so the first-seen growth follows the blocked share beside it rather than the number of entries. Before IPv6 had /24 cells, its summary was a bitmap any entry of /17 to /39 filled with millions of bits, so at 1M most first-seen IPv6 sources walked a 300,000-entry trie from memory (1,027 ns, 7.5x the 1k figure). Memory: the exact-match hashes take their buckets up front (16 bytes per entry of capacity, rounded up to a power of two: 16 MiB each at 1M) and the summaries 24 MiB (8 MiB of IPv4 cells; 8 MiB of IPv6 cells and 8 MiB of /40 lengths), the rest grows with the entries (the inner verdicts also take their buckets up front, with 32 bytes for IPv4, 64 for IPv6, and the kernel's element per /24 that holds entries of /25 to /31 or /39).\n"
     )?;
     Ok(())
 }
@@ -912,6 +926,7 @@ struct ScalePoint {
     blocked6: f64,
     blocked6_inner: f64,
     blocked6_56: f64,
+    blocked6_48_in_32: f64,
     first_seen4: f64,
     first_seen6: f64,
     load: Duration,
