@@ -487,14 +487,16 @@ const SHORT_PREFIX_CAPS: [(bool, u8, usize, u8); 3] =
     [(false, 8, 4, 20), (false, 16, 256, 20), (true, 16, 4, 32)];
 
 /// `n` distinct prefixes: 70% IPv4 of /8 to /32, 30% IPv6 of /16 to /128 (few of /8 and
-/// /16: see [`SHORT_PREFIX_CAPS`]), none covering
-/// the addresses the bench sends from (198.18.0.0/15, 192.0.2.7, 203.0.113.5,
-/// 2001:db8:ffff::/48).
+/// /16: see [`SHORT_PREFIX_CAPS`]), none covering a repeat source ([`REPEAT_SOURCES`]).
 fn mixed_prefixes(n: usize) -> Vec<ipnet::IpNet> {
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     let mut out = std::collections::HashSet::with_capacity(n);
     // Drawn so far of the short lengths, which are capped (see SHORT_PREFIX_CAPS).
     let mut short = [0usize; 3];
+    let avoid: Vec<std::net::IpAddr> = REPEAT_SOURCES
+        .iter()
+        .map(|r| r.source.parse().expect("a repeat source's address"))
+        .collect();
     // Lengths are weighted towards long prefixes, as in real lists; a short length past
     // its cap is drawn as the next length up that has none.
     let capped = |len: u8, short: &mut [usize; 3], v6: bool| -> u8 {
@@ -524,15 +526,7 @@ fn mixed_prefixes(n: usize) -> Vec<ipnet::IpNet> {
                 std::net::Ipv6Addr::from((u128::from(x) << 64) | u128::from(x.rotate_left(17)));
             ipnet::IpNet::new(addr.into(), len).expect("prefix").trunc()
         };
-        let avoid = |a: std::net::IpAddr| net.contains(&a);
-        if avoid("198.18.0.7".parse().expect("addr"))
-            || avoid("192.0.2.7".parse().expect("addr"))
-            || avoid("203.0.113.5".parse().expect("addr"))
-            || avoid("2001:db8:ffff::7".parse().expect("addr"))
-            || avoid("2a0e:b107::7".parse().expect("addr"))
-            || avoid("2a0f:1200:ff00:1234::7".parse().expect("addr"))
-            || avoid("2a0e:b108:5::7".parse().expect("addr"))
-        {
+        if avoid.iter().any(|a| net.contains(a)) {
             continue;
         }
         out.insert(net);
@@ -623,21 +617,32 @@ fn blocklist_scale(
         report,
         "The blocklist holds N distinct prefixes (70% IPv4 /8-/32, 30% IPv6 /16-/128). Per-packet cost of a repeat source by BPF_PROG_TEST_RUN (64-byte frames, {repeat} runs, median of 3 rounds, each over every size in turn with all N loaded at once): blocked (inside a listed /32), blocked inside a /28 (an IPv4 entry of /25 to /31), passed (listed nowhere, limiter taken), blocked IPv6 (inside a listed /48), blocked IPv6 inside a /32 (an IPv6 entry of /25 to /39), blocked IPv6 inside a /56 (hashed like the /48; the mix holds no /56, so one is planted), blocked IPv6 inside a /48 inside a listed /32 (in the /24 of the /32 before, so its inner verdicts ask for more there). First-seen sources, every frame from another one (the spoofed-source build of the random-sources section, its prandom-only program subtracted; no limit configured, so the figure is the list lookup alone, not the limiter's new bucket): IPv4 sources at random over all 2^32 addresses, IPv6 sources with their first 32 bits at random; {FIRST_SEEN_ROUNDS} rounds of a third as many runs, each over every size in turn with all N loaded at once (a drift of the host's load moved these figures 2x between runs), the median of each round's difference; beside them, the share of those sources the list blocks and the share its summary sends on (IPv4: in a /24 holding entries longer than /24, to the exact hash or the inner verdicts; IPv6: in a /24 holding entries of /25 to /39, to its inner verdicts). A mix of verdicts costs the CPU's branch prediction: with the uncapped short prefixes, which blocked a third of IPv6 sources at 1M, first-seen IPv6 grew 1.4-1.6x from 1k to 1M, and 1.2x without them. The list holds few short prefixes (at most 4 IPv4 /8s, 256 IPv4 /16s and 4 IPv6 /16s, as real lists hold a few bogon-sized blocks; uncapped, a 1M list held all 256 IPv4 /8s and blocked every IPv4 source). Load time: all N into empty maps, in batches of 16,384 (prefixes into the tries, IPv4 addresses into the exact-match hash, copies of the IPv6 /48, /56, /64 and /128 entries into theirs); memory: the two tries, the two hashes and the two summaries, as the kernel accounts them. Goals: from 1k to 1M prefixes a repeat source's cost grows <= 1.1x, a first-seen source's <= 1.4x; 1M prefixes load in <= 3 s.\n"
     )?;
+    let columns: String = REPEAT_SOURCES
+        .iter()
+        .map(|r| format!(" {} ns |", r.column))
+        .collect();
     writeln!(
         report,
-        "| prefixes | blocked IPv4 ns | blocked IPv4 /28 ns | passed IPv4 ns | blocked IPv6 ns | blocked IPv6 /32 ns | blocked IPv6 /56 ns | blocked IPv6 /48 in a /32 ns | first-seen IPv4 ns | first-seen IPv6 ns | first-seen sources blocked (IPv4 / IPv6) | first-seen sources past the summary (IPv4 / IPv6 lookup) | load time | load rate | list maps memory |"
+        "| prefixes |{columns} first-seen IPv4 ns | first-seen IPv6 ns | first-seen sources blocked (IPv4 / IPv6) | first-seen sources past the summary (IPv4 / IPv6 lookup) | load time | load rate | list maps memory |"
     )?;
-    writeln!(
-        report,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-    )?;
-    let blocked4 = udp4("192.0.2.7".parse()?, 22);
-    let blocked4_inner = udp4("203.0.113.5".parse()?, 22);
+    writeln!(report, "|---|{}", "---|".repeat(REPEAT_SOURCES.len() + 7))?;
+    let frames = REPEAT_SOURCES
+        .iter()
+        .map(|r| {
+            Ok(match r.source.parse()? {
+                std::net::IpAddr::V4(a) => udp4(a, 22),
+                std::net::IpAddr::V6(a) => udp6(a, 2),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // The first-seen sources' frames: their sources are drawn at random.
     let pass4 = udp4("198.18.0.7".parse()?, 22);
     let blocked6 = udp6("2001:db8:ffff::7".parse()?, 2);
-    let blocked6_inner = udp6("2a0e:b107::7".parse()?, 2);
-    let blocked6_56 = udp6("2a0f:1200:ff00:1234::7".parse()?, 2);
-    let blocked6_48_in_32 = udp6("2a0e:b108:5::7".parse()?, 2);
+    let planted: Vec<ipnet::IpNet> = REPEAT_SOURCES
+        .iter()
+        .flat_map(|r| r.planted)
+        .map(|p| p.parse())
+        .collect::<Result<_, _>>()?;
     let mut points = Vec::new();
     let mut lists_v4 = Vec::new();
     // Every size's shield stays loaded until the first-seen rounds have run over all.
@@ -649,15 +654,9 @@ fn blocklist_scale(
         ))?;
         let mut shield = random_shield(&config)?;
         let mut prefixes = mixed_prefixes(n);
-        // The sources the frames use, inside two of the N prefixes.
-        prefixes.truncate(n - 7);
-        prefixes.push("192.0.2.7/32".parse()?);
-        prefixes.push("203.0.113.0/28".parse()?);
-        prefixes.push("2001:db8:ffff::/48".parse()?);
-        prefixes.push("2a0e:b107::/32".parse()?);
-        prefixes.push("2a0f:1200:ff00:1200::/56".parse()?);
-        prefixes.push("2a0e:b108::/32".parse()?);
-        prefixes.push("2a0e:b108:5::/48".parse()?);
+        // The prefixes holding the repeat sources, among the N.
+        prefixes.truncate(n - planted.len());
+        prefixes.extend(&planted);
         lists_v4.push(
             prefixes
                 .iter()
@@ -690,13 +689,7 @@ fn blocklist_scale(
         println!("bench: {n} prefixes: load {load:?}");
         points.push(ScalePoint {
             prefixes: n,
-            blocked4: f64::NAN,
-            blocked4_inner: f64::NAN,
-            passed4: f64::NAN,
-            blocked6: f64::NAN,
-            blocked6_inner: f64::NAN,
-            blocked6_56: f64::NAN,
-            blocked6_48_in_32: f64::NAN,
+            repeat: Vec::new(),
             first_seen4: f64::NAN,
             first_seen6: f64::NAN,
             load,
@@ -708,15 +701,6 @@ fn blocklist_scale(
     }
     // Repeat sources, every size in each round too (as the first-seen ones below): measured
     // size after size, a drift of the host's load moved one size's figure 12%.
-    let frames = [
-        &blocked4,
-        &blocked4_inner,
-        &pass4,
-        &blocked6,
-        &blocked6_inner,
-        &blocked6_56,
-        &blocked6_48_in_32,
-    ];
     let mut repeat_ns = vec![vec![Vec::new(); frames.len()]; shields.len()];
     for _ in 0..3 {
         for (shield, ns) in shields.iter_mut().zip(repeat_ns.iter_mut()) {
@@ -727,20 +711,13 @@ fn blocklist_scale(
         }
     }
     for ((point, shield), ns) in points.iter_mut().zip(&mut shields).zip(repeat_ns) {
-        let ns: Vec<f64> = ns.into_iter().map(median).collect();
-        [
-            point.blocked4,
-            point.blocked4_inner,
-            point.passed4,
-            point.blocked6,
-            point.blocked6_inner,
-            point.blocked6_56,
-            point.blocked6_48_in_32,
-        ] = [ns[0], ns[1], ns[2], ns[3], ns[4], ns[5], ns[6]];
-        println!(
-            "bench: {} prefixes: blocked {:.0} ns, inside a /28 {:.0} ns, passed {:.0} ns, IPv6 blocked {:.0} ns, inside a /32 {:.0} ns, inside a /56 {:.0} ns, a /48 inside a /32 {:.0} ns",
-            point.prefixes, ns[0], ns[1], ns[2], ns[3], ns[4], ns[5], ns[6]
-        );
+        point.repeat = ns.into_iter().map(median).collect();
+        let figures: Vec<String> = REPEAT_SOURCES
+            .iter()
+            .zip(&point.repeat)
+            .map(|(r, ns)| format!("{} {ns:.0} ns", r.growth))
+            .collect();
+        println!("bench: {} prefixes: {}", point.prefixes, figures.join(", "));
         // First-seen sources: no limit, so that no bucket is made (see the text).
         shield.set_limit(
             api_shield_common::limiter::DEFAULT_LIMIT,
@@ -767,17 +744,15 @@ fn blocklist_scale(
             "bench: {} prefixes: first-seen {:.0} / {:.0} ns",
             point.prefixes, point.first_seen4, point.first_seen6
         );
+        let repeat: String = point
+            .repeat
+            .iter()
+            .map(|ns| format!(" {ns:.0} |"))
+            .collect();
         writeln!(
             report,
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}% / {:.2}% | {:.3}% / {:.3}% | {:.2} s | {:.0}k/s | {:.0} KiB |",
+            "| {} |{repeat} {:.0} | {:.0} | {:.2}% / {:.2}% | {:.3}% / {:.3}% | {:.2} s | {:.0}k/s | {:.0} KiB |",
             point.prefixes,
-            point.blocked4,
-            point.blocked4_inner,
-            point.passed4,
-            point.blocked6,
-            point.blocked6_inner,
-            point.blocked6_56,
-            point.blocked6_48_in_32,
             point.first_seen4,
             point.first_seen6,
             point.blocked_share.0 * 100.0,
@@ -791,22 +766,25 @@ fn blocklist_scale(
     }
     drop(shields);
     let (first, last) = (&points[0], &points[points.len() - 1]);
-    let growth = |f: fn(&ScalePoint) -> f64, goal: f64| {
-        let g = f(last) / f(first);
+    let growth_of = |first: f64, last: f64, goal: f64| {
+        let g = last / first;
         format!("{g:.2}x ({})", if g <= goal { "met" } else { "MISSED" })
     };
+    let growth = |f: fn(&ScalePoint) -> f64, goal: f64| growth_of(f(first), f(last), goal);
+    let repeat_growth: Vec<String> = REPEAT_SOURCES
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let g = growth_of(first.repeat[i], last.repeat[i], 1.1);
+            format!("{} {g}", r.growth)
+        })
+        .collect();
     writeln!(
         report,
-        "\nGrowth {} -> {}: repeat sources (goal <= 1.1x): blocked IPv4 {}, blocked IPv4 inside a /28 {}, passed IPv4 {}, blocked IPv6 {}, blocked IPv6 inside a /32 {}, blocked IPv6 inside a /56 {}, blocked IPv6 /48 inside a listed /32 {}; first-seen sources (goal <= 1.4x): IPv4 {}, IPv6 {}.{}\n",
+        "\nGrowth {} -> {}: repeat sources (goal <= 1.1x): {}; first-seen sources (goal <= 1.4x): IPv4 {}, IPv6 {}.{}\n",
         first.prefixes,
         last.prefixes,
-        growth(|p| p.blocked4, 1.1),
-        growth(|p| p.blocked4_inner, 1.1),
-        growth(|p| p.passed4, 1.1),
-        growth(|p| p.blocked6, 1.1),
-        growth(|p| p.blocked6_inner, 1.1),
-        growth(|p| p.blocked6_56, 1.1),
-        growth(|p| p.blocked6_48_in_32, 1.1),
+        repeat_growth.join(", "),
         growth(|p| p.first_seen4, 1.4),
         growth(|p| p.first_seen6, 1.4),
         if last.prefixes >= 1_000_000 {
@@ -860,43 +838,22 @@ fn blocklist_scale(
             .map(|row| row[i].ns_per_frame)
             .collect::<Vec<f64>>()
     };
+    let mut lines: Vec<Series> = REPEAT_SOURCES
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            (
+                r.plot,
+                r.color,
+                points.iter().map(|p| p.repeat[i]).collect(),
+            )
+        })
+        .collect();
+    lines.push(("first-seen IPv4", "#e67e22", column(|p| p.first_seen4)));
+    lines.push(("first-seen IPv6", "#17a589", column(|p| p.first_seen6)));
     let svg = plot(
         &sizes,
-        &[
-            (
-                "api-shield, blocked IPv4",
-                "#c0392b",
-                column(|p| p.blocked4),
-            ),
-            (
-                "api-shield, blocked IPv4 /28",
-                "#943126",
-                column(|p| p.blocked4_inner),
-            ),
-            ("api-shield, passed IPv4", "#2471a3", column(|p| p.passed4)),
-            (
-                "api-shield, blocked IPv6",
-                "#229954",
-                column(|p| p.blocked6),
-            ),
-            (
-                "api-shield, blocked IPv6 /32",
-                "#145a32",
-                column(|p| p.blocked6_inner),
-            ),
-            (
-                "api-shield, blocked IPv6 /56",
-                "#52be80",
-                column(|p| p.blocked6_56),
-            ),
-            (
-                "api-shield, blocked IPv6 /48 in a /32",
-                "#7dcea0",
-                column(|p| p.blocked6_48_in_32),
-            ),
-            ("first-seen IPv4", "#e67e22", column(|p| p.first_seen4)),
-            ("first-seen IPv6", "#17a589", column(|p| p.first_seen6)),
-        ],
+        &lines,
         &[
             ("XDP_DROP only (floor)", "#7f8c8d", e2e_column(0)),
             ("api-shield", "#c0392b", e2e_column(1)),
@@ -920,13 +877,8 @@ fn blocklist_scale(
 /// One blocklist size's figures (ns per packet, and the load time).
 struct ScalePoint {
     prefixes: usize,
-    blocked4: f64,
-    blocked4_inner: f64,
-    passed4: f64,
-    blocked6: f64,
-    blocked6_inner: f64,
-    blocked6_56: f64,
-    blocked6_48_in_32: f64,
+    /// ns per packet of each of [`REPEAT_SOURCES`], in order.
+    repeat: Vec<f64>,
     first_seen4: f64,
     first_seen6: f64,
     load: Duration,
@@ -948,6 +900,82 @@ const FIRST_SEEN_SHORTER: u32 = 3;
 
 /// A line of a plot panel: its name, colour, and its value at each size.
 type Series = (&'static str, &'static str, Vec<f64>);
+
+/// A repeat source of the scale section: a column of its table, a line of its plot.
+struct RepeatSource {
+    /// The table's column, before "ns".
+    column: &'static str,
+    /// Its words in the growth line and the progress output.
+    growth: &'static str,
+    /// The plot's label and colour.
+    plot: &'static str,
+    color: &'static str,
+    /// The frames' source address.
+    source: &'static str,
+    /// The prefixes planted among the N to hold it (none: listed nowhere).
+    planted: &'static [&'static str],
+}
+
+/// The scale section's repeat sources; the random prefixes avoid every one of them.
+const REPEAT_SOURCES: [RepeatSource; 7] = [
+    RepeatSource {
+        column: "blocked IPv4",
+        growth: "blocked IPv4",
+        plot: "api-shield, blocked IPv4",
+        color: "#c0392b",
+        source: "192.0.2.7",
+        planted: &["192.0.2.7/32"],
+    },
+    RepeatSource {
+        column: "blocked IPv4 /28",
+        growth: "blocked IPv4 inside a /28",
+        plot: "api-shield, blocked IPv4 /28",
+        color: "#943126",
+        source: "203.0.113.5",
+        planted: &["203.0.113.0/28"],
+    },
+    RepeatSource {
+        column: "passed IPv4",
+        growth: "passed IPv4",
+        plot: "api-shield, passed IPv4",
+        color: "#2471a3",
+        source: "198.18.0.7",
+        planted: &[],
+    },
+    RepeatSource {
+        column: "blocked IPv6",
+        growth: "blocked IPv6",
+        plot: "api-shield, blocked IPv6",
+        color: "#229954",
+        source: "2001:db8:ffff::7",
+        planted: &["2001:db8:ffff::/48"],
+    },
+    RepeatSource {
+        column: "blocked IPv6 /32",
+        growth: "blocked IPv6 inside a /32",
+        plot: "api-shield, blocked IPv6 /32",
+        color: "#145a32",
+        source: "2a0e:b107::7",
+        planted: &["2a0e:b107::/32"],
+    },
+    RepeatSource {
+        column: "blocked IPv6 /56",
+        growth: "blocked IPv6 inside a /56",
+        plot: "api-shield, blocked IPv6 /56",
+        color: "#52be80",
+        source: "2a0f:1200:ff00:1234::7",
+        planted: &["2a0f:1200:ff00:1200::/56"],
+    },
+    // In the /24 of the /32 above, so that its inner verdicts ask for more there.
+    RepeatSource {
+        column: "blocked IPv6 /48 in a /32",
+        growth: "blocked IPv6 /48 inside a listed /32",
+        plot: "api-shield, blocked IPv6 /48 in a /32",
+        color: "#7dcea0",
+        source: "2a0e:b108:5::7",
+        planted: &["2a0e:b108::/32", "2a0e:b108:5::/48"],
+    },
+];
 
 /// An SVG of two panels, each ns against log10(prefixes): the program's per-packet cost
 /// (BPF_PROG_TEST_RUN), and the end-to-end cost per frame of us and the peers.
