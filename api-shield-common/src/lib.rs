@@ -121,7 +121,8 @@ pub mod lists {
         pub verdicts: [u64; WORDS],
     }
 
-    /// A slot's value when entries longer than the slot lie inside it: the trie answers.
+    /// A slot's value when entries longer than the slot lie inside it: the trie answers
+    /// (for IPv6, after hash probes for the entries of /40 or longer there, if any).
     pub const ASK_TRIE: ListVerdict = 3;
 
     impl<const WORDS: usize> Inner<WORDS> {
@@ -201,8 +202,9 @@ pub mod lists {
     /// base verdict of the longest entry of /24 or shorter covering it, then two flags:
     /// [`LONG`](summary_v6::LONG), entries of /40 or longer lie inside (read the lengths
     /// of the source's /40); [`TRIE`](summary::TRIE), entries of /25 to /39 lie inside
-    /// (the /24's [`InnerV6`] answers, else the trie), whether or not [`LONG`](summary_v6::LONG)
-    /// is set too. Both flags: entries of both kinds lie inside, or the controller is
+    /// (the /24's [`InnerV6`] answers; where it asks, the /40's lengths as for
+    /// [`LONG`](summary_v6::LONG) if that is set too, then the trie; where the /24 has none,
+    /// the trie), whether or not [`LONG`](summary_v6::LONG) is set too. Both flags: entries of both kinds lie inside, or the controller is
     /// changing the /24 (and has taken its [`InnerV6`] out).
     ///
     /// After the cells, four bits per value of address bits 16 to 39 (a /40 without its
