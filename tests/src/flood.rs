@@ -417,6 +417,8 @@ fn set_up(
 pub struct XdpFilter {
     netns_path: String,
     ifname: String,
+    /// Loaded as a plain XDP program, without libxdp's dispatcher (see [`Self::load_plain`]).
+    plain: bool,
     /// Whether libxdp's pin folder was there before: if not, it goes once empty again.
     libxdp_dir_existed: bool,
 }
@@ -428,9 +430,31 @@ impl XdpFilter {
     /// Loads it in native mode with `features` (xdp-filter's `-f`), denying each source
     /// address in `denied`.
     pub fn load(netns: &NetNs, ifname: &str, features: &str, denied: &[&str]) -> Result<XdpFilter> {
+        XdpFilter::load_as(netns, ifname, features, denied, false)
+    }
+
+    /// As [`Self::load`], but attached as a plain XDP program, without libxdp's dispatcher
+    /// (libxdp's `LIBXDP_SKIP_DISPATCHER`): a program another one can tail-call.
+    pub fn load_plain(
+        netns: &NetNs,
+        ifname: &str,
+        features: &str,
+        denied: &[&str],
+    ) -> Result<XdpFilter> {
+        XdpFilter::load_as(netns, ifname, features, denied, true)
+    }
+
+    fn load_as(
+        netns: &NetNs,
+        ifname: &str,
+        features: &str,
+        denied: &[&str],
+        plain: bool,
+    ) -> Result<XdpFilter> {
         let filter = XdpFilter {
             netns_path: netns.path(),
             ifname: ifname.into(),
+            plain,
             libxdp_dir_existed: std::path::Path::new(LIBXDP_DIR).exists(),
         };
         filter.run(&["load", "-m", "native", "-f", features, ifname])?;
@@ -443,7 +467,11 @@ impl XdpFilter {
     /// Runs xdp-filter in the namespace (with this mount namespace's bpffs, which libxdp
     /// needs and `ip netns exec` would replace).
     fn run(&self, args: &[&str]) -> Result<String> {
-        let out = std::process::Command::new("nsenter")
+        let mut command = std::process::Command::new("nsenter");
+        if self.plain {
+            command.env("LIBXDP_SKIP_DISPATCHER", "1");
+        }
+        let out = command
             .arg(format!("--net={}", self.netns_path))
             .arg("xdp-filter")
             .args(args)
@@ -455,6 +483,22 @@ impl XdpFilter {
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The id of the XDP program attached to its interface: libxdp's dispatcher, or
+    /// xdp-filter's own program if loaded plain.
+    pub fn program_id(&self) -> Result<u32> {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", self.netns_path))
+            .args(["ip", "-d", "link", "show", "dev", &self.ifname])
+            .output()
+            .context("running ip link show")?;
+        let link = String::from_utf8_lossy(&out.stdout);
+        link.split("prog/xdp id ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("no XDP program id in: {link}"))
     }
 
     /// Frames it dropped: its XDP_DROP statistic.

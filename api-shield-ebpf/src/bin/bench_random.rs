@@ -1,8 +1,10 @@
 //! The benchmarks' spoofed-source variant: the whole data plane (the same source files),
-//! plus two programs that overwrite the frame's source address with a random one
+//! plus programs that overwrite the frame's source address with a random one
 //! (`bpf_get_prandom_u32() & mask`) first: `bench_random` then judges the frame as
 //! api-shield does, `bench_prandom` only returns XDP_PASS. Their difference is api-shield's
-//! cost with cold caches, as under a spoofed flood. Never loaded by the daemon.
+//! cost with cold caches, as under a spoofed flood. `bench_handoff` instead tail-calls
+//! another program whole (the floor, api-shield's own, xdp-filter's), measured against
+//! `bench_pass` in its place. Never loaded by the daemon.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
@@ -21,10 +23,10 @@ mod verdict;
 mod xdp;
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS},
     helpers::bpf_get_prandom_u32,
     macros::{map, xdp},
-    maps::Array,
+    maps::{Array, ProgramArray},
     programs::XdpContext,
 };
 
@@ -85,6 +87,28 @@ pub(crate) fn bench_random(ctx: XdpContext) -> u32 {
 #[xdp]
 pub(crate) fn bench_prandom(ctx: XdpContext) -> u32 {
     randomize_source(&ctx);
+    XDP_PASS
+}
+
+/// The program `bench_handoff` hands each frame to: set by the bench to the floor, to
+/// api-shield's own program, to a peer's, or to `bench_pass` for the harness alone.
+#[map(name = "BENCH_NEXT")]
+static BENCH_NEXT: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Randomises the source as `bench_prandom` does, then tail-calls the program in
+/// `BENCH_NEXT`: so any XDP program, a peer's too, is measured on random sources whole,
+/// unchanged. XDP_ABORTED if the slot is empty, so a run that measured nothing says so.
+#[xdp]
+pub(crate) fn bench_handoff(ctx: XdpContext) -> u32 {
+    randomize_source(&ctx);
+    // SAFETY: a tail call does not return on success; the context is the one we got.
+    unsafe { BENCH_NEXT.tail_call(&ctx, 0) };
+    XDP_ABORTED
+}
+
+/// Passes: `bench_handoff`'s target when the harness alone is measured.
+#[xdp]
+pub(crate) fn bench_pass(_ctx: XdpContext) -> u32 {
     XDP_PASS
 }
 
