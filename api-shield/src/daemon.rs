@@ -35,7 +35,7 @@ use crate::{
     metrics::{self, Exposition, Scrape},
     penalty::{self, Offences},
     prefix::parse_prefix,
-    registry::{Claim, ListKind, Origin, Registry, StateDir, unix_now},
+    registry::{self, Claim, ListKind, Origin, Registry, StateDir, unix_now},
     shield::{AttachedMode, Shield},
 };
 
@@ -329,8 +329,10 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
     };
     let mut stats_tick = tokio::time::interval(stats_period);
     stats_tick.tick().await;
-    // TTLs are checked every second.
-    let mut expiry_tick = tokio::time::interval(Duration::from_secs(1));
+    // TTLs end at whole seconds of the wall clock: checked just after each one, an entry
+    // leaves on time, not up to a second late as on a tick of its own phase. The deadline
+    // outlives each pass of the loop, so busy branches cannot postpone it.
+    let mut expiry_due = next_expiry_check();
     loop {
         tokio::select! {
             _ = sigint.recv() => { log::info!("SIGINT"); break; }
@@ -356,7 +358,8 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
                 }
                 ctl.penalize(batch);
             }
-            _ = expiry_tick.tick() => {
+            _ = tokio::time::sleep_until(expiry_due) => {
+                expiry_due = next_expiry_check();
                 ctl.expire();
                 ctl.start_due_feeds();
             }
@@ -385,6 +388,12 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
         ctl.config.pin_dir.display()
     );
     Ok(())
+}
+
+/// When to look for expired entries next: just after the wall clock's next whole second
+/// (a few ms after, so the second has surely begun).
+fn next_expiry_check() -> tokio::time::Instant {
+    tokio::time::Instant::now() + registry::until_next_whole_second() + Duration::from_millis(5)
 }
 
 /// Pins need a BPF filesystem; mount one at /sys/fs/bpf if the pin directory is below it.

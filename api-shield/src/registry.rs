@@ -9,7 +9,7 @@ use std::{
     os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     str::FromStr,
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result};
@@ -133,6 +133,15 @@ pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// How long until the wall clock's next whole second, when entries due then expire
+/// (`expires_at` counts whole seconds).
+pub fn until_next_whole_second() -> Duration {
+    let into = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    Duration::from_secs(1) - Duration::from_nanos(into.into())
 }
 
 impl Registry {
@@ -509,6 +518,22 @@ mod tests {
             vec![net("198.51.100.0/24"), net("203.0.113.7/32")]
         );
         assert!(r.prefixes(ListKind::Allow).is_empty());
+    }
+
+    #[test]
+    fn the_next_whole_second_is_under_a_second_away() {
+        let before = unix_now();
+        let wait = until_next_whole_second();
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
+        // Sleeping it out lands in the next second, where entries due then expire.
+        std::thread::sleep(wait);
+        assert!(
+            unix_now() > before,
+            "still in second {before} after {wait:?}"
+        );
     }
 
     #[test]
