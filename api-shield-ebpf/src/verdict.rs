@@ -107,11 +107,48 @@ struct Verdict {
     unparsed: Unparsed,
 }
 
+/// Where a later parse finds the transport header. A struct, not an enum with payloads:
+/// LLVM may load a payload before testing the variant, and kernels before 6.5 refuse a
+/// read of stack that no path wrote, so every field is written on every path.
 #[derive(Clone, Copy)]
-enum Unparsed {
-    Nothing,
-    V4(Ipv4Info),
-    V6(usize),
+struct Unparsed {
+    family: u8,
+    v4: Ipv4Info,
+    v6_offset: usize,
+}
+
+const FAMILY_NONE: u8 = 0;
+const FAMILY_V4: u8 = 4;
+const FAMILY_V6: u8 = 6;
+
+impl Unparsed {
+    const NOTHING: Unparsed = Unparsed {
+        family: FAMILY_NONE,
+        v4: Ipv4Info {
+            l4_offset: 0,
+            protocol: 0,
+            non_first_fragment: false,
+        },
+        v6_offset: 0,
+    };
+
+    #[inline(always)]
+    fn v4(info: Ipv4Info) -> Unparsed {
+        Unparsed {
+            family: FAMILY_V4,
+            v4: info,
+            ..Unparsed::NOTHING
+        }
+    }
+
+    #[inline(always)]
+    fn v6(offset: usize) -> Unparsed {
+        Unparsed {
+            family: FAMILY_V6,
+            v6_offset: offset,
+            ..Unparsed::NOTHING
+        }
+    }
 }
 
 /// The settings the verdict needs, read once per frame.
@@ -175,7 +212,7 @@ impl Verdict {
             flags: 0,
             protocol: 0,
             dst_port: 0,
-            unparsed: Unparsed::Nothing,
+            unparsed: Unparsed::NOTHING,
         }
     }
 }
@@ -221,7 +258,7 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
                         Reason::Allowlisted,
                         &key,
                         EVENT_SOURCE_KNOWN,
-                        Unparsed::V4(info),
+                        Unparsed::v4(info),
                     );
                 }
                 LIST_BLOCK => {
@@ -230,7 +267,7 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
                         Reason::Blocklisted,
                         &key,
                         EVENT_SOURCE_KNOWN,
-                        Unparsed::V4(info),
+                        Unparsed::v4(info),
                     );
                 }
                 _ => {}
@@ -255,7 +292,7 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
                         Reason::Allowlisted,
                         &key,
                         flags,
-                        Unparsed::V6(offset),
+                        Unparsed::v6(offset),
                     );
                 }
                 LIST_BLOCK => {
@@ -264,7 +301,7 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
                         Reason::Blocklisted,
                         &key,
                         flags,
-                        Unparsed::V6(offset),
+                        Unparsed::v6(offset),
                     );
                 }
                 _ => {}
@@ -289,7 +326,7 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
         flags,
         protocol,
         dst_port,
-        unparsed: Unparsed::Nothing,
+        unparsed: Unparsed::NOTHING,
     };
     // The limiter applies even to frames malformed past the IP header, so that
     // mangling the transport header is no way around a source's limit.
@@ -535,16 +572,16 @@ fn report(frame: &Frame, v: &Verdict, slot: u32, mode: Mode) {
         suppressed(slot);
         return;
     }
-    let (protocol, dst_port) = match v.unparsed {
-        Unparsed::Nothing => (v.protocol, v.dst_port),
-        Unparsed::V4(info) => {
-            let l = parse_l4_v4(frame, &info);
+    let (protocol, dst_port) = match v.unparsed.family {
+        FAMILY_V4 => {
+            let l = parse_l4_v4(frame, &v.unparsed.v4);
             (l.protocol, l.dst_port)
         }
-        Unparsed::V6(offset) => {
-            let l = parse_l4_v6(frame, offset);
+        FAMILY_V6 => {
+            let l = parse_l4_v6(frame, v.unparsed.v6_offset);
             (l.protocol, l.dst_port)
         }
+        _ => (v.protocol, v.dst_port),
     };
     let sent = EVENTS
         .output::<DropEvent>(
