@@ -89,8 +89,11 @@ pub struct Sent {
     pub elapsed: Duration,
 }
 
+/// The longest any paced sender runs.
+pub const SEND_CAP: Duration = Duration::from_secs(60);
+
 /// Sends `count` datagrams of `payload` bytes from `source` to `dest` in the client
-/// namespace, at `pps` (0: as fast as possible). Bounded by count and by a 60 s cap.
+/// namespace, at `pps` (0: as fast as possible). Bounded by count and by [`SEND_CAP`].
 pub fn send_udp(
     client: &NetNs,
     source: &str,
@@ -99,6 +102,31 @@ pub fn send_udp(
     pps: u64,
     payload: usize,
 ) -> Result<Sent> {
+    send_paced(client, source, dest, count, pps, payload, None)
+}
+
+/// As [`send_udp`], until `stop` is set (or [`SEND_CAP`] passes): for a sender that must
+/// outlast something whose duration the test cannot know beforehand.
+pub fn send_udp_until(
+    client: &NetNs,
+    source: &str,
+    dest: &str,
+    pps: u64,
+    payload: usize,
+    stop: Arc<AtomicBool>,
+) -> Result<Sent> {
+    send_paced(client, source, dest, u64::MAX, pps, payload, Some(stop))
+}
+
+fn send_paced(
+    client: &NetNs,
+    source: &str,
+    dest: &str,
+    count: u64,
+    pps: u64,
+    payload: usize,
+    stop: Option<Arc<AtomicBool>>,
+) -> Result<Sent> {
     let source: IpAddr = source.parse().context("source address")?;
     let dest: SocketAddr = dest.parse().context("destination address")?;
     client.run(move || -> Result<Sent> {
@@ -106,10 +134,10 @@ pub fn send_udp(
             .with_context(|| format!("binding {source}"))?;
         let data = vec![0x5a; payload];
         let start = Instant::now();
-        let cap = Duration::from_secs(60);
         let mut sent = 0;
         let mut last = start;
-        while sent < count && start.elapsed() < cap {
+        let stopped = || stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed));
+        while sent < count && start.elapsed() < SEND_CAP && !stopped() {
             if pps > 0 {
                 let due = start + Duration::from_secs_f64(sent as f64 / pps as f64);
                 let now = Instant::now();

@@ -3,14 +3,18 @@
 
 use std::{
     net::IpAddr,
-    time::{Duration, Instant},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
 };
 
 use api_shield_tests::{
     daemon::{Daemon, last_counters},
     netns::{SERVER_V4, Sandbox},
     require_root,
-    traffic::{Receiver, SERVER_PORT, send_udp},
+    traffic::{Receiver, SEND_CAP, SERVER_PORT, send_udp, send_udp_until},
 };
 
 const BLOCKED: &str = "192.0.2.40";
@@ -39,11 +43,14 @@ fn fifty_reloads_that_keep_a_source_blocked_let_none_of_its_packets_through() {
     let mut daemon = Daemon::start(&sb.server, &a, 1).expect("daemon");
     let rx = Receiver::start(&sb.server, &format!("[::]:{SERVER_PORT}")).unwrap();
     let dest = format!("{SERVER_V4}:{SERVER_PORT}");
-    let (blocked, normal, reloads_done_at) = std::thread::scope(|s| {
-        // The blocked source sends continuously (3000 pps for 8 s), a normal one beside it.
-        let started = Instant::now();
-        let blocked = s.spawn(|| send_udp(&sb.client, BLOCKED, &dest, 24_000, 3_000, 64));
-        let normal = s.spawn(|| send_udp(&sb.client, NORMAL, &dest, 4_000, 500, 64));
+    let done = Arc::new(AtomicBool::new(false));
+    let (blocked, normal) = std::thread::scope(|s| {
+        // The blocked source sends at 3000 pps, a normal one beside it at 500, until the
+        // reloads are done, however long they take.
+        let blocked =
+            s.spawn(|| send_udp_until(&sb.client, BLOCKED, &dest, 3_000, 64, done.clone()));
+        let normal = s.spawn(|| send_udp_until(&sb.client, NORMAL, &dest, 500, 64, done.clone()));
+        // Both are sending before the first reload.
         std::thread::sleep(Duration::from_millis(300));
         for i in 1..=50 {
             daemon
@@ -54,19 +61,20 @@ fn fifty_reloads_that_keep_a_source_blocked_let_none_of_its_packets_through() {
                 .wait_for_log("reloaded config", i, Duration::from_secs(10))
                 .expect("reload applied");
         }
-        let reloads_done_at = started.elapsed();
+        // And still sending after the last one.
+        std::thread::sleep(Duration::from_millis(300));
+        done.store(true, Ordering::Relaxed);
         (
             blocked.join().unwrap().unwrap(),
             normal.join().unwrap().unwrap(),
-            reloads_done_at,
         )
     });
     let got = rx.finish();
     let log = daemon.stop().expect("clean shutdown");
     assert!(!log.contains("reload refused"), "{log}");
     assert!(
-        reloads_done_at < blocked.elapsed,
-        "all 50 reloads ({reloads_done_at:?}) happened while the blocked source was sending ({:?})",
+        blocked.elapsed < SEND_CAP - Duration::from_secs(1),
+        "the sender hit its cap ({:?}) before the reloads were done: inconclusive",
         blocked.elapsed
     );
     let received = |a: &str| got.get(&a.parse::<IpAddr>().unwrap()).copied().unwrap_or(0);

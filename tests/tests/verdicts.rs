@@ -1853,7 +1853,9 @@ fn limiter_buckets_continue_across_a_reload_over_pins() {
     require_root();
     let pins = PinDir::new("buckets");
     let dir = pins.0.clone();
-    let config = config("limits: {default: {pps: 1, burst_packets: 3}}\n");
+    // One packet a second and a burst of 30: a bucket that continues refills one token per
+    // second since the drain began, a fresh one passes all 30, however slow the reload.
+    let config = config("limits: {default: {pps: 1, burst_packets: 30}}\n");
     let key = LimiterKey {
         addr: "::ffff:198.18.0.7".parse::<Ipv6Addr>().unwrap().octets(),
         limit: DEFAULT_LIMIT,
@@ -1867,13 +1869,24 @@ fn limiter_buckets_continue_across_a_reload_over_pins() {
             seen: BTreeMap::new(),
         }
     };
-    let drained = {
-        let mut h = load();
-        let passed = (0..5)
+    let passes = |h: &mut Harness, n: usize| {
+        (0..n)
             .filter(|_| h.run(&frame).unwrap() == XDP_PASS)
-            .count();
-        assert_eq!(passed, 3, "the burst");
-        h.shield.limiter_state(&key).unwrap().expect("a bucket")
+            .count()
+    };
+    let (drain_began, drained) = {
+        let mut h = load();
+        let began = Instant::now();
+        let passed = passes(&mut h, 40);
+        let refilled = began.elapsed().as_secs() as usize;
+        assert!(
+            (30..=30 + refilled).contains(&passed),
+            "the burst: {passed} of 40 passed"
+        );
+        (
+            began,
+            h.shield.limiter_state(&key).unwrap().expect("a bucket"),
+        )
     };
     // A new load over the same pins (as a restarted daemon does) finds the same bucket:
     // the table and the seed that places its buckets are both kept.
@@ -1883,7 +1896,17 @@ fn limiter_buckets_continue_across_a_reload_over_pins() {
         Some(drained),
         "the bucket after the reload"
     );
-    assert_eq!(h.run(&frame).unwrap(), XDP_DROP, "still drained");
+    let passed = passes(&mut h, 30);
+    let since_drain = drain_began.elapsed();
+    assert!(
+        since_drain < Duration::from_secs(30),
+        "inconclusive: the reload took {since_drain:?}, over the burst's 30 s of refill"
+    );
+    assert!(
+        passed <= since_drain.as_secs() as usize,
+        "{passed} of 30 passed {since_drain:?} after the drain began: a fresh bucket, \
+         not the drained one, which refills one per second"
+    );
     drop(h);
     detach_pinned(&dir).expect("detaching");
 }
