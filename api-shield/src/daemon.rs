@@ -31,6 +31,7 @@ use crate::{
         Feed, FeedStatus,
         fetch::{self, Outcome},
     },
+    kernel,
     lists::{Folded, fold},
     metrics::{self, Exposition, Scrape},
     penalty::{self, Offences},
@@ -148,9 +149,18 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
     let mut config = config;
     overrides.apply(&mut config);
     ensure_bpffs(&config.pin_dir)?;
+    kernel::check_features()?;
+    for iface in &config.interfaces {
+        if !interface_exists(&iface.name.0) {
+            bail!("interface {} does not exist", iface.name);
+        }
+    }
     // The socket first: a second daemon on the same paths stops here, before touching maps.
     let access = Access::new(config.admin.group.as_deref())?;
     let listener = api::bind(&config.admin.socket, &access)?;
+    // From here a failed start removes what it made: the socket, and the pins of every
+    // interface that had none (an earlier daemon's go on enforcing).
+    let mut start = StartGuard::new(&config.pin_dir, &config.admin.socket);
     let state = StateDir::open(&config.state_dir)?;
     let mut registry = Registry::default();
     registry.set_config(&config.allowlist, &config.blocklist);
@@ -184,7 +194,9 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
     let mut instances = Vec::new();
     for iface in &config.interfaces {
         let dir = config.pin_dir.join(&iface.name.0);
+        start.pins_of(&dir);
         let mut shield = Shield::load_pinned(&config.capacity, &dir)
+            .map_err(|e| save_verifier_log(e, state.path()))
             .with_context(|| format!("loading the program for {}", iface.name))?;
         // Maps are in step before the program sees a packet (or, on a restart, before the
         // new program takes over the link from the old one).
@@ -205,10 +217,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
             "attached to {} in {} (program id {program_id}{})",
             iface.name,
             mode.describe(),
-            if reused {
-                "; took over the pinned link from the previous daemon without a gap"
-            } else {
-                ""
+            match (reused, mode) {
+                (false, _) => "",
+                (true, AttachedMode::TcNetlink) =>
+                    "; replaced the previous daemon's cls_bpf filter in place, without a gap",
+                (true, _) => "; took over the pinned link from the previous daemon without a gap",
             }
         );
         instances.push(Instance {
@@ -310,6 +323,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
             penalty_tx.clone(),
         )));
     }
+    start.succeeded();
     // Everything that needed more than CAP_BPF is done: programs loaded and attached, pins
     // made, sockets bound, ring buffers mapped.
     match crate::privileges::drop_to_bpf_only() {
@@ -388,6 +402,84 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
         ctl.config.pin_dir.display()
     );
     Ok(())
+}
+
+fn interface_exists(name: &str) -> bool {
+    std::ffi::CString::new(name)
+        // SAFETY: if_nametoindex reads a NUL-terminated string we own.
+        .is_ok_and(|c| unsafe { libc::if_nametoindex(c.as_ptr()) } != 0)
+}
+
+/// Writes the whole verifier log of a refused program to the state directory, so the
+/// error can name it; other errors pass through.
+fn save_verifier_log(mut e: anyhow::Error, dir: &std::path::Path) -> anyhow::Error {
+    if let Some(refused) = e.downcast_mut::<kernel::ProgramRefused>()
+        && let Err(io) = refused.save(dir)
+    {
+        log::warn!("could not save the verifier log in {}: {io}", dir.display());
+    }
+    e
+}
+
+/// Undoes a start that fails: removes the admin socket and the pin directories (maps,
+/// links, TC filter) this start created. Pins found from an earlier daemon stay: their
+/// program goes on enforcing.
+struct StartGuard {
+    root: PathBuf,
+    root_existed: bool,
+    socket: PathBuf,
+    created: Vec<PathBuf>,
+    done: bool,
+}
+
+impl StartGuard {
+    fn new(root: &std::path::Path, socket: &std::path::Path) -> StartGuard {
+        StartGuard {
+            root: root.to_owned(),
+            root_existed: root.exists(),
+            socket: socket.to_owned(),
+            created: Vec::new(),
+            done: false,
+        }
+    }
+
+    /// Notes an interface's pin directory before anything is pinned there.
+    fn pins_of(&mut self, dir: &std::path::Path) {
+        if !dir.exists() {
+            self.created.push(dir.to_owned());
+        }
+    }
+
+    fn succeeded(&mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        for dir in &self.created {
+            match crate::shield::detach_pinned(dir) {
+                Ok(removed) if !removed.is_empty() => log::info!(
+                    "start failed: removed what it made in {} ({})",
+                    dir.display(),
+                    removed.join(", ")
+                ),
+                Ok(_) => {}
+                Err(e) => log::error!(
+                    "start failed, and removing {} failed too: {e:#}",
+                    dir.display()
+                ),
+            }
+        }
+        if !self.root_existed {
+            // Only if empty: another interface's pins may be there.
+            let _ = std::fs::remove_dir(&self.root);
+        }
+    }
 }
 
 /// When to look for expired entries next: just after the wall clock's next whole second

@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod events;
 pub mod feeds;
+pub mod kernel;
 pub mod limiter;
 pub mod limits;
 pub mod lists;
@@ -37,3 +38,9 @@ pub static BENCH_RANDOM_OBJECT: &[u8] =
 /// `cargo xtask flood`'s live-frames generator (redirects its frame out of an interface).
 #[doc(hidden)]
 pub static FLOOD_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flood"));
+
+/// A program the verifier refuses (an unchecked read of the frame): the tests' way to
+/// see how a refusal is reported.
+#[doc(hidden)]
+pub static REFUSED_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/refused"));

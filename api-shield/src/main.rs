@@ -33,7 +33,13 @@ fn main() -> ExitCode {
     match execute(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            let text = format!("{e:#}");
+            // A refused program or kernel is told in a few lines; the rest in one.
+            if api_shield::kernel::is_kernel_error(&e) {
+                eprintln!("error: {text}");
+            } else {
+                eprintln!("error: {}", text.replace('\n', " "));
+            }
             ExitCode::FAILURE
         }
     }

@@ -26,9 +26,9 @@ use aya::{
         Array, HashMap, LpmTrie, MapData, MapInfo, MapType, PerCpuArray, RingBuf, lpm_trie::Key,
     },
     programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
-        tc::SchedClassifierLink,
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
         xdp::{XdpLink, XdpLinkId},
     },
 };
@@ -37,6 +37,7 @@ use ipnet::IpNet;
 use crate::{
     EBPF_OBJECT,
     config::{AttachMode, Capacity, Config, OnMalformed},
+    kernel,
     limiter::LimiterTable,
     limits::{event_limit, limit_slot, rule_table},
     lists::{ListDiff, ListTable, fold},
@@ -355,7 +356,8 @@ fn link_pin_name(mode: AttachedMode) -> &'static str {
     match mode {
         AttachedMode::Native => "xdp_link_native",
         AttachedMode::Generic => "xdp_link_generic",
-        AttachedMode::Tc => "tc_link",
+        // A cls_bpf filter has no link to pin; it is found by its place instead.
+        AttachedMode::Tc | AttachedMode::TcNetlink => "tc_link",
     }
 }
 
@@ -385,13 +387,15 @@ pub fn detach_pinned(dir: &Path) -> Result<Vec<String>> {
         drop(fd_link);
         removed.push(format!(
             "{} link ({} mode)",
-            if mode == AttachedMode::Tc {
-                "TC"
-            } else {
-                "XDP"
-            },
+            if mode.is_tc() { "TC" } else { "XDP" },
             mode.name()
         ));
+    }
+    // The pin directory is named after the interface.
+    if let Some(interface) = dir.file_name().and_then(|n| n.to_str())
+        && detach_tc_filter(interface)
+    {
+        removed.push("TC filter (tc mode, cls_bpf)".to_owned());
     }
     if dir.exists() {
         for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
@@ -415,14 +419,18 @@ pub enum AttachedMode {
     Generic,
     /// TC ingress (clsact), through a TCX link.
     Tc,
+    /// TC ingress through a cls_bpf filter under a clsact qdisc (netlink): kernels
+    /// without TCX.
+    TcNetlink,
 }
 
 impl AttachedMode {
+    /// The config's name for the mode.
     pub fn name(self) -> &'static str {
         match self {
             AttachedMode::Native => "native",
             AttachedMode::Generic => "generic",
-            AttachedMode::Tc => "tc",
+            AttachedMode::Tc | AttachedMode::TcNetlink => "tc",
         }
     }
 
@@ -432,6 +440,33 @@ impl AttachedMode {
             AttachedMode::Native => "native XDP mode",
             AttachedMode::Generic => "generic XDP mode",
             AttachedMode::Tc => "TC ingress mode",
+            AttachedMode::TcNetlink => "TC ingress mode (cls_bpf filter: no TCX)",
+        }
+    }
+
+    pub fn is_tc(self) -> bool {
+        matches!(self, AttachedMode::Tc | AttachedMode::TcNetlink)
+    }
+}
+
+/// Where mode tc falls back to netlink, our filter's place under the clsact qdisc.
+const TC_FILTER_PRIORITY: u16 = 0xa51;
+const TC_FILTER_HANDLE: TcHandle = TcHandle::new(0, 1);
+
+/// Whether a TCX attach failed because the kernel has no TCX (before 6.6 the link type
+/// is unknown: EINVAL).
+fn tcx_missing(e: &ProgramError) -> bool {
+    matches!(e, ProgramError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EINVAL))
+}
+
+/// Removes our cls_bpf filter from `interface`'s ingress, if mode tc left one there on a
+/// kernel without TCX. True if one was removed.
+fn detach_tc_filter(interface: &str) -> bool {
+    match tc::qdisc_detach_program(interface, TcAttachType::Ingress, names::PROGRAM_TC) {
+        Ok(()) => true,
+        Err(e) => {
+            log::debug!("{interface}: no cls_bpf filter of ours to remove ({e})");
+            false
         }
     }
 }
@@ -517,14 +552,12 @@ impl Shield {
             .program_mut(names::PROGRAM_XDP)
             .context("the eBPF object has no XDP program")?
             .try_into()?;
-        program
-            .load()
-            .context("the kernel refused the XDP program")?;
+        program.load().map_err(|e| kernel::refused("XDP", e))?;
         let tc: &mut SchedClassifier = ebpf
             .program_mut(names::PROGRAM_TC)
             .context("the eBPF object has no TC program")?
             .try_into()?;
-        tc.load().context("the kernel refused the TC program")?;
+        tc.load().map_err(|e| kernel::refused("TC", e))?;
         let summary = match (
             ebpf.map(names::MAP_LIST_V4_SUMMARY),
             ebpf.map(names::MAP_LIST_V6_SUMMARY),
@@ -654,17 +687,43 @@ impl Shield {
         let (chosen, fd_link) = match mode {
             AttachMode::Tc => {
                 let program = self.tc_program()?;
-                let id = program
-                    .attach(interface, TcAttachType::Ingress)
-                    .with_context(|| format!("{interface}: attaching the TC ingress program"))?;
-                let link = program.take_link(id)?;
-                let fd_link = FdLink::try_from(link)
-                    .context("TC attached without a TCX link: mode tc needs Linux >= 6.6")?;
-                (AttachedMode::Tc, fd_link)
+                let attached = program.attach_with_options(
+                    interface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                );
+                match attached {
+                    Ok(id) => {
+                        let link = program.take_link(id)?;
+                        let fd_link = FdLink::try_from(link)
+                            .context("TC attached through TCX without a BPF link")?;
+                        (AttachedMode::Tc, fd_link)
+                    }
+                    Err(e) if tcx_missing(&e) => {
+                        log::warn!(
+                            "{interface}: this kernel ({}) has no TCX (Linux 6.6 and later): \
+                             attaching through a clsact qdisc and a cls_bpf filter (netlink), \
+                             which a restart replaces in place",
+                            kernel::release()
+                        );
+                        let replaced = self.attach_tc_netlink(interface)?;
+                        self.attached
+                            .push((interface.to_owned(), AttachedMode::TcNetlink));
+                        return Ok((AttachedMode::TcNetlink, replaced));
+                    }
+                    Err(e) => {
+                        return Err(e).with_context(|| {
+                            format!("{interface}: attaching the TC ingress program")
+                        });
+                    }
+                }
             }
             _ => {
                 let (chosen, id) = self.attach(interface, mode)?;
                 let link: XdpLink = self.program()?.take_link(id)?;
+                // A cls_bpf filter of ours left from mode tc on a kernel without TCX
+                // would judge every frame a second time.
+                detach_tc_filter(interface);
                 (
                     chosen,
                     FdLink::try_from(link)
@@ -682,12 +741,62 @@ impl Shield {
         Ok((chosen, false))
     }
 
+    /// Mode tc where the kernel has no TCX: our cls_bpf filter under the interface's clsact
+    /// qdisc, at a fixed priority and handle, so that a restarted daemon replaces its
+    /// predecessor's program in place (no moment without one). Returns whether it did.
+    fn attach_tc_netlink(&mut self, interface: &str) -> Result<bool> {
+        match tc::qdisc_add_clsact(interface) {
+            Ok(()) | Err(TcError::AlreadyAttached) => {}
+            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("{interface}: adding the clsact qdisc"));
+            }
+        }
+        let program = self.tc_program()?;
+        let ours = SchedClassifierLink::attached(
+            interface,
+            TcAttachType::Ingress,
+            TC_FILTER_PRIORITY,
+            TC_FILTER_HANDLE,
+            None,
+        )
+        .with_context(|| format!("{interface}: no such interface"))?;
+        // Without NLM_F_CREATE the kernel only replaces: ENOENT says there is nothing to.
+        let (id, replaced) = match program.attach_to_link(ours) {
+            Ok(id) => (id, true),
+            Err(ProgramError::TcError(TcError::NetlinkError(e)))
+                if e.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                let id = program
+                    .attach_with_options(
+                        interface,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::Netlink(NlOptions {
+                            priority: TC_FILTER_PRIORITY,
+                            handle: TC_FILTER_HANDLE,
+                            classid: None,
+                        }),
+                    )
+                    .with_context(|| format!("{interface}: adding the cls_bpf filter"))?;
+                (id, false)
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("{interface}: replacing our cls_bpf filter"));
+            }
+        };
+        // The filter outlives this process, as a pinned link does: aya would remove it
+        // when the program is dropped, so the link is let go of without detaching.
+        std::mem::forget(program.take_link(id)?);
+        Ok(replaced)
+    }
+
     fn take_over_link(&mut self, path: &Path, mode: AttachedMode) -> Result<()> {
         let link = FdLink::from(
             PinnedLink::from_pin(path).with_context(|| format!("opening {}", path.display()))?,
         );
         match mode {
-            AttachedMode::Tc => {
+            AttachedMode::Tc | AttachedMode::TcNetlink => {
                 let link = SchedClassifierLink::try_from(link)?;
                 self.tc_program()?.attach_to_link(link)?;
             }
@@ -726,7 +835,7 @@ impl Shield {
 
     /// The kernel's id of the loaded program.
     pub fn program_id(&mut self) -> Result<u32> {
-        if self.attached.iter().any(|(_, m)| *m == AttachedMode::Tc) {
+        if self.attached.iter().any(|(_, m)| m.is_tc()) {
             return Ok(self.tc_program()?.info()?.id());
         }
         Ok(self.program()?.info()?.id())

@@ -83,6 +83,26 @@ impl DaemonDirs {
         )
     }
 
+    /// As [`DaemonDirs::cli`], inside `netns` (as an operator on that host would run it):
+    /// what the CLI does by netlink, such as removing a TC filter, needs the interface's
+    /// namespace. Fails the test unless it exits 0; returns stdout.
+    pub fn cli_ok_in(&self, netns: &NetNs, args: &[&str]) -> String {
+        let ns = File::open(netns.path()).expect("opening the namespace");
+        let mut cmd = Command::new(binary());
+        cmd.arg("--socket").arg(self.socket()).args(args);
+        // SAFETY: only async-signal-safe work (setns) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || enter_netns(&ns));
+        }
+        let out = cmd.output().expect("running the api-shield CLI");
+        assert!(
+            out.status.success(),
+            "api-shield {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// As [`DaemonDirs::cli`], but fails the test unless it exits 0; returns stdout.
     pub fn cli_ok(&self, args: &[&str]) -> String {
         let (code, out, err) = self.cli(args);
@@ -234,6 +254,24 @@ impl Daemon {
                     "api-shield did not log {needle:?} within {timeout:?}:\n{}",
                     self.log()
                 );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for a daemon expected to fail its start to exit by itself; returns its exit
+    /// status and log. Killed, and an error, if it is still running at `timeout`.
+    pub fn wait_exit(mut self, timeout: Duration) -> Result<(std::process::ExitStatus, String)> {
+        let mut child = self.child.take().context("daemon already stopped")?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok((status, self.log()));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("api-shield still ran after {timeout:?}:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -19,6 +19,25 @@ pub fn require_root() {
     );
 }
 
+/// The running kernel's (major, minor) version, from its release string.
+pub fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| {
+            n.parse::<u32>()
+                .expect("a kernel release starts with numbers")
+        });
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// Whether the kernel has TCX links (merged in Linux 6.6); without them mode tc goes
+/// through a clsact qdisc and a cls_bpf filter.
+pub fn kernel_has_tcx() -> bool {
+    kernel_version() >= (6, 6)
+}
+
 /// Unix time in seconds, as the daemon's registry stamps expiries.
 pub fn registry_now() -> u64 {
     std::time::SystemTime::now()

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use api_shield_tests::{
     daemon::{Daemon, last_counters},
     frames::{ETH_P_LLDP, arp, eth},
+    kernel_has_tcx,
     netns::{SERVER_V4, SERVER_V6, Sandbox},
     require_root,
     traffic::{Receiver, SERVER_PORT, send_raw, send_udp},
@@ -223,19 +224,36 @@ fn mode_tc_enforces_the_same_verdicts_and_restarts_without_a_gap() {
     };
     assert_eq!(delivered(NORMAL), 20);
     assert_eq!(delivered(BLOCKED), 0);
-    // A restart takes the pinned TCX link over.
+    // A restart takes the pinned TCX link over, or, on a kernel without TCX (before 6.6),
+    // replaces the cls_bpf filter in place.
+    let tcx = kernel_has_tcx();
+    assert_eq!(
+        daemon.log().contains("no TCX"),
+        !tcx,
+        "the fallback is logged where TCX is missing, and only there:\n{}",
+        daemon.log()
+    );
     daemon.stop().unwrap();
     assert_eq!(delivered(BLOCKED), 0, "still enforcing with no daemon");
     let daemon =
         Daemon::start_with(&sb.server, Some(&yaml), 1, dirs.clone()).expect("restarted daemon");
-    assert!(
-        daemon.log().contains("took over the pinned link"),
-        "{}",
-        daemon.log()
-    );
+    let took_over = if tcx {
+        "took over the pinned link"
+    } else {
+        "replaced the previous daemon's cls_bpf filter in place"
+    };
+    assert!(daemon.log().contains(took_over), "{}", daemon.log());
     assert_eq!(delivered(BLOCKED), 0);
     daemon.stop().unwrap();
-    let out = dirs.cli_ok(&["detach", "--pin-dir", &dirs.pin_dir().display().to_string()]);
-    assert!(out.contains("TC link (tc mode)"), "{out}");
+    let out = dirs.cli_ok_in(
+        &sb.server,
+        &["detach", "--pin-dir", &dirs.pin_dir().display().to_string()],
+    );
+    let removed = if tcx {
+        "TC link (tc mode)"
+    } else {
+        "TC filter (tc mode, cls_bpf)"
+    };
+    assert!(out.contains(removed), "{out}");
     assert_eq!(delivered(BLOCKED), 20, "detached");
 }
