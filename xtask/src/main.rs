@@ -3,6 +3,7 @@
 mod setup;
 mod tasks;
 mod util;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -20,11 +21,19 @@ enum Task {
     Setup,
     /// Setup if needed, build, and show the shield working in a throwaway network sandbox.
     Demo,
-    /// Setup if needed, then run every test: lints, unit, kernel and network tests (root).
+    /// Setup if needed, then run every test: lints, unit, kernel and network tests (root),
+    /// then the kernel-level tests on the oldest kernel claimed (6.1), in a VM.
     Test {
         /// Longer runs of the fuzzing and fault tests (10x the frames, 5x the kills).
         #[arg(long)]
         soak: bool,
+        /// Only the kernel-level tests, in a VM booted with this kernel: a Debian series
+        /// (6.1, 6.12) or the path of a kernel image. Repeatable.
+        #[arg(long = "kernel", value_name = "VERSION|IMAGE")]
+        kernels: Vec<String>,
+        /// Only this machine's kernel: skip the VM run.
+        #[arg(long, conflicts_with = "kernels")]
+        host_only: bool,
     },
     /// The end-to-end flood through a veth (live-frames generator) against the floor,
     /// nftables and iptables; prints a table (root). Also a section of `bench`.
@@ -50,7 +59,11 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::setup(),
         Task::Demo => tasks::demo(),
-        Task::Test { soak } => tasks::test(soak),
+        Task::Test {
+            soak,
+            kernels,
+            host_only,
+        } => tasks::test(soak, &kernels, host_only),
         Task::Flood { quick } => tasks::flood(quick),
         Task::Bench { quick, only } => tasks::bench(quick, only.as_deref()),
     }

@@ -10,7 +10,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::util::{command_output, run};
+use crate::{
+    util::{command_output, run},
+    vm,
+};
 
 /// Debian packages the tests, the demo and the benchmarks use.
 pub(crate) const DEBIAN_PACKAGES: &[(&str, &str)] = &[
@@ -31,6 +34,13 @@ pub(crate) const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("wrk", "wrk, an HTTP load generator"),
     ("nginx-light", "nginx, an API server stand-in"),
     ("prometheus", "promtool, which checks the metrics output"),
+    (
+        "qemu-system-x86",
+        "QEMU, which boots the other kernels the tests run on",
+    ),
+    ("kmod", "modprobe, inside those VMs"),
+    ("busybox-static", "virtme-ng's initramfs for those VMs"),
+    ("python3-venv", "a venv for virtme-ng"),
 ];
 
 /// Runs every step; stops at the first one that cannot be done, naming it.
@@ -38,6 +48,12 @@ pub(crate) fn setup() -> Result<()> {
     rust_src().context("setup step `rust-src for the nightly toolchain` failed")?;
     bpf_linker().context("setup step `bpf-linker` failed")?;
     debian_packages().context("setup step `Debian packages` failed")?;
+    vm::install_virtme_ng().context("setup step `virtme-ng` failed")?;
+    for kernel in vm::DEFAULT_MATRIX {
+        let image =
+            vm::resolve(kernel).with_context(|| format!("setup step `kernel {kernel}` failed"))?;
+        println!("setup: kernel {kernel} for the VM tests: {}", image.release);
+    }
     println!("setup: done");
     Ok(())
 }
@@ -47,6 +63,8 @@ pub(crate) fn is_complete() -> bool {
     rust_src_installed().unwrap_or(false)
         && bpf_linker_works()
         && missing_debian_packages().is_ok_and(|m| m.is_empty())
+        && vm::virtme_ng_installed()
+        && vm::DEFAULT_MATRIX.iter().all(|k| vm::cached(k))
 }
 
 fn rust_src_installed() -> Result<bool> {

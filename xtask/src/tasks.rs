@@ -7,6 +7,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{
     setup,
     util::{is_root, run},
+    vm,
 };
 
 fn workspace_root() -> PathBuf {
@@ -122,10 +123,33 @@ pub(crate) fn bench(quick: bool, only: Option<&str>) -> Result<()> {
     run(&mut cmd)
 }
 
-pub(crate) fn test(soak: bool) -> Result<()> {
+pub(crate) fn test(soak: bool, kernels: &[String], host_only: bool) -> Result<()> {
     require_root("test")?;
     setup_if_needed()?;
     mount_bpffs()?;
+    let mut tally = Tally::default();
+    if kernels.is_empty() {
+        host_tests(soak, &mut tally)?;
+    } else {
+        build_binaries()?;
+    }
+    if !host_only {
+        let matrix: Vec<String> = if kernels.is_empty() {
+            vm::DEFAULT_MATRIX.iter().map(|k| (*k).to_owned()).collect()
+        } else {
+            kernels.to_vec()
+        };
+        for kernel in &matrix {
+            vm_tests(kernel, &mut tally)?;
+        }
+    }
+    // One closing line for every test binary together.
+    println!("{} passed, {} failed", tally.passed, tally.failed);
+    Ok(())
+}
+
+/// Lints, unit tests and the kernel and network tests, on this machine's kernel.
+fn host_tests(soak: bool, tally: &mut Tally) -> Result<()> {
     println!("test: formatting");
     run(cargo().args(["fmt", "--all", "--", "--check"]))
         .context("`cargo fmt --all` would change files: run it")?;
@@ -159,7 +183,6 @@ pub(crate) fn test(soak: bool) -> Result<()> {
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("CARGO"))?;
     build_binaries()?;
-    let mut tally = Tally::default();
     // The reliability tests append their figures (frames fuzzed, faults injected, entries
     // checked) here; they are printed at the end and recorded in docs/reliability.md.
     let figures = workspace_root().join("target/reliability-figures.txt");
@@ -187,7 +210,10 @@ pub(crate) fn test(soak: bool) -> Result<()> {
     with_env(&mut unit);
     tally.run(&mut unit)?;
     // Kernel tests share CPUs and time: one at a time, so rate checks are not disturbed.
-    println!("test: kernel and network tests (BPF_PROG_TEST_RUN, namespaces + veth)");
+    println!(
+        "test: kernel and network tests on this machine's kernel ({}): BPF_PROG_TEST_RUN, namespaces + veth",
+        kernel_release()
+    );
     let mut kernel = cargo();
     kernel
         .args(["test", "-p", "api-shield-tests", "--", "--test-threads=1"])
@@ -203,8 +229,114 @@ pub(crate) fn test(soak: bool) -> Result<()> {
             println!("  {line}");
         }
     }
-    // One closing line for every test binary together.
-    println!("{} passed, {} failed", tally.passed, tally.failed);
+    Ok(())
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The test binaries of api-shield-tests that [`vm::VM_TESTS`] names, built for the host.
+fn vm_test_binaries() -> Result<Vec<(String, PathBuf)>> {
+    let out = cargo()
+        .args([
+            "test",
+            "-p",
+            "api-shield-tests",
+            "--no-run",
+            "--quiet",
+            "--message-format=json",
+        ])
+        .output()
+        .context("building the test binaries")?;
+    if !out.status.success() {
+        bail!(
+            "building the test binaries failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let name = message["target"]["name"].as_str().unwrap_or_default();
+        if message["reason"] == "compiler-artifact"
+            && message["profile"]["test"] == true
+            && vm::VM_TESTS.iter().any(|(n, _)| *n == name)
+            && let Some(exe) = message["executable"].as_str()
+        {
+            found.push((name.to_owned(), PathBuf::from(exe)));
+        }
+    }
+    for (name, _) in vm::VM_TESTS {
+        if !found.iter().any(|(n, _)| n == name) {
+            bail!("no test binary `{name}` in api-shield-tests");
+        }
+    }
+    found.sort_by_key(|(n, _)| vm::VM_TESTS.iter().position(|(t, _)| t == n));
+    Ok(found)
+}
+
+/// The kernel-level tests inside a VM booted with `spec`.
+fn vm_tests(spec: &str, tally: &mut Tally) -> Result<()> {
+    let kernel = vm::resolve(spec)?;
+    let binaries = vm_test_binaries()?;
+    println!(
+        "test: kernel-level tests on Linux {} in a VM ({}); the fuzzer runs {} frames per test there",
+        kernel.release,
+        vm::VM_TESTS
+            .iter()
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join(", "),
+        vm::VM_FUZZ_FRAMES
+    );
+    let root = workspace_root();
+    let out_dir = root.join("target/vm").join(&kernel.label);
+    let env = [
+        (
+            "API_SHIELD_BIN".to_owned(),
+            root.join("target/debug/api-shield").display().to_string(),
+        ),
+        (
+            "API_SHIELD_FUZZ_FRAMES".to_owned(),
+            vm::VM_FUZZ_FRAMES.to_string(),
+        ),
+        (
+            "API_SHIELD_FIGURES".to_owned(),
+            out_dir.join("figures.txt").display().to_string(),
+        ),
+    ];
+    let outcomes = vm::run_tests(&kernel, &binaries, &env, &root.join("tests"), &out_dir)?;
+    let mut failed = Vec::new();
+    for outcome in outcomes {
+        println!("--- {} on Linux {}", outcome.name, kernel.release);
+        for line in outcome.output.lines() {
+            println!("{line}");
+            tally.count(line);
+        }
+        if outcome.exit_code != Some(0) {
+            failed.push(format!(
+                "{} ({})",
+                outcome.name,
+                outcome.exit_code.map_or(
+                    "no exit code: the VM stopped first".to_owned(),
+                    |c| format!("exit {c}")
+                )
+            ));
+        }
+    }
+    if !failed.is_empty() {
+        println!("{} passed, {} failed", tally.passed, tally.failed.max(1));
+        bail!(
+            "on Linux {}, these failed: {}",
+            kernel.release,
+            failed.join(", ")
+        );
+    }
     Ok(())
 }
 
@@ -216,6 +348,13 @@ struct Tally {
 }
 
 impl Tally {
+    fn count(&mut self, line: &str) {
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            self.passed += count_before(rest, "passed");
+            self.failed += count_before(rest, "failed");
+        }
+    }
+
     fn run(&mut self, cmd: &mut Command) -> Result<()> {
         use std::io::{BufRead as _, BufReader};
         let mut child = cmd
@@ -226,10 +365,7 @@ impl Tally {
         for line in BufReader::new(stdout).lines() {
             let line = line?;
             println!("{line}");
-            if let Some(rest) = line.strip_prefix("test result: ") {
-                self.passed += count_before(rest, "passed");
-                self.failed += count_before(rest, "failed");
-            }
+            self.count(&line);
         }
         let status = child.wait()?;
         if !status.success() {
