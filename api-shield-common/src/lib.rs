@@ -4,64 +4,258 @@
 //! byte for byte; with the `user` feature the types are `aya::Pod`.
 #![no_std]
 
-/// Names of the maps and programs in the eBPF object, so userspace never passes a typo.
+/// Names of the programs, and of the maps as [`maps`] declares them, so userspace never
+/// passes a typo.
 pub mod names {
+    use crate::maps;
+
     pub const PROGRAM_XDP: &str = "api_shield";
     pub const PROGRAM_TC: &str = "api_shield_tc";
-    /// LPM trie, IPv4 source prefixes shorter than /32 -> [`crate::lists::ListVerdict`].
-    /// Operators see it as the whole IPv4 list: its fill counts [`MAP_LIST_V4_EXACT`] too.
-    pub const MAP_LIST_V4: &str = "LIST_V4";
-    /// LPM trie, IPv6 source prefixes -> [`crate::lists::ListVerdict`].
-    pub const MAP_LIST_V6: &str = "LIST_V6";
-    /// Hash, an IPv6 /24 holding entries of /25 to /39 (its first three bytes, then a
-    /// zero byte) -> [`crate::lists::InnerV6`], the verdict of each /32 in it: a source
-    /// there is found by one hash lookup, whatever the list's size, where the trie walk
-    /// lengthens with the list. A /24 missing from it walks the trie, as does a /32
-    /// holding entries longer than /32.
-    pub const MAP_LIST_V6_INNER: &str = "LIST_V6_INNER";
-    /// Hash, IPv4 addresses listed as /32 -> [`crate::lists::ListVerdict`]: most of a large
-    /// feed, found by one hash lookup where the trie walk lengthens with the list. (IPv6
-    /// lists hold few /128s, so they keep the trie alone: an exact map's bit check cost
-    /// every IPv6 lookup more than it saved.)
-    pub const MAP_LIST_V4_EXACT: &str = "LIST_V4_EXACT";
-    /// Hash, IPv6 entries of /48, /56, /64 and /128 (also in the trie) ->
-    /// [`crate::lists::ListVerdict`], keyed by [`crate::lists::HashedV6Key`]: a source
-    /// inside one is found by a hash probe, whatever the list's size, where the trie walk
-    /// lengthens with the list. It never holds what the trie does not; an entry missing
-    /// from it only costs a trie walk.
-    pub const MAP_LIST_V6_HASHED: &str = "LIST_V6_HASHED";
+    pub const MAP_LIST_V4: &str = maps::LIST_V4.name;
+    pub const MAP_LIST_V6: &str = maps::LIST_V6.name;
+    pub const MAP_LIST_V6_INNER: &str = maps::LIST_V6_INNER.name;
+    pub const MAP_LIST_V4_EXACT: &str = maps::LIST_V4_EXACT.name;
+    pub const MAP_LIST_V6_HASHED: &str = maps::LIST_V6_HASHED.name;
+    pub const MAP_LIST_V4_INNER: &str = maps::LIST_V4_INNER.name;
+    pub const MAP_LIST_V4_SUMMARY: &str = maps::LIST_V4_SUMMARY.name;
+    pub const MAP_LIST_V6_SUMMARY: &str = maps::LIST_V6_SUMMARY.name;
+    pub const MAP_LIMITER: &str = maps::LIMITER.name;
+    pub const MAP_LIMITS: &str = maps::LIMITS.name;
+    pub const MAP_COUNTERS: &str = maps::COUNTERS.name;
+    pub const MAP_SETTINGS: &str = maps::SETTINGS.name;
+    pub const MAP_EVENTS: &str = maps::EVENTS.name;
+    pub const MAP_EVENT_LIMIT: &str = maps::EVENT_LIMIT.name;
+    pub const MAP_EVENTS_SUPPRESSED: &str = maps::EVENTS_SUPPRESSED.name;
+    pub const MAP_RULE_TABLE: &str = maps::RULE_TABLE.name;
+    pub const MAP_RULE_COUNTERS: &str = maps::RULE_COUNTERS.name;
+    pub const MAP_PENALTIES: &str = maps::PENALTIES.name;
+}
+
+/// Every map of the data plane, described once: its name, type, key and value sizes, flags
+/// and how many entries it holds. The eBPF crate checks its statics against these at
+/// compile time; the controller sizes the maps and checks pinned ones against them.
+pub mod maps {
+    use core::mem::size_of;
+
+    use crate::{
+        counters::{COUNTER_SLOTS, Counter},
+        events::EVENTS_RING_BYTES,
+        limiter::{LIMIT_SLOTS, LimiterSet, RateLimit},
+        lists::{HashedV6Key, InnerV4, InnerV6, ListVerdict, summary, summary_v6},
+        rules::{PENALTY_RING_BYTES, RuleCounter, TABLE_SLOTS},
+        settings::Settings,
+    };
+
+    /// The kernel's map types (`enum bpf_map_type`) that the data plane uses.
+    pub const BPF_MAP_TYPE_HASH: u32 = 1;
+    pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    pub const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+    pub const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
+    pub const BPF_MAP_TYPE_RINGBUF: u32 = 27;
+
+    /// Hash entries are allocated as they are added: an empty list costs only its buckets.
+    /// LPM tries require it.
+    pub const BPF_F_NO_PREALLOC: u32 = 1;
+    /// The controller maps the array into its memory and reads or writes it there.
+    pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+    /// How many entries a map holds.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Entries {
+        /// Always this many (for a ring buffer: its bytes).
+        Fixed(u32),
+        /// The config's list capacity: `capacity.blocklist + capacity.allowlist`.
+        ListCapacity,
+        /// The limiter's sets: `capacity.sources` buckets in sets of
+        /// [`LIMITER_WAYS`](crate::limiter::LIMITER_WAYS).
+        LimiterSets,
+    }
+
+    /// One map's shape.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct MapSpec {
+        pub name: &'static str,
+        pub map_type: u32,
+        pub key_size: u32,
+        pub value_size: u32,
+        pub flags: u32,
+        pub entries: Entries,
+    }
+
+    impl MapSpec {
+        /// The entries the object file declares; the controller sets the real count at
+        /// load for those that follow the config.
+        pub const fn declared_entries(&self) -> u32 {
+            match self.entries {
+                Entries::Fixed(n) => n,
+                Entries::ListCapacity | Entries::LimiterSets => 1024,
+            }
+        }
+    }
+
+    const fn sized<T>() -> u32 {
+        size_of::<T>() as u32
+    }
+
+    /// An LPM trie's key: the prefix length, then the address.
+    const fn lpm_key<T>() -> u32 {
+        4 + sized::<T>()
+    }
+
+    const fn list_hash(name: &'static str, key_size: u32, value_size: u32) -> MapSpec {
+        MapSpec {
+            name,
+            map_type: BPF_MAP_TYPE_HASH,
+            key_size,
+            value_size,
+            flags: BPF_F_NO_PREALLOC,
+            entries: Entries::ListCapacity,
+        }
+    }
+
+    const fn array(name: &'static str, value_size: u32, entries: u32) -> MapSpec {
+        MapSpec {
+            name,
+            map_type: BPF_MAP_TYPE_ARRAY,
+            key_size: 4,
+            value_size,
+            flags: 0,
+            entries: Entries::Fixed(entries),
+        }
+    }
+
+    const fn per_cpu_array(name: &'static str, value_size: u32, entries: u32) -> MapSpec {
+        MapSpec {
+            map_type: BPF_MAP_TYPE_PERCPU_ARRAY,
+            ..array(name, value_size, entries)
+        }
+    }
+
+    const fn ring(name: &'static str, bytes: u32) -> MapSpec {
+        MapSpec {
+            name,
+            map_type: BPF_MAP_TYPE_RINGBUF,
+            key_size: 0,
+            value_size: 0,
+            flags: 0,
+            entries: Entries::Fixed(bytes),
+        }
+    }
+
+    /// LPM trie, IPv4 source prefixes shorter than /32 -> [`ListVerdict`]. Operators see
+    /// it as the whole IPv4 list: its fill counts [`LIST_V4_EXACT`] too.
+    pub const LIST_V4: MapSpec = MapSpec {
+        name: "LIST_V4",
+        map_type: BPF_MAP_TYPE_LPM_TRIE,
+        key_size: lpm_key::<[u8; 4]>(),
+        value_size: sized::<ListVerdict>(),
+        flags: BPF_F_NO_PREALLOC,
+        entries: Entries::ListCapacity,
+    };
+    /// LPM trie, IPv6 source prefixes -> [`ListVerdict`].
+    pub const LIST_V6: MapSpec = MapSpec {
+        name: "LIST_V6",
+        key_size: lpm_key::<[u8; 16]>(),
+        ..LIST_V4
+    };
+    /// Hash, IPv4 addresses listed as /32 -> [`ListVerdict`]: most of a large feed, found
+    /// by one lookup where the trie walk lengthens with the list.
+    pub const LIST_V4_EXACT: MapSpec =
+        list_hash("LIST_V4_EXACT", sized::<[u8; 4]>(), sized::<ListVerdict>());
     /// Hash, an IPv4 /24 holding entries of /25 to /31 (its network address) ->
-    /// [`crate::lists::InnerV4`], the verdict of each /31 in it: a source there is found by
-    /// one hash lookup, whatever the list's size, where the trie walk lengthens with the
-    /// list. A /24 missing from it (for want of memory, or while it changes) walks the trie.
-    pub const MAP_LIST_V4_INNER: &str = "LIST_V4_INNER";
-    /// Mmapable array of u64: the IPv4 trie summarised per /24 ([`crate::lists::summary`]).
-    pub const MAP_LIST_V4_SUMMARY: &str = "LIST_V4_SUMMARY";
-    /// Mmapable array of u64: the IPv6 trie summarised per /24, and the lengths of its
-    /// entries of /40 or longer per /40 ([`crate::lists::summary_v6`]).
-    pub const MAP_LIST_V6_SUMMARY: &str = "LIST_V6_SUMMARY";
-    /// Mmapable array of [`crate::limiter::LimiterSet`]: the buckets, in a set-associative
-    /// table the data plane reads without a kernel call ([`crate::limiter::set_of`]).
-    pub const MAP_LIMITER: &str = "LIMITER";
-    /// Array of [`crate::limiter::RateLimit`]; index [`crate::limiter::DEFAULT_LIMIT`].
-    pub const MAP_LIMITS: &str = "LIMITS";
-    /// Per-CPU array of [`crate::counters::Counter`], indexed by [`crate::counters::Reason`].
-    pub const MAP_COUNTERS: &str = "COUNTERS";
-    /// Array with one [`crate::settings::Settings`].
-    pub const MAP_SETTINGS: &str = "SETTINGS";
+    /// [`InnerV4`], the verdict of each /31 in it. A /24 missing from it walks the trie.
+    pub const LIST_V4_INNER: MapSpec =
+        list_hash("LIST_V4_INNER", sized::<[u8; 4]>(), sized::<InnerV4>());
+    /// Hash, an IPv6 /24 holding entries of /25 to /39 (its first three bytes, then a zero
+    /// byte) -> [`InnerV6`], the verdict of each /32 in it. A /24 missing from it walks the
+    /// trie, as does a /32 holding entries longer than /32.
+    pub const LIST_V6_INNER: MapSpec =
+        list_hash("LIST_V6_INNER", sized::<[u8; 4]>(), sized::<InnerV6>());
+    /// Hash, IPv6 entries of /48, /56, /64 and /128 (also in the trie), keyed by
+    /// [`HashedV6Key`]: a source inside one is found by a probe. It never holds what the
+    /// trie does not; an entry missing from it only costs a trie walk.
+    pub const LIST_V6_HASHED: MapSpec = list_hash(
+        "LIST_V6_HASHED",
+        sized::<HashedV6Key>(),
+        sized::<ListVerdict>(),
+    );
+    /// Mmapable array of u64: the IPv4 lists summarised per /24 ([`summary`]).
+    pub const LIST_V4_SUMMARY: MapSpec = MapSpec {
+        flags: BPF_F_MMAPABLE,
+        ..array("LIST_V4_SUMMARY", sized::<u64>(), summary::WORDS)
+    };
+    /// Mmapable array of u64: the IPv6 lists summarised per /24, and the lengths of their
+    /// entries of /40 or longer per /40 ([`summary_v6`]).
+    pub const LIST_V6_SUMMARY: MapSpec = MapSpec {
+        flags: BPF_F_MMAPABLE,
+        ..array("LIST_V6_SUMMARY", sized::<u64>(), summary_v6::WORDS)
+    };
+    /// Mmapable array of [`LimiterSet`]: the buckets, in a set-associative table the data
+    /// plane reads without a kernel call ([`crate::limiter::set_of`]).
+    pub const LIMITER: MapSpec = MapSpec {
+        flags: BPF_F_MMAPABLE,
+        entries: Entries::LimiterSets,
+        ..array("LIMITER", sized::<LimiterSet>(), 0)
+    };
+    /// Array of [`RateLimit`]; index [`crate::limiter::DEFAULT_LIMIT`], then the rules'.
+    pub const LIMITS: MapSpec = array("LIMITS", sized::<RateLimit>(), LIMIT_SLOTS);
+    /// Per-CPU array of [`Counter`], indexed by [`crate::counters::Reason`].
+    pub const COUNTERS: MapSpec = per_cpu_array("COUNTERS", sized::<Counter>(), COUNTER_SLOTS);
+    /// Array with one [`Settings`].
+    pub const SETTINGS: MapSpec = array("SETTINGS", sized::<Settings>(), 1);
     /// Ring buffer of [`crate::events::DropEvent`].
-    pub const MAP_EVENTS: &str = "EVENTS";
+    pub const EVENTS: MapSpec = ring("EVENTS", EVENTS_RING_BYTES);
     /// Array of u64 bucket times, one per reason: the in-kernel rate limit on events.
-    pub const MAP_EVENT_LIMIT: &str = "EVENT_LIMIT";
+    pub const EVENT_LIMIT: MapSpec = array("EVENT_LIMIT", sized::<u64>(), COUNTER_SLOTS);
     /// Per-CPU array of u64, one per reason: events suppressed by that limit (or a full ring).
-    pub const MAP_EVENTS_SUPPRESSED: &str = "EVENTS_SUPPRESSED";
-    /// Array of limit slots ([`crate::limiter::DEFAULT_LIMIT`] or a rule's), indexed by
-    /// [`crate::rules::table_index`]: the first rule matching each protocol/port/flags.
-    pub const MAP_RULE_TABLE: &str = "RULE_TABLE";
-    /// Per-CPU array of [`crate::rules::RuleCounter`], one per limit slot.
-    pub const MAP_RULE_COUNTERS: &str = "RULE_COUNTERS";
+    pub const EVENTS_SUPPRESSED: MapSpec =
+        per_cpu_array("EVENTS_SUPPRESSED", sized::<u64>(), COUNTER_SLOTS);
+    /// Array of limit slots, indexed by [`crate::rules::table_index`]: the first rule
+    /// matching each protocol, port and flags.
+    pub const RULE_TABLE: MapSpec = array("RULE_TABLE", sized::<u32>(), TABLE_SLOTS);
+    /// Per-CPU array of [`RuleCounter`], one per limit slot.
+    pub const RULE_COUNTERS: MapSpec =
+        per_cpu_array("RULE_COUNTERS", sized::<RuleCounter>(), LIMIT_SLOTS);
     /// Ring buffer of [`crate::rules::PenaltyEvent`]: sources the controller should box.
-    pub const MAP_PENALTIES: &str = "PENALTIES";
+    pub const PENALTIES: MapSpec = ring("PENALTIES", PENALTY_RING_BYTES);
+
+    /// Every map, in the order the controller checks and pins them.
+    pub const ALL: [MapSpec; 18] = [
+        LIST_V4,
+        LIST_V6,
+        LIST_V4_EXACT,
+        LIST_V4_INNER,
+        LIST_V6_INNER,
+        LIST_V6_HASHED,
+        LIST_V4_SUMMARY,
+        LIST_V6_SUMMARY,
+        LIMITER,
+        LIMITS,
+        COUNTERS,
+        SETTINGS,
+        EVENTS,
+        EVENT_LIMIT,
+        EVENTS_SUPPRESSED,
+        RULE_TABLE,
+        RULE_COUNTERS,
+        PENALTIES,
+    ];
+
+    /// Whether two names are the same (`==` on `str` is not yet usable in a const).
+    pub const fn same_name(a: &str, b: &str) -> bool {
+        let (a, b) = (a.as_bytes(), b.as_bytes());
+        if a.len() != b.len() {
+            return false;
+        }
+        let mut i = 0;
+        while i < a.len() {
+            if a[i] != b[i] {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
 }
 
 /// Allowlist and blocklist, folded by the controller into one trie per address family.
@@ -687,3 +881,37 @@ pub mod rules {
     // SAFETY: u64, 16 bytes, 2 u32, u64, 2 u32: 48 bytes, no padding.
     unsafe impl aya::Pod for PenaltyEvent {}
 }
+
+/// The layouts the data plane relies on (it reads keys as words and masks at fixed
+/// offsets, and the pins of a running system hold these shapes): a change is a build
+/// error here, not a misread map at run time.
+const _: () = {
+    use core::mem::{align_of, offset_of, size_of};
+
+    use crate::{counters, events, limiter, lists, rules, settings};
+
+    assert!(size_of::<limiter::RateLimit>() == 88 && align_of::<limiter::RateLimit>() == 8);
+    assert!(offset_of!(limiter::RateLimit, mask_v4) == 32);
+    assert!(offset_of!(limiter::RateLimit, mask_v6) == 48);
+    assert!(offset_of!(limiter::RateLimit, flags) == 64);
+    assert!(offset_of!(limiter::RateLimit, tick_ns) == 84);
+    assert!(size_of::<limiter::LimiterKey>() == 20 && align_of::<limiter::LimiterKey>() == 4);
+    assert!(offset_of!(limiter::LimiterKey, limit) == 16);
+    assert!(size_of::<limiter::LimiterState>() == 56);
+    assert!(offset_of!(limiter::LimiterState, byte_tat) == 8);
+    assert!(size_of::<limiter::LimiterSlot>() == 80);
+    assert!(offset_of!(limiter::LimiterSlot, key) == 0);
+    assert!(offset_of!(limiter::LimiterSlot, occupied) == 20);
+    assert!(offset_of!(limiter::LimiterSlot, state) == 24);
+    assert!(size_of::<limiter::LimiterSet>() == 320);
+    assert!(size_of::<settings::Settings>() == 40);
+    assert!(offset_of!(settings::Settings, limiter_seed) == 24);
+    assert!(size_of::<counters::Counter>() == 16);
+    assert!(size_of::<events::DropEvent>() == 40);
+    assert!(size_of::<rules::RuleCounter>() == 48);
+    assert!(size_of::<rules::PenaltyEvent>() == 48);
+    assert!(size_of::<lists::HashedV6Key>() == 20 && align_of::<lists::HashedV6Key>() == 4);
+    assert!(offset_of!(lists::HashedV6Key, prefix_len) == 16);
+    assert!(size_of::<lists::InnerV4>() == 32);
+    assert!(size_of::<lists::InnerV6>() == 64);
+};

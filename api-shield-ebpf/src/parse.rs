@@ -16,15 +16,15 @@ use network_types::{
 
 /// Start and end of the frame's bytes, as the hook gives them.
 #[derive(Clone, Copy)]
-pub(crate) struct Frame {
+pub struct Frame {
     /// The bytes the program can read directly: [start, end).
-    pub(crate) start: usize,
-    pub(crate) end: usize,
+    pub start: usize,
+    pub end: usize,
     /// The whole frame's length on the wire. Under XDP, end - start; under TC, the skb's
     /// length, of which only the (pulled) linear part lies in [start, end).
-    pub(crate) wire_len: usize,
+    pub wire_len: usize,
     /// The interface the frame arrived on (for drop events).
-    pub(crate) ifindex: u32,
+    pub ifindex: u32,
 }
 
 impl Frame {

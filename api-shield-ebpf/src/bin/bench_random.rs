@@ -1,5 +1,5 @@
-//! The benchmarks' spoofed-source variant: the whole data plane (the same source files),
-//! plus programs that overwrite the frame's source address with a random one
+//! The benchmarks' spoofed-source variant: the whole data plane (the library, with its
+//! hooks and maps), plus programs that overwrite the frame's source address with a random one
 //! (`bpf_get_prandom_u32() & mask`) first: `bench_random` then judges the frame as
 //! api-shield does, `bench_prandom` only returns XDP_PASS. Their difference is api-shield's
 //! cost with cold caches, as under a spoofed flood. `bench_handoff` instead tail-calls
@@ -7,32 +7,17 @@
 //! `bench_pass` in its place. Never loaded by the daemon.
 #![no_std]
 #![no_main]
-#![feature(core_intrinsics)]
-#![expect(
-    internal_features,
-    reason = "atomic intrinsics: the bpf target has no AtomicU64 CAS"
-)]
 
-#[path = "../parse.rs"]
-mod parse;
-#[path = "../tc.rs"]
-mod tc;
-#[path = "../verdict.rs"]
-mod verdict;
-#[path = "../xdp.rs"]
-mod xdp;
-
+use api_shield_ebpf::{
+    parse::Frame,
+    verdict::{Action, judge},
+};
 use aya_ebpf::{
     bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS},
     helpers::bpf_get_prandom_u32,
     macros::{map, xdp},
     maps::{Array, ProgramArray},
     programs::XdpContext,
-};
-
-use crate::{
-    parse::Frame,
-    verdict::{Action, judge},
 };
 
 /// The random part of the source: index 0 holds the mask (0xffff: 64k sources); index 1
@@ -111,13 +96,3 @@ pub(crate) fn bench_handoff(ctx: XdpContext) -> u32 {
 pub(crate) fn bench_pass(_ctx: XdpContext) -> u32 {
     XDP_PASS
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -59,6 +59,8 @@ pub(crate) fn flood_generator(ctx: XdpContext) -> u32 {
     unsafe { bpf_redirect(ifindex, 0) as u32 }
 }
 
+// Its own panic handler and licence: this object must not link the data plane library,
+// whose programs and maps would come with it.
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

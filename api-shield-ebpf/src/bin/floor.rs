@@ -101,6 +101,8 @@ pub(crate) fn bench_pass(_ctx: XdpContext) -> u32 {
     XDP_PASS
 }
 
+// Its own panic handler and licence: this object must not link the data plane library,
+// whose programs and maps would come with it.
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
