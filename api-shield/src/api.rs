@@ -18,7 +18,7 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use crate::registry::ListKind;
+use crate::lists::ListKind;
 
 /// Requests longer than this are refused (and the connection closed).
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;

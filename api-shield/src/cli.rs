@@ -9,8 +9,8 @@ use serde_json::Value;
 use crate::{
     api::{self, Request},
     config::{Config, DEFAULT_SOCKET},
+    lists::{ListKind, unix_now},
     prefix::parse_prefix,
-    registry::{ListKind, unix_now},
     shield::detach_pinned,
 };
 

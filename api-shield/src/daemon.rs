@@ -31,13 +31,13 @@ use crate::{
         Feed, FeedStatus,
         fetch::{self, Outcome},
     },
-    kernel,
-    lists::{Folded, fold},
+    lists::{
+        Claim, Folded, ListKind, Origin, Registry, StateDir, unix_now, until_next_whole_second,
+    },
     metrics::{self, Exposition, Scrape},
     penalty::{self, Offences},
     prefix::parse_prefix,
-    registry::{self, Claim, ListKind, Origin, Registry, StateDir, unix_now},
-    shield::{AttachedMode, Shield},
+    shield::{AttachedMode, Shield, kernel},
 };
 
 /// The longest TTL accepted: ten years.
@@ -189,7 +189,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
         }
         feeds.insert(feed_config.name.0.clone(), feed);
     }
-    let folded = fold_registry(&registry);
+    let folded = registry.fold();
 
     let mut instances = Vec::new();
     for iface in &config.interfaces {
@@ -485,7 +485,7 @@ impl Drop for StartGuard {
 /// When to look for expired entries next: just after the wall clock's next whole second
 /// (a few ms after, so the second has surely begun).
 fn next_expiry_check() -> tokio::time::Instant {
-    tokio::time::Instant::now() + registry::until_next_whole_second() + Duration::from_millis(5)
+    tokio::time::Instant::now() + until_next_whole_second() + Duration::from_millis(5)
 }
 
 /// Pins need a BPF filesystem; mount one at /sys/fs/bpf if the pin directory is below it.
@@ -535,13 +535,6 @@ fn limiter_source(key: &LimiterKey, by: crate::config::SourceKey) -> String {
         None if by.v6 < 128 => format!("{v6}/{}", by.v6),
         None => v6.to_string(),
     }
-}
-
-fn fold_registry(registry: &Registry) -> Folded {
-    fold(
-        &registry.prefixes(ListKind::Allow),
-        &registry.prefixes(ListKind::Block),
-    )
 }
 
 fn totals(instances: &[Instance]) -> Result<BTreeMap<Reason, Counter>> {
@@ -632,7 +625,7 @@ impl Controller {
 
     /// Makes every instance's lists match the registry (adds before removes).
     fn sync(&mut self) -> Result<Folded> {
-        let folded = fold_registry(&self.registry);
+        let folded = self.registry.fold();
         let mut refused = BTreeSet::new();
         for inst in &mut self.instances {
             let refused_here = inst
@@ -1500,7 +1493,7 @@ impl Controller {
             let _ = self.sync();
             return Err(e);
         }
-        for net in fold_registry(&self.registry).shadowed {
+        for net in self.registry.fold().shadowed {
             log::warn!(
                 "blocklist entry {net} lies inside an allowlisted prefix: the allowlist wins"
             );

@@ -7,17 +7,12 @@ pub mod config;
 pub mod daemon;
 pub mod events;
 pub mod feeds;
-pub mod kernel;
-pub mod limiter;
-pub mod limits;
 pub mod lists;
 pub mod metrics;
 pub mod penalty;
 pub mod prefix;
 pub mod privileges;
-pub mod registry;
 pub mod shield;
-pub mod summary;
 
 /// The compiled data plane, built from `api-shield-ebpf` by build.rs.
 pub static EBPF_OBJECT: &[u8] =

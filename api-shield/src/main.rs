@@ -35,7 +35,7 @@ fn main() -> ExitCode {
         Err(e) => {
             let text = format!("{e:#}");
             // A refused program or kernel is told in a few lines; the rest in one.
-            if api_shield::kernel::is_kernel_error(&e) {
+            if api_shield::shield::kernel::is_kernel_error(&e) {
                 eprintln!("error: {text}");
             } else {
                 eprintln!("error: {}", text.replace('\n', " "));

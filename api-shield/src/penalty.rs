@@ -15,7 +15,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
-use crate::{config::Penalty, registry::StateDir};
+use crate::{config::Penalty, lists::StateDir};
 
 const OFFENCES_FILE: &str = "penalties.json";
 

@@ -47,7 +47,7 @@ pub fn live_frames_refused() -> Result<Option<String>> {
             Ok(Some(format!(
                 "this machine refuses BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES ({}; kernel {})",
                 e.io_error,
-                api_shield::kernel::release()
+                api_shield::shield::kernel::release()
             )))
         }
         Err(e) => Err(e).context("probing the live-frames generator"),

@@ -7,6 +7,7 @@ pub mod frames;
 pub mod http;
 pub mod model;
 pub mod netns;
+pub mod pins;
 pub mod traffic;
 
 /// Fails the test unless it runs as root: kernel tests must never be silently skipped.

@@ -4,7 +4,11 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use api_shield::{REFUSED_OBJECT, config::Config, kernel::ProgramRefused, shield::Shield};
+use api_shield::{
+    REFUSED_OBJECT,
+    config::Config,
+    shield::{Shield, kernel::ProgramRefused},
+};
 use api_shield_tests::{
     daemon::{Daemon, DaemonDirs},
     netns::Sandbox,

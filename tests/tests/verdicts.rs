@@ -10,12 +10,12 @@ use std::{
 };
 
 use api_shield::{config::Config, shield::Shield};
-use api_shield::{config::Limit, limits::rate_limit};
+use api_shield::{config::Limit, shield::settings::rate_limit};
 use api_shield_common::{
     counters::Reason,
     limiter::{DEFAULT_LIMIT, LimiterKey},
 };
-use api_shield_tests::{frames::*, require_root};
+use api_shield_tests::{frames::*, pins::PinDir, require_root};
 use aya::programs::{TestRun, TestRunOptions};
 
 const XDP_ABORTED: u32 = 0;
@@ -1386,7 +1386,7 @@ fn ipv6_list_summary_follows_every_list_change() {
     ];
     // Small lists walk the trie; large ones probe the hash; and a list growing past
     // the threshold and shrinking under it at every step.
-    let probing = api_shield::summary::PROBES_FROM_V6_ENTRIES;
+    let probing = api_shield::lists::summary::PROBES_FROM_V6_ENTRIES;
     lists_through_changes(steps, probes, &|_| 0);
     lists_through_changes(steps, probes, &|_| probing);
     lists_through_changes(steps, probes, &|i| if i % 2 == 0 { probing } else { 0 });
@@ -1463,24 +1463,6 @@ fn whole_addresses_and_prefixes_share_the_list_capacity() {
 }
 
 /// A pin directory of this test process's own under /sys/fs/bpf, removed when dropped.
-struct PinDir(std::path::PathBuf);
-
-impl PinDir {
-    fn new(name: &str) -> PinDir {
-        PinDir(std::path::PathBuf::from(format!(
-            "/sys/fs/bpf/{}{}-{name}",
-            api_shield_tests::netns::NETNS_PREFIX,
-            std::process::id()
-        )))
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A program loaded over pinned maps brings the IPv6 hash back in step with the trie
 /// (a daemon may have stopped between writing the one and the other): a stale copy, here
 /// one the lists never held, goes, and a missing one comes back.
@@ -1572,7 +1554,7 @@ fn ipv6_hash_probes_decide_at_each_hashed_length() {
     use api_shield_common::lists::{HashedV6Key, LIST_ALLOW};
     use aya::maps::HashMap;
     let mut h = Harness::new(UNLIMITED);
-    let filler = api_shield::summary::PROBES_FROM_V6_ENTRIES as u128;
+    let filler = api_shield::lists::summary::PROBES_FROM_V6_ENTRIES as u128;
     let mut block: Vec<ipnet::IpNet> = (0..filler)
         .map(|i| ipnet::IpNet::new(Ipv6Addr::from(0x3fff_u128 << 112 | i).into(), 128).unwrap())
         .collect();

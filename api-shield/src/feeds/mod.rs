@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::FeedConfig,
-    registry::{StateDir, unix_now},
+    lists::{StateDir, unix_now},
 };
 
 /// What `api-shield feeds` shows, and metrics export, for one feed.

@@ -1,15 +1,23 @@
-//! Turning configured limits and rules into what the data plane reads: precomputed bucket
-//! parameters per limit slot, and the table that maps a packet to its first matching rule.
+//! Limits, rules and settings: what the config says turned into what the data plane
+//! reads (precomputed bucket parameters per limit slot, the table that maps a packet to its
+//! first matching rule, the settings word), and written into the maps.
 
+use anyhow::{Context as _, Result};
 use api_shield_common::{
     limiter::{
-        BYTE_COST_FRAC_BITS, LIMIT_DRY_RUN, LIMIT_TICK_CLOCK, RateLimit, TICK_CLOCK_MIN_TICKS,
-        TIME_SHIFT, UNITS_PER_SEC,
+        BYTE_COST_FRAC_BITS, DEFAULT_LIMIT, LIMIT_DRY_RUN, LIMIT_TICK_CLOCK, RateLimit,
+        TICK_CLOCK_MIN_TICKS, TIME_SHIFT, UNITS_PER_SEC,
     },
-    rules::{CLASS_OTHER, CLASS_TCP, CLASS_TCP_SYN, CLASS_UDP, TABLE_SLOTS, table_index},
+    names,
+    rules::{
+        CLASS_OTHER, CLASS_TCP, CLASS_TCP_SYN, CLASS_UDP, RuleCounter, TABLE_SLOTS, table_index,
+    },
+    settings::{SETTINGS_DRY_RUN, SETTINGS_RULES, Settings},
 };
+use aya::maps::{Array, PerCpuArray};
 
-use crate::config::{Limit, Penalty, Policy, Rule, RuleMatch, TcpFlags};
+use super::Shield;
+use crate::config::{Config, Limit, OnMalformed, Penalty, Policy, Rule, RuleMatch, TcpFlags};
 
 /// Caps costs and capacities so that `now + capacity + cost` never overflows a u64
 /// of bucket time (now itself stays below 2^60 for 36 years of uptime).
@@ -158,6 +166,85 @@ pub fn event_limit(rate: u64) -> (u64, u64) {
     }
     let cost = (UNITS_PER_SEC / rate).max(1);
     (cost, cost * rate)
+}
+
+impl Shield {
+    /// Limits, rules and settings from `config`; buckets keep their state.
+    ///
+    /// Order matters for a running program: the rules' limits are written before the
+    /// table points at them, and the table before the settings switch it on.
+    pub fn apply_settings(&mut self, config: &Config) -> Result<()> {
+        let limits = &config.limits;
+        let penalty = limits.penalty.as_ref();
+        self.set_limit(
+            DEFAULT_LIMIT,
+            limit_slot(&limits.default, &limits.default_policy, penalty),
+        )?;
+        for (i, rule) in limits.rules.iter().enumerate() {
+            self.set_limit(i as u32 + 1, limit_slot(&rule.limit, &rule.policy, penalty))?;
+        }
+        let rules = !limits.rules.is_empty();
+        if rules || self.rule_table.is_some() {
+            self.write_rule_table(rule_table(&limits.rules))?;
+        }
+        let (event_cost, event_capacity) = event_limit(config.events.rate.0);
+        let mut flags = 0;
+        if config.dry_run {
+            flags |= SETTINGS_DRY_RUN;
+        }
+        if rules {
+            flags |= SETTINGS_RULES;
+        }
+        self.set_settings(Settings {
+            drop_malformed: u32::from(config.on_malformed == OnMalformed::Drop),
+            flags,
+            event_cost,
+            event_capacity,
+            ..Settings::default()
+        })
+    }
+
+    /// Writes the entries of `table` that differ from what the map holds (all of them
+    /// the first time).
+    fn write_rule_table(&mut self, table: Vec<u32>) -> Result<()> {
+        let old = self.rule_table.take();
+        let mut map: Array<_, u32> = Array::try_from(self.map_mut(names::MAP_RULE_TABLE)?)?;
+        for (i, slot) in table.iter().enumerate() {
+            if old.as_ref().is_none_or(|o| o[i] != *slot) {
+                map.set(i as u32, slot, 0)
+                    .context("writing the rule table")?;
+            }
+        }
+        self.rule_table = Some(table);
+        Ok(())
+    }
+
+    /// Sets limit `index`. Buckets keep their state: a new rate applies from the next packet.
+    pub fn set_limit(&mut self, index: u32, limit: RateLimit) -> Result<()> {
+        let mut limits: Array<_, RateLimit> = Array::try_from(self.map_mut(names::MAP_LIMITS)?)?;
+        limits.set(index, limit, 0).context("writing a limit")?;
+        Ok(())
+    }
+
+    /// Writes the settings; the limiter's seed and size are the table's, whatever
+    /// `settings` says of them.
+    pub fn set_settings(&mut self, mut settings: Settings) -> Result<()> {
+        settings.limiter_seed = self.limiter_seed;
+        settings.limiter_sets = self.limiter.sets();
+        let mut map: Array<_, Settings> = Array::try_from(self.map_mut(names::MAP_SETTINGS)?)?;
+        map.set(0, settings, 0).context("writing settings")?;
+        Ok(())
+    }
+
+    /// Zeroes a limit slot's counters (when the slot passes to another rule).
+    pub fn reset_rule_counter(&mut self, slot: u32) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let mut map: PerCpuArray<_, RuleCounter> =
+            PerCpuArray::try_from(self.map_mut(names::MAP_RULE_COUNTERS)?)?;
+        let zeros = aya::maps::PerCpuValues::try_from(vec![RuleCounter::default(); cpus])?;
+        map.set(slot, zeros, 0).context("resetting rule counters")?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

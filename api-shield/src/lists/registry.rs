@@ -16,6 +16,8 @@ use anyhow::{Context as _, Result};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use super::fold::{Folded, fold};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ListKind {
@@ -145,6 +147,15 @@ pub fn until_next_whole_second() -> Duration {
 }
 
 impl Registry {
+    /// Both lists folded into the table the list maps take: the one route from what is
+    /// listed to what the data plane reads.
+    pub fn fold(&self) -> Folded {
+        fold(
+            &self.prefixes(ListKind::Allow),
+            &self.prefixes(ListKind::Block),
+        )
+    }
+
     /// Replaces every config claim with these lists; other origins are untouched.
     pub fn set_config(&mut self, allow: &[IpNet], block: &[IpNet]) {
         self.entries.retain(|_, claims| {

@@ -1,0 +1,204 @@
+//! What the loaded program reports: counters, rule counters, suppressed events, map fill,
+//! the limiter's buckets, and the ring buffers of drop events and penalty reports.
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use api_shield_common::{
+    counters::{COUNTER_SLOTS, Counter, Reason},
+    limiter::{LIMIT_SLOTS, LimiterKey, LimiterState},
+    names,
+    rules::RuleCounter,
+};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use ipnet::IpNet;
+use std::net::IpAddr;
+
+use super::Shield;
+
+/// Totals of one reason's counter, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReasonTotals {
+    pub reason_index: u32,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl Shield {
+    /// The kernel's id of a map (for tools such as bpftool).
+    pub fn map_id(&self, name: &str) -> Result<u32> {
+        let map = self
+            .ebpf
+            .map(name)
+            .with_context(|| format!("map {name} missing"))?;
+        Ok(match map {
+            aya::maps::Map::LpmTrie(data)
+            | aya::maps::Map::Array(data)
+            | aya::maps::Map::HashMap(data)
+            | aya::maps::Map::LruHashMap(data)
+            | aya::maps::Map::PerCpuArray(data) => data.info()?.id(),
+            _ => bail!("map {name}: no id for this map type"),
+        })
+    }
+
+    /// Entries and capacity of each map (the counters and settings arrays are always full).
+    pub fn map_fill(&self) -> Result<Vec<(&'static str, usize, u32)>> {
+        let mut out = Vec::new();
+        // The maps an operator sizes; the event, penalty and rule maps are fixed.
+        let fixed = [
+            names::MAP_EVENTS,
+            names::MAP_EVENT_LIMIT,
+            names::MAP_EVENTS_SUPPRESSED,
+            names::MAP_PENALTIES,
+            names::MAP_RULE_TABLE,
+            names::MAP_RULE_COUNTERS,
+            names::MAP_LIST_V4_SUMMARY,
+            names::MAP_LIST_V6_SUMMARY,
+            // Counted with the IPv4 trie, which stands for the whole IPv4 list.
+            names::MAP_LIST_V4_EXACT,
+            // A copy of some of the IPv6 trie's entries, and verdicts derived from the
+            // tries'.
+            names::MAP_LIST_V6_HASHED,
+            names::MAP_LIST_V4_INNER,
+            names::MAP_LIST_V6_INNER,
+        ];
+        // The list store knows what the list maps hold (it read them at load and writes
+        // every change): no walk of a million keys, a system call each.
+        let (v4, v6) = self.lists().counts();
+        for shape in self.shapes.iter().filter(|s| !fixed.contains(&s.name())) {
+            let entries = match shape.name() {
+                names::MAP_LIST_V4 => v4,
+                names::MAP_LIST_V6 => v6,
+                names::MAP_LIMITER => {
+                    out.push((
+                        shape.name(),
+                        self.limiter.occupied(),
+                        self.limiter.capacity() as u32,
+                    ));
+                    continue;
+                }
+                _ => shape.max_entries as usize,
+            };
+            out.push((shape.name(), entries, shape.max_entries));
+        }
+        Ok(out)
+    }
+
+    /// Per limit slot (0: default, i + 1: rule i), what its buckets did, summed over CPUs.
+    pub fn rule_counters(&self) -> Result<Vec<RuleCounter>> {
+        let map = self
+            .ebpf
+            .map(names::MAP_RULE_COUNTERS)
+            .context("rule counters map missing")?;
+        let per_cpu: PerCpuArray<_, RuleCounter> = PerCpuArray::try_from(map)?;
+        (0..LIMIT_SLOTS)
+            .map(|slot| {
+                Ok(per_cpu
+                    .get(&slot, 0)?
+                    .iter()
+                    .fold(RuleCounter::default(), |a, c| RuleCounter {
+                        passed_packets: a.passed_packets + c.passed_packets,
+                        passed_bytes: a.passed_bytes + c.passed_bytes,
+                        dropped_packets: a.dropped_packets + c.dropped_packets,
+                        dropped_bytes: a.dropped_bytes + c.dropped_bytes,
+                        would_drop_packets: a.would_drop_packets + c.would_drop_packets,
+                        would_drop_bytes: a.would_drop_bytes + c.would_drop_bytes,
+                    }))
+            })
+            .collect()
+    }
+
+    /// Per-reason packet and byte totals, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(Reason, Counter)>> {
+        let map = self
+            .ebpf
+            .map(names::MAP_COUNTERS)
+            .ok_or_else(|| anyhow!("map {} missing", names::MAP_COUNTERS))?;
+        let counters: PerCpuArray<_, Counter> = PerCpuArray::try_from(map)?;
+        let mut out = Vec::with_capacity(Reason::ALL.len());
+        for reason in Reason::ALL {
+            debug_assert!((reason as u32) < COUNTER_SLOTS);
+            let per_cpu = counters.get(&(reason as u32), 0)?;
+            let total = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+                packets: acc.packets + c.packets,
+                bytes: acc.bytes + c.bytes,
+            });
+            out.push((reason, total));
+        }
+        Ok(out)
+    }
+
+    /// Buckets the limiter has created since its map was made (summed over CPUs).
+    pub fn limiter_buckets_created(&self) -> Result<u64> {
+        let map = self
+            .ebpf
+            .map(names::MAP_COUNTERS)
+            .ok_or_else(|| anyhow!("map {} missing", names::MAP_COUNTERS))?;
+        let counters: PerCpuArray<_, Counter> = PerCpuArray::try_from(map)?;
+        Ok(counters
+            .get(&api_shield_common::counters::LIMITER_CREATED_SLOT, 0)?
+            .iter()
+            .map(|c| c.packets)
+            .sum())
+    }
+
+    /// Number of sources the limiter currently tracks.
+    pub fn tracked_sources(&self) -> Result<usize> {
+        Ok(self.limiter.occupied())
+    }
+
+    /// Takes the drop-events ring buffer out (once), for a reader task to own.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(names::MAP_EVENTS)
+            .context("the events ring buffer was already taken")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    /// Takes the penalty ring buffer out (once), for a reader task to own.
+    pub fn take_penalties(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(names::MAP_PENALTIES)
+            .context("the penalty ring buffer was already taken")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    /// Events suppressed (over the rate, or ring full), per reason, summed over CPUs.
+    pub fn events_suppressed(&self) -> Result<Vec<(Reason, u64)>> {
+        let map = self
+            .ebpf
+            .map(names::MAP_EVENTS_SUPPRESSED)
+            .context("suppressed-events map missing")?;
+        let per_cpu: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
+        Reason::ALL
+            .iter()
+            .map(|r| Ok((*r, per_cpu.get(&(*r as u32), 0)?.iter().sum())))
+            .collect()
+    }
+
+    /// Every bucket the limiter tracks.
+    pub fn limiter_entries(&self) -> Result<Vec<(LimiterKey, LimiterState)>> {
+        Ok(self.limiter.entries())
+    }
+
+    /// Ends the penalty windows of the buckets of `net` (a prefix the penalty box
+    /// released), under every limit: its next violations are counted afresh. Returns how
+    /// many buckets there were.
+    pub fn reset_penalty_windows(&self, net: &IpNet) -> usize {
+        let addr = match net.network() {
+            IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            IpAddr::V6(a) => a.octets(),
+        };
+        (0..LIMIT_SLOTS)
+            .filter(|&limit| {
+                self.limiter
+                    .reset_window(&LimiterKey { addr, limit }, self.limiter_seed)
+            })
+            .count()
+    }
+
+    /// The limiter's state for one bucket, if it is tracked.
+    pub fn limiter_state(&self, key: &LimiterKey) -> Result<Option<LimiterState>> {
+        Ok(self.limiter.get(key, self.limiter_seed))
+    }
+}
