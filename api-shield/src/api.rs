@@ -1,5 +1,6 @@
 //! The admin API: one JSON object per line over a Unix socket, one response line per request.
-//! Only root (or members of the configured group, checked with SO_PEERCRED) are served.
+//! Only root (or members of the configured group, checked with SO_PEERCRED and
+//! SO_PEERGROUPS) are served.
 
 use std::{
     ffi::CString,
@@ -127,13 +128,12 @@ impl Access {
     }
 
     /// Root, or a member of the admin group (primary or supplementary).
-    fn check(&self, uid: u32, gid: u32, pid: Option<i32>) -> Result<(), String> {
+    fn check(&self, uid: u32, gid: u32, groups: &[u32]) -> Result<(), String> {
         if uid == 0 {
             return Ok(());
         }
         if let Some((name, admin_gid)) = &self.group {
-            if gid == *admin_gid || pid.is_some_and(|p| supplementary_groups(p).contains(admin_gid))
-            {
+            if gid == *admin_gid || groups.contains(admin_gid) {
                 return Ok(());
             }
             return Err(format!(
@@ -155,17 +155,36 @@ fn group_id(name: &str) -> Result<u32> {
     Ok(unsafe { (*gr).gr_gid })
 }
 
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
-                g.split_whitespace()
-                    .filter_map(|n| n.parse().ok())
-                    .collect()
-            })
-        })
-        .unwrap_or_default()
+/// The peer's supplementary groups as the socket recorded them when it connected
+/// (SO_PEERGROUPS): unlike /proc/<pid>, they cannot belong to a process that took over
+/// the peer's PID since.
+fn peer_groups(stream: &UnixStream) -> std::io::Result<Vec<u32>> {
+    use std::os::fd::AsRawFd as _;
+    const SO_PEERGROUPS: libc::c_int = 59;
+    let mut groups = vec![0u32; 64];
+    loop {
+        let mut len = (groups.len() * size_of::<u32>()) as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `groups`, which holds them.
+        let ret = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &raw mut len,
+            )
+        };
+        if ret == 0 {
+            groups.truncate(len as usize / size_of::<u32>());
+            return Ok(groups);
+        }
+        let e = std::io::Error::last_os_error();
+        // ERANGE: more groups than room; `len` says how many bytes they need.
+        if e.raw_os_error() != Some(libc::ERANGE) || len as usize <= groups.len() * 4 {
+            return Err(e);
+        }
+        groups.resize(len as usize / size_of::<u32>(), 0);
+    }
 }
 
 /// Binds the socket: directory 0750, socket 0600 (0660 and group-owned with a group).
@@ -215,8 +234,9 @@ pub async fn serve(listener: UnixListener, access: Access, calls: mpsc::Sender<C
 
 async fn connection(stream: UnixStream, access: &Access, calls: &mpsc::Sender<Call>) -> Result<()> {
     let cred = stream.peer_cred().context("SO_PEERCRED")?;
+    let groups = peer_groups(&stream).context("SO_PEERGROUPS")?;
     let (read, mut write) = stream.into_split();
-    if let Err(refusal) = access.check(cred.uid(), cred.gid(), cred.pid()) {
+    if let Err(refusal) = access.check(cred.uid(), cred.gid(), &groups) {
         log::warn!(
             "admin socket: refused uid {} (pid {:?})",
             cred.uid(),
@@ -331,20 +351,21 @@ mod tests {
     #[test]
     fn only_root_or_the_admin_group_passes() {
         let root_only = Access { group: None };
-        assert!(root_only.check(0, 0, None).is_ok());
+        assert!(root_only.check(0, 0, &[]).is_ok());
         assert!(
             root_only
-                .check(65534, 65534, None)
+                .check(65534, 65534, &[])
                 .unwrap_err()
                 .contains("not root")
         );
         let with_group = Access {
             group: Some(("shield".into(), 4242)),
         };
-        assert!(with_group.check(1000, 4242, None).is_ok());
+        assert!(with_group.check(1000, 4242, &[]).is_ok());
+        assert!(with_group.check(1000, 1000, &[27, 4242]).is_ok());
         assert!(
             with_group
-                .check(1000, 1000, None)
+                .check(1000, 1000, &[])
                 .unwrap_err()
                 .contains("group shield")
         );

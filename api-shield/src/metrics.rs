@@ -1,7 +1,10 @@
 //! Prometheus metrics: the text exposition format, and a small HTTP endpoint serving it.
 //! The controller renders the text (it owns the maps); the endpoint only asks for it.
 
-use std::{fmt::Write as _, net::SocketAddr};
+use std::{
+    net::SocketAddr,
+    sync::atomic::{AtomicI64, AtomicU64},
+};
 
 use anyhow::{Context as _, Result};
 use http_body_util::Full;
@@ -9,6 +12,11 @@ use hyper::{
     Method, Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::{
+    encoding::prometheus_text,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
 use tokio::{
     net::TcpListener,
     sync::{mpsc, oneshot},
@@ -17,51 +25,65 @@ use tokio::{
 /// A metrics scrape on its way to the controller.
 pub type Scrape = oneshot::Sender<String>;
 
-/// Builds the exposition text: one `# HELP`/`# TYPE` header per family, then its samples.
+/// Builds the exposition through prometheus-client, in the Prometheus text format
+/// (0.0.4): the families the controller reads from the maps at each scrape.
 #[derive(Default)]
 pub struct Exposition {
-    text: String,
+    registry: Registry,
 }
 
 /// One family's samples: label pairs and a value.
 pub type Samples<'a> = Vec<(Vec<(&'a str, String)>, f64)>;
 
+type Labels = Vec<(String, String)>;
+
 impl Exposition {
     pub fn family(&mut self, name: &str, kind: &str, help: &str, samples: Samples<'_>) {
-        let _ = writeln!(self.text, "# HELP {name} {help}");
-        let _ = writeln!(self.text, "# TYPE {name} {kind}");
-        for (labels, value) in samples {
-            self.text.push_str(name);
-            if !labels.is_empty() {
-                self.text.push('{');
-                for (i, (k, v)) in labels.iter().enumerate() {
-                    if i > 0 {
-                        self.text.push(',');
-                    }
-                    let _ = write!(self.text, "{k}=\"{}\"", escape(v));
+        // prometheus-client adds a counter's `_total` and the help's full stop itself.
+        let help = help.strip_suffix('.').unwrap_or(help);
+        let samples: Vec<(Labels, f64)> = samples
+            .into_iter()
+            .map(|(labels, v)| {
+                let labels = labels.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+                (labels, v)
+            })
+            .collect();
+        let whole = samples.iter().all(|(_, v)| v.fract() == 0.0 && *v >= 0.0);
+        if kind == "counter" {
+            let name = name.strip_suffix("_total").unwrap_or(name);
+            if whole {
+                let family = Family::<Labels, Counter<u64>>::default();
+                for (labels, v) in &samples {
+                    family.get_or_create(labels).inc_by(*v as u64);
                 }
-                self.text.push('}');
+                self.registry.register(name, help, family);
+            } else {
+                let family = Family::<Labels, Counter<f64, AtomicU64>>::default();
+                for (labels, v) in &samples {
+                    family.get_or_create(labels).inc_by(*v);
+                }
+                self.registry.register(name, help, family);
             }
-            let _ = writeln!(self.text, " {}", format_value(value));
+        } else if whole {
+            let family = Family::<Labels, Gauge<i64, AtomicI64>>::default();
+            for (labels, v) in &samples {
+                family.get_or_create(labels).set(*v as i64);
+            }
+            self.registry.register(name, help, family);
+        } else {
+            let family = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+            for (labels, v) in &samples {
+                family.get_or_create(labels).set(*v);
+            }
+            self.registry.register(name, help, family);
         }
     }
 
     pub fn finish(self) -> String {
-        self.text
-    }
-}
-
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-fn format_value(v: f64) -> String {
-    if v.fract() == 0.0 && v.abs() < 1e15 {
-        format!("{}", v as i64)
-    } else {
-        format!("{v}")
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_text::encode(&mut text, &self.registry);
+        text
     }
 }
 
@@ -101,7 +123,7 @@ async fn answer(
     let text = |status: StatusCode, body: String| {
         Response::builder()
             .status(status)
-            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+            .header("content-type", prometheus_text::CONTENT_TYPE)
             .body(Full::new(Bytes::from(body)))
             .unwrap_or_default()
     };
@@ -129,7 +151,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn families_render_in_the_text_format() {
+    fn families_render_in_the_prometheus_text_format() {
         let mut e = Exposition::default();
         e.family(
             "api_shield_packets_total",
@@ -146,6 +168,8 @@ mod tests {
             "Build.",
             vec![(vec![("version", "a\"b".into())], 1.0)],
         );
+        e.family("api_shield_ratio", "gauge", "A share.", vec![(vec![], 0.5)]);
+        // A family without samples has nothing to say.
         e.family(
             "api_shield_feed_last_success_timestamp_seconds",
             "gauge",
@@ -154,8 +178,7 @@ mod tests {
         );
         assert_eq!(
             e.finish(),
-            "# HELP api_shield_packets_total Packets seen.\n# TYPE api_shield_packets_total counter\napi_shield_packets_total{interface=\"eth0\",reason=\"passed\"} 12\n# HELP api_shield_build_info Build.\n# TYPE api_shield_build_info gauge\napi_shield_build_info{version=\"a\\\"b\"} 1\n# HELP api_shield_feed_last_success_timestamp_seconds When.\n# TYPE api_shield_feed_last_success_timestamp_seconds gauge\n"
+            "# HELP api_shield_packets_total Packets seen.\n# TYPE api_shield_packets_total counter\napi_shield_packets_total{interface=\"eth0\",reason=\"passed\"} 12\n# HELP api_shield_build_info Build.\n# TYPE api_shield_build_info gauge\napi_shield_build_info{version=\"a\\\"b\"} 1\n# HELP api_shield_ratio A share.\n# TYPE api_shield_ratio gauge\napi_shield_ratio 0.5\n"
         );
-        assert_eq!(format_value(0.5), "0.5");
     }
 }

@@ -314,6 +314,61 @@ fn cli_entries_persist_across_a_restart() {
     assert_eq!(s.delivered(SOURCE, 10), 0, "enforced again");
 }
 
+/// `admin.group` is taken from the socket itself (SO_PEERGROUPS), not from /proc/<pid>:
+/// a non-root peer in the group (as a supplementary group, or its primary one) is served,
+/// one outside it refused, by the daemon's own check (the socket's permissions opened up).
+#[test]
+fn the_admin_group_is_read_from_the_socket() {
+    require_root();
+    // `users` (gid 100) is in every Debian system's /etc/group.
+    let users = 100;
+    let sb = Sandbox::new("veth-server").expect("sandbox");
+    let dirs = DaemonDirs::new().unwrap();
+    let yaml = format!("{}admin: {{group: users}}\n", config(&sb.server_if));
+    let daemon = Daemon::start_with(&sb.server, Some(&yaml), 1, dirs.clone()).expect("daemon");
+    let as_peer = |ids: &[&str], args: &[&str]| {
+        let out = Command::new("setpriv")
+            .args(ids)
+            .arg(binary())
+            .arg("--socket")
+            .arg(dirs.socket())
+            .args(args)
+            .output()
+            .expect("setpriv (util-linux)");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let supplementary = format!("--groups={users}");
+    let in_group = ["--reuid=65534", "--regid=65534", supplementary.as_str()];
+    let (code, err) = as_peer(&in_group, &["status"]);
+    assert_eq!(code, Some(0), "a member of admin.group: {err}");
+    let (code, err) = as_peer(&in_group, &["block", "add", SOURCE]);
+    assert_eq!(code, Some(0), "{err}");
+    let primary = format!("--regid={users}");
+    let (code, err) = as_peer(&["--reuid=65534", &primary, "--clear-groups"], &["status"]);
+    assert_eq!(code, Some(0), "admin.group as the primary group: {err}");
+    // Outside the group: refused by the socket's permissions, and by the daemon once
+    // those are opened up.
+    let outside = ["--reuid=65534", "--regid=65534", "--groups=27"];
+    let (code, err) = as_peer(&outside, &["status"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("Permission denied"), "{err}");
+    let run_dir = dirs.socket().parent().unwrap().to_path_buf();
+    std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(dirs.socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (code, err) = as_peer(&outside, &["block", "del", SOURCE]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("permission denied: uid 65534 is neither root nor in group users"),
+        "{err}"
+    );
+    let listed = dirs.cli_ok(&["block", "list", "--json"]);
+    assert!(listed.contains("198.18.0.50/32"), "unchanged: {listed}");
+    daemon.stop().unwrap();
+}
+
 #[test]
 fn an_unprivileged_cli_is_refused_and_changes_nothing() {
     let s = Setup::new();
