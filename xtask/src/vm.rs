@@ -25,6 +25,7 @@ pub(crate) const VM_TESTS: &[(&str, &[&str])] = &[
     ("verdicts", &[]),
     ("fuzz", &[]),
     ("attach", &[]),
+    ("pins", &[]),
     ("netns", &[]),
     ("reload", &[]),
     (

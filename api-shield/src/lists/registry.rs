@@ -240,6 +240,15 @@ impl Registry {
     }
 
     /// Drops claims that expired at or before `now`; returns the (prefix, origin) dropped.
+    /// Whether any claim has expired by `now` (a cheap look before a change).
+    pub fn has_expired(&self, now: u64) -> bool {
+        self.entries.values().any(|claims| {
+            claims
+                .values()
+                .any(|c| c.expires_at.is_some_and(|t| t <= now))
+        })
+    }
+
     pub fn expire(&mut self, now: u64) -> Vec<(ListKind, IpNet, Origin)> {
         let mut gone = Vec::new();
         self.entries.retain(|(kind, cidr), claims| {

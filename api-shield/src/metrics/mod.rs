@@ -1,5 +1,7 @@
-//! Prometheus metrics: the text exposition format, and a small HTTP endpoint serving it.
-//! The controller renders the text (it owns the maps); the endpoint only asks for it.
+//! Prometheus metrics: what the daemon exports (rendered at each scrape from the maps and
+//! the controller's state, in `render`), the exposition, and a small HTTP endpoint.
+
+mod render;
 
 use std::{
     net::SocketAddr,
