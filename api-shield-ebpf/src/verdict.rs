@@ -52,8 +52,11 @@ struct Verdict {
 #[derive(Clone, Copy)]
 struct Unparsed {
     family: u8,
-    v4: Ipv4Info,
-    v6_offset: usize,
+    /// IPv4's protocol and fragment bit (from the fixed header).
+    protocol: u8,
+    non_first_fragment: bool,
+    /// IPv4: where the transport header starts; IPv6: where the IPv6 header does.
+    offset: usize,
 }
 
 const FAMILY_NONE: u8 = 0;
@@ -63,20 +66,18 @@ const FAMILY_V6: u8 = 6;
 impl Unparsed {
     const NOTHING: Unparsed = Unparsed {
         family: FAMILY_NONE,
-        v4: Ipv4Info {
-            l4_offset: 0,
-            protocol: 0,
-            non_first_fragment: false,
-        },
-        v6_offset: 0,
+        protocol: 0,
+        non_first_fragment: false,
+        offset: 0,
     };
 
     #[inline(always)]
     fn v4(info: Ipv4Info) -> Unparsed {
         Unparsed {
             family: FAMILY_V4,
-            v4: info,
-            ..Unparsed::NOTHING
+            protocol: info.protocol,
+            non_first_fragment: info.non_first_fragment,
+            offset: info.l4_offset,
         }
     }
 
@@ -84,7 +85,7 @@ impl Unparsed {
     fn v6(offset: usize) -> Unparsed {
         Unparsed {
             family: FAMILY_V6,
-            v6_offset: offset,
+            offset,
             ..Unparsed::NOTHING
         }
     }
@@ -383,11 +384,16 @@ fn report(frame: &Frame, v: &Verdict, slot: u32, mode: Mode) {
     }
     let (protocol, dst_port) = match v.unparsed.family {
         FAMILY_V4 => {
-            let l = parse_l4_v4(frame, &v.unparsed.v4);
+            let info = Ipv4Info {
+                l4_offset: v.unparsed.offset,
+                protocol: v.unparsed.protocol,
+                non_first_fragment: v.unparsed.non_first_fragment,
+            };
+            let l = parse_l4_v4(frame, &info);
             (l.protocol, l.dst_port)
         }
         FAMILY_V6 => {
-            let l = parse_l4_v6(frame, v.unparsed.v6_offset);
+            let l = parse_l4_v6(frame, v.unparsed.offset);
             (l.protocol, l.dst_port)
         }
         _ => (v.protocol, v.dst_port),
