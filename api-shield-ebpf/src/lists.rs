@@ -104,6 +104,13 @@ pub(crate) fn list_v6(src: &[u8; 16]) -> ListVerdict {
         .unwrap_or(summary::NONE)
 }
 
+/// The last byte of a /48's mask; a mutation test's build shortens it by one bit, so
+/// that the tests are seen to catch a prefix length off by one.
+#[cfg(not(feature = "mutant-prefix-off-by-one"))]
+const MASK_48: u8 = 0xff;
+#[cfg(feature = "mutant-prefix-off-by-one")]
+const MASK_48: u8 = 0xfe;
+
 /// The hashed entry of length `len` (48, 56, 64 or 128) holding `src`, if listed.
 #[inline(always)]
 fn hashed_v6(src: &[u8; 16], len: u32) -> Option<ListVerdict> {
@@ -113,7 +120,7 @@ fn hashed_v6(src: &[u8; 16], len: u32) -> Option<ListVerdict> {
         64 => (word(4), 0, 0),
         56 => (word(4) & u32::from_ne_bytes([0xff, 0xff, 0xff, 0]), 0, 0),
         // 48: the first two bytes of the second word.
-        _ => (word(4) & u32::from_ne_bytes([0xff, 0xff, 0, 0]), 0, 0),
+        _ => (word(4) & u32::from_ne_bytes([0xff, MASK_48, 0, 0]), 0, 0),
     };
     let mut key = MaybeUninit::<HashedV6Key>::uninit();
     let words = key.as_mut_ptr().cast::<u32>();

@@ -2,7 +2,8 @@
 //!
 //! Parsing is split in two so the list lookup can come before anything protocol-specific:
 //! [`parse_l3`] reads only up to the fixed IP header (enough for the source address);
-//! [`parse_l4`] then walks IPv6 extension headers and reads the transport header.
+//! [`parse_l4_v4`] and [`parse_l4_v6`] then read the transport header (walking IPv6's
+//! extension headers), which must lie inside the datagram the IP length fields give.
 
 use core::mem;
 
@@ -42,12 +43,31 @@ impl Frame {
         }
         Some(at as *const T)
     }
+
+    /// As [`Frame::ptr_at`], and only if all of it lies before `limit` (the end of the IP
+    /// datagram, as an offset): bytes past it are padding, not the datagram's.
+    #[inline(always)]
+    pub(crate) fn ptr_within<T>(&self, offset: usize, limit: usize) -> Option<*const T> {
+        // The frame's bound first: the verifier must see it on the pointer it returns.
+        let at = self.ptr_at::<T>(offset)?;
+        if offset + mem::size_of::<T>() > limit {
+            return None;
+        }
+        Some(at)
+    }
 }
 
 /// At most this many VLAN tags (802.1Q, 802.1ad) are skipped; more is malformed.
 const MAX_VLAN_TAGS: usize = 2;
 /// At most this many IPv6 extension headers are skipped; more is malformed.
 const MAX_IPV6_EXT_HEADERS: usize = 8;
+
+/// Hop-by-hop, routing and destination options give their length in 8-octet units not
+/// counting the first (RFC 8200); a mutation test's build forgets that first unit.
+#[cfg(not(feature = "mutant-ext-len"))]
+const OPTIONS_LEN_BIAS: usize = 1;
+#[cfg(feature = "mutant-ext-len")]
+const OPTIONS_LEN_BIAS: usize = 0;
 
 const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_TCP: u8 = 6;
@@ -61,14 +81,21 @@ const IPPROTO_DSTOPTS: u8 = 60;
 #[derive(Clone, Copy)]
 pub(crate) struct Ipv4Info {
     pub(crate) l4_offset: usize,
+    /// Where the datagram ends (its total length), as an offset in the frame.
+    pub(crate) end: usize,
     pub(crate) protocol: u8,
     pub(crate) non_first_fragment: bool,
 }
 
 /// What the fixed part of the frame says.
 pub(crate) enum L3 {
-    /// IPv4; `src` is the source address in network order.
-    V4 { src: [u8; 4], info: Ipv4Info },
+    /// IPv4; `src` is the source address in network order, `offset` where the IPv4
+    /// header starts.
+    V4 {
+        src: [u8; 4],
+        info: Ipv4Info,
+        offset: usize,
+    },
     /// IPv6; `offset` is where the IPv6 header starts.
     V6 { src: [u8; 16], offset: usize },
     /// Not IP (ARP, LLDP, ...).
@@ -142,7 +169,7 @@ fn is_vlan(ether_type: u16) -> bool {
 }
 
 #[inline(always)]
-fn parse_ipv4(frame: &Frame, offset: usize) -> L3 {
+pub(crate) fn parse_ipv4(frame: &Frame, offset: usize) -> L3 {
     let Some(ip) = frame.ptr_at::<Ipv4Hdr>(offset) else {
         return L3::Malformed;
     };
@@ -160,8 +187,10 @@ fn parse_ipv4(frame: &Frame, offset: usize) -> L3 {
     let frags = u16::from_be_bytes(ip.frags);
     L3::V4 {
         src: ip.src_addr,
+        offset,
         info: Ipv4Info {
             l4_offset: offset + header_len,
+            end: offset + total_len,
             protocol: ip.proto,
             non_first_fragment: frags & 0x1fff != 0,
         },
@@ -197,7 +226,7 @@ pub(crate) fn parse_l4_v4(frame: &Frame, info: &Ipv4Info) -> L4 {
         complete: true,
     };
     if !info.non_first_fragment {
-        match transport(frame, info.protocol, info.l4_offset) {
+        match transport(frame, info.protocol, info.l4_offset, info.end) {
             Some((port, syn)) => {
                 l4.dst_port = port;
                 l4.tcp_syn = syn;
@@ -218,8 +247,9 @@ pub(crate) fn parse_l4_v6(frame: &Frame, ip_offset: usize) -> L4 {
 fn walk_l4_v6(frame: &Frame, ip_offset: usize) -> Option<L4> {
     let ip = frame.ptr_at::<Ipv6Hdr>(ip_offset)?;
     // SAFETY: bounds checked by ptr_at.
-    let mut next = unsafe { (*ip).next_hdr };
+    let (mut next, payload_len) = unsafe { ((*ip).next_hdr, (*ip).payload_len) };
     let mut offset = ip_offset + Ipv6Hdr::LEN;
+    let end = offset + usize::from(u16::from_be_bytes(payload_len));
     let mut l4 = L4 {
         complete: true,
         ..L4::INCOMPLETE
@@ -227,21 +257,28 @@ fn walk_l4_v6(frame: &Frame, ip_offset: usize) -> Option<L4> {
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                let ext = frame.ptr_at::<[u8; 2]>(offset)?;
+                let ext = frame.ptr_within::<[u8; 2]>(offset, end)?;
                 // SAFETY: bounds checked by ptr_at.
                 let [nh, len] = unsafe { *ext };
                 next = nh;
-                offset += (usize::from(len) + 1) * 8;
+                offset += (usize::from(len) + OPTIONS_LEN_BIAS) * 8;
+                // The whole header lies inside the datagram, or it is broken.
+                if offset > end {
+                    return None;
+                }
             }
             IPPROTO_AH => {
-                let ext = frame.ptr_at::<[u8; 2]>(offset)?;
+                let ext = frame.ptr_within::<[u8; 2]>(offset, end)?;
                 // SAFETY: bounds checked by ptr_at.
                 let [nh, len] = unsafe { *ext };
                 next = nh;
                 offset += (usize::from(len) + 2) * 4;
+                if offset > end {
+                    return None;
+                }
             }
             IPPROTO_FRAGMENT => {
-                let ext = frame.ptr_at::<[u8; 8]>(offset)?;
+                let ext = frame.ptr_within::<[u8; 8]>(offset, end)?;
                 // SAFETY: bounds checked by ptr_at.
                 let ext = unsafe { *ext };
                 next = ext[0];
@@ -260,7 +297,7 @@ fn walk_l4_v6(frame: &Frame, ip_offset: usize) -> Option<L4> {
         return None;
     }
     l4.protocol = next;
-    let (port, syn) = transport(frame, next, offset)?;
+    let (port, syn) = transport(frame, next, offset, end)?;
     l4.dst_port = port;
     l4.tcp_syn = syn;
     Some(l4)
@@ -280,19 +317,19 @@ const TCP_FLAG_ACK: u8 = 0x10;
 const TCP_FLAGS_OFFSET: usize = 13;
 
 /// Destination port of TCP/UDP in host order (0 for other protocols) and whether it is a
-/// TCP SYN without ACK; None if truncated.
+/// TCP SYN without ACK; None if the header does not fit before `end`, the datagram's.
 #[inline(always)]
-fn transport(frame: &Frame, protocol: u8, offset: usize) -> Option<(u16, bool)> {
+fn transport(frame: &Frame, protocol: u8, offset: usize, end: usize) -> Option<(u16, bool)> {
     match protocol {
         IPPROTO_TCP => {
-            let tcp = frame.ptr_at::<TcpHdr>(offset)?;
+            let tcp = frame.ptr_within::<TcpHdr>(offset, end)?;
             // SAFETY: bounds checked by ptr_at; the flags byte lies inside the header.
             let (dest, flags) = unsafe { ((*tcp).dest, *tcp.cast::<u8>().add(TCP_FLAGS_OFFSET)) };
             let syn = flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
             Some((u16::from_be_bytes(dest), syn))
         }
         IPPROTO_UDP => {
-            let udp = frame.ptr_at::<UdpHdr>(offset)?;
+            let udp = frame.ptr_within::<UdpHdr>(offset, end)?;
             // SAFETY: bounds checked by ptr_at.
             Some((u16::from_be_bytes(unsafe { (*udp).dst }), false))
         }

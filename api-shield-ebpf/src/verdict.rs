@@ -15,7 +15,7 @@ use crate::{
     limiter::{bucket_time, limiter_key, take, take_tokens},
     lists::{list_v4, list_v6},
     maps::{EVENT_LIMIT, EVENTS, LIMITS, RULE_TABLE, SETTINGS},
-    parse::{Frame, Ipv4Info, L3, L4, parse_l3, parse_l4_v4, parse_l4_v6},
+    parse::{Frame, L3, L4, parse_ipv4, parse_l3, parse_l4_v4, parse_l4_v6},
 };
 
 const IPPROTO_TCP: u8 = 6;
@@ -52,10 +52,7 @@ struct Verdict {
 #[derive(Clone, Copy)]
 struct Unparsed {
     family: u8,
-    /// IPv4's protocol and fragment bit (from the fixed header).
-    protocol: u8,
-    non_first_fragment: bool,
-    /// IPv4: where the transport header starts; IPv6: where the IPv6 header does.
+    /// Where the IP header starts: parsed again if an event needs the ports.
     offset: usize,
 }
 
@@ -66,29 +63,8 @@ const FAMILY_V6: u8 = 6;
 impl Unparsed {
     const NOTHING: Unparsed = Unparsed {
         family: FAMILY_NONE,
-        protocol: 0,
-        non_first_fragment: false,
         offset: 0,
     };
-
-    #[inline(always)]
-    fn v4(info: Ipv4Info) -> Unparsed {
-        Unparsed {
-            family: FAMILY_V4,
-            protocol: info.protocol,
-            non_first_fragment: info.non_first_fragment,
-            offset: info.l4_offset,
-        }
-    }
-
-    #[inline(always)]
-    fn v6(offset: usize) -> Unparsed {
-        Unparsed {
-            family: FAMILY_V6,
-            offset,
-            ..Unparsed::NOTHING
-        }
-    }
 }
 
 /// The settings the verdict needs, read once per frame.
@@ -181,7 +157,7 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
             let (action, dry_run) = malformed(mode);
             return Verdict::without_source(action, Reason::Malformed, dry_run);
         }
-        L3::V4 { src, info } => {
+        L3::V4 { src, info, offset } => {
             key = limiter_key(
                 [
                     0,
@@ -198,7 +174,10 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
                         Reason::Allowlisted,
                         &key,
                         EVENT_SOURCE_KNOWN,
-                        Unparsed::v4(info),
+                        Unparsed {
+                            family: FAMILY_V4,
+                            offset,
+                        },
                     );
                 }
                 LIST_BLOCK => {
@@ -207,7 +186,10 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
                         Reason::Blocklisted,
                         &key,
                         EVENT_SOURCE_KNOWN,
-                        Unparsed::v4(info),
+                        Unparsed {
+                            family: FAMILY_V4,
+                            offset,
+                        },
                     );
                 }
                 _ => {}
@@ -232,7 +214,10 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
                         Reason::Allowlisted,
                         &key,
                         flags,
-                        Unparsed::v6(offset),
+                        Unparsed {
+                            family: FAMILY_V6,
+                            offset,
+                        },
                     );
                 }
                 LIST_BLOCK => {
@@ -241,7 +226,10 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
                         Reason::Blocklisted,
                         &key,
                         flags,
-                        Unparsed::v6(offset),
+                        Unparsed {
+                            family: FAMILY_V6,
+                            offset,
+                        },
                     );
                 }
                 _ => {}
@@ -383,15 +371,13 @@ fn report(frame: &Frame, v: &Verdict, slot: u32, mode: Mode) {
         return;
     }
     let (protocol, dst_port) = match v.unparsed.family {
-        FAMILY_V4 => {
-            let info = Ipv4Info {
-                l4_offset: v.unparsed.offset,
-                protocol: v.unparsed.protocol,
-                non_first_fragment: v.unparsed.non_first_fragment,
-            };
-            let l = parse_l4_v4(frame, &info);
-            (l.protocol, l.dst_port)
-        }
+        FAMILY_V4 => match parse_ipv4(frame, v.unparsed.offset) {
+            L3::V4 { info, .. } => {
+                let l = parse_l4_v4(frame, &info);
+                (l.protocol, l.dst_port)
+            }
+            _ => (0, 0),
+        },
         FAMILY_V6 => {
             let l = parse_l4_v6(frame, v.unparsed.offset);
             (l.protocol, l.dst_port)

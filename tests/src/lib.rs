@@ -4,10 +4,12 @@
 pub mod daemon;
 pub mod flood;
 pub mod frames;
+pub mod fuzzing;
 pub mod http;
-pub mod model;
 pub mod netns;
+pub mod oracle;
 pub mod pins;
+pub mod rng;
 pub mod traffic;
 
 /// Fails the test unless it runs as root: kernel tests must never be silently skipped.

@@ -17,9 +17,9 @@ use std::{
 use api_shield::lists::fold;
 use api_shield_tests::{
     daemon::{Daemon, DaemonDirs, pinned_lists, tempdir::TempDir},
-    model::Rng,
     netns::{SERVER_V4, Sandbox},
     require_root,
+    rng::Rng,
     traffic::{Receiver, SERVER_PORT, send_udp},
 };
 use ipnet::{IpNet, Ipv4Net};

@@ -1,5 +1,6 @@
 //! Developer and operator tasks: `cargo xtask <setup|demo|test>`.
 
+mod mutants;
 mod setup;
 mod tasks;
 mod util;

@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::Command};
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    setup,
+    mutants, setup,
     util::{is_root, run},
     vm,
 };
@@ -183,12 +183,14 @@ fn host_tests(soak: bool, tally: &mut Tally) -> Result<()> {
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("CARGO"))?;
     build_binaries()?;
+    let mutants = mutants::build(&workspace_root())?;
     // The reliability tests append their figures (frames fuzzed, faults injected, entries
     // checked) here; they are printed at the end and recorded in docs/reliability.md.
     let figures = workspace_root().join("target/reliability-figures.txt");
     let _ = std::fs::remove_file(&figures);
     let with_env = |cmd: &mut Command| {
-        cmd.env("API_SHIELD_FIGURES", &figures);
+        cmd.env("API_SHIELD_FIGURES", &figures)
+            .env("API_SHIELD_MUTANTS", &mutants);
         if soak {
             cmd.env("API_SHIELD_SOAK", "1");
         }

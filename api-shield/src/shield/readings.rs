@@ -82,27 +82,30 @@ impl Shield {
         Ok(out)
     }
 
-    /// Per limit slot (0: default, i + 1: rule i), what its buckets did, summed over CPUs.
-    pub fn rule_counters(&self) -> Result<Vec<RuleCounter>> {
+    /// What the buckets of limit slot `slot` did, summed over CPUs.
+    pub fn rule_counter(&self, slot: u32) -> Result<RuleCounter> {
         let map = self
             .ebpf
             .map(names::MAP_RULE_COUNTERS)
             .context("rule counters map missing")?;
         let per_cpu: PerCpuArray<_, RuleCounter> = PerCpuArray::try_from(map)?;
+        Ok(per_cpu
+            .get(&slot, 0)?
+            .iter()
+            .fold(RuleCounter::default(), |a, c| RuleCounter {
+                passed_packets: a.passed_packets + c.passed_packets,
+                passed_bytes: a.passed_bytes + c.passed_bytes,
+                dropped_packets: a.dropped_packets + c.dropped_packets,
+                dropped_bytes: a.dropped_bytes + c.dropped_bytes,
+                would_drop_packets: a.would_drop_packets + c.would_drop_packets,
+                would_drop_bytes: a.would_drop_bytes + c.would_drop_bytes,
+            }))
+    }
+
+    /// Per limit slot (0: default, i + 1: rule i), what its buckets did, summed over CPUs.
+    pub fn rule_counters(&self) -> Result<Vec<RuleCounter>> {
         (0..LIMIT_SLOTS)
-            .map(|slot| {
-                Ok(per_cpu
-                    .get(&slot, 0)?
-                    .iter()
-                    .fold(RuleCounter::default(), |a, c| RuleCounter {
-                        passed_packets: a.passed_packets + c.passed_packets,
-                        passed_bytes: a.passed_bytes + c.passed_bytes,
-                        dropped_packets: a.dropped_packets + c.dropped_packets,
-                        dropped_bytes: a.dropped_bytes + c.dropped_bytes,
-                        would_drop_packets: a.would_drop_packets + c.would_drop_packets,
-                        would_drop_bytes: a.would_drop_bytes + c.would_drop_bytes,
-                    }))
-            })
+            .map(|slot| self.rule_counter(slot))
             .collect()
     }
 
