@@ -155,6 +155,7 @@ fn one_source_at_five_times_its_limit_gets_burst_plus_rate_times_time() {
     .expect("daemon");
     let rx = Receiver::start(&sb.server, &format!("0.0.0.0:{SERVER_PORT}")).unwrap();
     // 5x the limit for 5 s, paced.
+    let began = std::time::Instant::now();
     let sent = send_udp(
         &sb.client,
         FLOODER,
@@ -165,21 +166,32 @@ fn one_source_at_five_times_its_limit_gets_burst_plus_rate_times_time() {
     )
     .unwrap();
     let got = rx.finish();
+    // Every frame reached the program between `began` and now.
+    let window = began.elapsed();
     let log = daemon.stop().expect("clean shutdown");
     let received = got
         .get(&FLOODER.parse::<IpAddr>().unwrap())
         .copied()
         .unwrap_or(0);
+    // GCRA's contract: never more than the burst plus the rate over the time the frames
+    // arrived in, which lies inside `window`.
+    let most = BURST as f64 + PPS as f64 * window.as_secs_f64() + 1.0;
+    // And, at five times the rate, about that much: the frames arrived over at least
+    // most of the send (a loaded host may hold some back and hand them over at once).
     let expected = BURST as f64 + PPS as f64 * sent.elapsed.as_secs_f64();
-    let ratio = received as f64 / expected;
     println!(
-        "rate accuracy: sent {} in {:.3} s, received {received}, expected {expected:.1}, ratio {ratio:.4}",
+        "rate accuracy: sent {} in {:.3} s, received {received}, expected {expected:.1}, at most {most:.1} (window {:.3} s)",
         sent.packets,
-        sent.elapsed.as_secs_f64()
+        sent.elapsed.as_secs_f64(),
+        window.as_secs_f64()
     );
     assert!(
-        (0.95..=1.05).contains(&ratio),
-        "received {received}, expected {expected:.1} +-5% (ratio {ratio:.4})"
+        received as f64 <= most,
+        "received {received}, more than the burst plus the rate over {window:?} ({most:.1})"
+    );
+    assert!(
+        received as f64 >= 0.8 * expected,
+        "received {received}, under 80% of {expected:.1}"
     );
     let counters = last_counters(&log).unwrap();
     assert_eq!(

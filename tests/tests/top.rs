@@ -27,29 +27,33 @@ fn top_lists_the_flooding_source_first_and_watch_shows_live_rates() {
     );
     let daemon = Daemon::start(&sb.server, &yaml, 1).unwrap();
     let dest = format!("{SERVER_V4}:{SERVER_PORT}");
-    let (top, top_text, watch) = std::thread::scope(|s| {
+    let (top, top_text, watch, offered) = std::thread::scope(|s| {
         let flood = s.spawn(|| send_udp(&sb.client, FLOODER, &dest, 3000 * 4, 3000, 64));
         let normal = s.spawn(|| send_udp(&sb.client, NORMAL, &dest, 100 * 4, 100, 64));
+        // Both are sending (the senders start at once; top measures a second of it).
         std::thread::sleep(Duration::from_millis(700));
         let top: Value =
             serde_json::from_str(&daemon.dirs.cli_ok(&["top", "-n", "5", "--json"])).unwrap();
         let top_text = daemon.dirs.cli_ok(&["top", "-n", "5"]);
         let watch = daemon.dirs.cli_ok(&["stats", "--watch", "--count", "2"]);
-        flood.join().unwrap().unwrap();
+        let flood = flood.join().unwrap().unwrap();
         normal.join().unwrap().unwrap();
-        (top, top_text, watch)
+        // The rate the flooder achieved, which a loaded host may hold under its 3000/s.
+        let offered = flood.packets as f64 / flood.elapsed.as_secs_f64();
+        (top, top_text, watch, offered)
     });
     let entries = top.as_array().unwrap();
     assert!(entries.len() >= 2, "{top}");
     assert_eq!(entries[0]["source"], FLOODER, "{top}");
     let pps = entries[0]["pps"].as_f64().unwrap();
     assert!(
-        (2000.0..4000.0).contains(&pps),
-        "the flooder's offered rate, ~3000/s: {pps}"
+        (0.5 * offered..1.5 * offered).contains(&pps),
+        "the flooder's rate as top sees it, {pps}, against the {offered:.0}/s it sent"
     );
+    let drops = entries[0]["drops_per_sec"].as_f64().unwrap();
     assert!(
-        entries[0]["drops_per_sec"].as_f64().unwrap() > 1500.0,
-        "{top}"
+        drops > 0.5 * (offered - 500.0),
+        "drops {drops}/s of the {offered:.0}/s over a 500/s limit: {top}"
     );
     assert_eq!(entries[0]["rule"], "default");
     assert_eq!(entries[0]["interface"], "veth-server");
