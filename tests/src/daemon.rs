@@ -375,38 +375,23 @@ pub mod tempdir {
     }
 }
 
-/// What the list maps pinned for `iface` under `pin_dir` hold: prefix -> verdict
-/// (1 allow, 2 block), read straight from the kernel (the tries, and the exact map of
-/// IPv4 addresses).
-pub fn pinned_lists(
-    pin_dir: &std::path::Path,
-    iface: &str,
-) -> Result<std::collections::BTreeMap<ipnet::IpNet, u32>> {
-    use aya::maps::{HashMap, LpmTrie, Map, MapData};
-    let mut out = std::collections::BTreeMap::new();
-    let dir = pin_dir.join(iface);
-    let v4: LpmTrie<MapData, [u8; 4], u32> =
-        LpmTrie::try_from(Map::LpmTrie(MapData::from_pin(dir.join("LIST_V4"))?))?;
-    for item in v4.iter() {
-        let (key, verdict) = item?;
-        let net = ipnet::Ipv4Net::new(key.data().into(), key.prefix_len() as u8)?;
-        out.insert(ipnet::IpNet::V4(net), verdict);
-    }
-    let v6: LpmTrie<MapData, [u8; 16], u32> =
-        LpmTrie::try_from(Map::LpmTrie(MapData::from_pin(dir.join("LIST_V6"))?))?;
-    for item in v6.iter() {
-        let (key, verdict) = item?;
-        let net = ipnet::Ipv6Net::new(key.data().into(), key.prefix_len() as u8)?;
-        out.insert(ipnet::IpNet::V6(net), verdict);
-    }
-    let v4: HashMap<MapData, [u8; 4], u32> =
-        HashMap::try_from(Map::HashMap(MapData::from_pin(dir.join("LIST_V4_EXACT"))?))?;
-    for item in v4.iter() {
-        let (addr, verdict) = item?;
-        out.insert(
-            ipnet::IpNet::V4(ipnet::Ipv4Net::new(addr.into(), 32)?),
-            verdict,
-        );
-    }
-    Ok(out)
+/// The XDP program attached to `iface` in native mode by the daemon whose pins are under
+/// `pin_dir`, found through its pinned link: the very program that judges the interface's
+/// frames, for BPF_PROG_TEST_RUN.
+pub fn pinned_xdp_program(pin_dir: &std::path::Path, iface: &str) -> Result<aya::programs::Xdp> {
+    use aya::programs::{Xdp, links::FdLink, links::PinnedLink, loaded_programs};
+    let path = pin_dir.join(iface).join("xdp_link_native");
+    let link: FdLink = PinnedLink::from_pin(&path)
+        .with_context(|| format!("opening {}", path.display()))?
+        .into();
+    let id = link.info()?.program_id();
+    let info = loaded_programs()
+        .filter_map(|p| p.ok())
+        .find(|p| p.id() == id)
+        .with_context(|| format!("program {id} of link {} not loaded", path.display()))?;
+    Ok(Xdp::from_program_info(
+        info,
+        "probe".into(),
+        aya_obj::programs::XdpAttachType::Interface,
+    )?)
 }

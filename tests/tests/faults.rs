@@ -1,8 +1,11 @@
 //! Faults: the daemon SIGKILLed at random points during feed syncs and during reloads, 20
-//! times each (100 each with API_SHIELD_SOAK). Throughout, blocked sources keep sending and
-//! not one packet gets through; after every restart the list maps hold exactly the union of
-//! the config, the CLI's entries, the penalty box and the feed's last good version, read
-//! back from the kernel.
+//! times each (100 each with API_SHIELD_SOAK), some of the kills inside the sync (asserted).
+//! Throughout, blocked sources keep sending and not one packet gets through, while an
+//! allowlisted and an unlisted source, sending beside them, get every packet through. After
+//! every restart the attached program itself is probed (BPF_PROG_TEST_RUN) with sources
+//! inside every entry of the config, the CLI, the penalty box and the feed's last good
+//! version, and inside every entry of the other versions: its verdicts must be the
+//! independent oracle's for exactly that union.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -14,14 +17,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use api_shield::lists::fold;
 use api_shield_tests::{
-    daemon::{Daemon, DaemonDirs, pinned_lists, tempdir::TempDir},
+    daemon::{Daemon, DaemonDirs, pinned_xdp_program, tempdir::TempDir},
+    frames,
     netns::{SERVER_V4, Sandbox},
+    oracle::{Action, Key, Oracle, Policy, PolicyRule},
     require_root,
     rng::Rng,
     traffic::{Receiver, SERVER_PORT, send_udp},
 };
+use aya::programs::{TestRun as _, TestRunOptions};
 use ipnet::{IpNet, Ipv4Net};
 use serde_json::Value;
 
@@ -29,6 +34,11 @@ const CONFIG_BLOCKED: &str = "198.18.0.50";
 const FEED_BLOCKED: &str = "198.18.0.70";
 const BOXED: &str = "198.18.0.80";
 const CLI_BLOCKED: [&str; 3] = ["198.18.0.90/32", "203.0.113.0/24", "2001:db8:cc::/48"];
+/// Positive controls: inside a /24 the feed blocks in even versions, but allowlisted; and
+/// in no list, sending to a port under the default limit only.
+const ALLOWED_CLIENT: &str = "100.64.1.7";
+const UNLISTED_CLIENT: &str = "198.18.0.60";
+const CONTROL_PORT: u16 = SERVER_PORT + 1;
 const IFACE: &str = "veth-server";
 
 fn kills() -> usize {
@@ -96,101 +106,239 @@ fn penalty_entries(dirs: &DaemonDirs) -> Vec<IpNet> {
         .collect()
 }
 
-/// What the list maps must hold: the fold of the allowlist and every origin's blocks.
-fn expected(config_v: usize, feed_v: usize, penalty: &[IpNet]) -> BTreeMap<IpNet, u32> {
-    let allow: Vec<IpNet> = vec![ALLOW.parse().unwrap()];
+/// The policy in force with config version `config_v`, feed version `feed_v` and `penalty`,
+/// written from the test's own data: every origin's entries, the allowlist and the rule.
+fn policy(config_v: usize, feed_v: usize, penalty: &[IpNet]) -> Policy {
     let mut block: BTreeSet<IpNet> = config_block(config_v).into_iter().collect();
     block.extend(feed_version(feed_v));
     block.extend(CLI_BLOCKED.iter().map(|c| c.parse::<IpNet>().unwrap()));
     block.extend(penalty.iter().copied());
-    fold(&allow, &block).table.entries
+    Policy {
+        allow: vec![ALLOW.parse().unwrap()],
+        block: block.into_iter().collect(),
+        rules: vec![PolicyRule {
+            name: "flood",
+            protocols: Some(vec![17]),
+            ports: vec![(SERVER_PORT, SERVER_PORT)],
+            syn: false,
+            limit: Some((20, 20)),
+            key: Key::SOURCE,
+            yaml_match: "",
+        }],
+        default_limit: (100_000, 100_000),
+        drop_malformed: true,
+        dry_run: false,
+        list_capacity: 100_000,
+    }
 }
 
-/// Waits for the daemon to be ready and its feed to be applied, then compares the maps.
-fn check_maps(
+/// A random address inside `net`, and its first and last for one net in ten.
+fn inside(net: &IpNet, rng: &mut Rng, out: &mut Vec<IpAddr>) {
+    let random = match net {
+        IpNet::V4(n) => {
+            let span = 1u64 << (32 - n.prefix_len());
+            IpAddr::V4(Ipv4Addr::from(
+                u32::from(n.network()) + rng.below(span as usize) as u32,
+            ))
+        }
+        IpNet::V6(n) => {
+            let host = ((u128::from(rng.next_u64()) << 64) | u128::from(rng.next_u64()))
+                & (u128::MAX
+                    .checked_shr(u32::from(n.prefix_len()))
+                    .unwrap_or(0));
+            IpAddr::V6((u128::from(n.network()) | host).into())
+        }
+    };
+    out.push(random);
+    if rng.below(10) == 0 {
+        out.extend([net.network(), net.broadcast()]);
+    }
+}
+
+/// Probes the attached program with a TCP segment (port 80: the default limit, whose
+/// burst no probe comes near) from each sample source, and compares its verdicts with the
+/// oracle's for the policy that must be in force: a missing entry lets a blocked source
+/// pass, a stale one drops a source the policy passes. Returns the sources probed.
+fn probe(
+    dirs: &DaemonDirs,
+    config_v: usize,
+    feed_v: usize,
+    penalty: &[IpNet],
+    what: &str,
+    rng: &mut Rng,
+) -> usize {
+    let oracle = Oracle::new(policy(config_v, feed_v, penalty));
+    // Sources inside every entry any origin has in this version or the next, and the
+    // senders' own addresses: drawn without the policy, so an entry it lacks is probed too.
+    let mut nets: Vec<IpNet> = [config_v, config_v + 1]
+        .iter()
+        .flat_map(|&v| config_block(v))
+        .chain([feed_v, feed_v + 1].iter().flat_map(|&v| feed_version(v)))
+        .chain(CLI_BLOCKED.iter().map(|c| c.parse().unwrap()))
+        .chain(penalty.iter().copied())
+        .chain([ALLOW, "2001:db8:cd::/48"].map(|c| c.parse().unwrap()))
+        .collect();
+    nets.extend(
+        [
+            CONFIG_BLOCKED,
+            FEED_BLOCKED,
+            BOXED,
+            ALLOWED_CLIENT,
+            UNLISTED_CLIENT,
+        ]
+        .map(|a| IpNet::from(a.parse::<IpAddr>().unwrap())),
+    );
+    let mut sources = Vec::new();
+    for net in &nets {
+        inside(net, rng, &mut sources);
+    }
+    let program = pinned_xdp_program(dirs.pin_dir(), IFACE).unwrap();
+    let tcp = frames::tcp(40000, 80, 0x10);
+    let mut wrong = Vec::new();
+    for &source in &sources {
+        let frame = match source {
+            IpAddr::V4(a) => frames::ip4(a, frames::IPPROTO_TCP, &tcp),
+            IpAddr::V6(a) => frames::ip6(a, frames::IPPROTO_TCP, &tcp),
+        };
+        let got = match program
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                repeat: 1,
+                ..TestRunOptions::default()
+            })
+            .unwrap()
+            .return_value
+        {
+            XDP_DROP => Action::Drop,
+            XDP_PASS => Action::Pass,
+            other => panic!("{what}: the program returned {other} for {source}"),
+        };
+        let want = oracle.judge(&frame).expected.action;
+        if got != want {
+            wrong.push(format!("{source}: {got:?}, want {want:?}"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{what}: {} of {} sources judged wrongly, e.g. {:?}",
+        wrong.len(),
+        sources.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+    sources.len()
+}
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+/// Waits for the daemon to be ready and its feed to be applied, then probes its program.
+fn check_verdicts(
     daemon: &mut Daemon,
     dirs: &DaemonDirs,
     config_v: usize,
     feed_v: usize,
     penalty: &[IpNet],
     what: &str,
+    rng: &mut Rng,
 ) -> usize {
     daemon
         .wait_for_log("ready: admin socket", 1, Duration::from_secs(30))
         .unwrap();
     // Returns once the feed's fetch is done: no change is under way after it.
     dirs.cli_ok(&["feeds", "refresh"]);
-    let want = expected(config_v, feed_v, penalty);
-    let got = pinned_lists(dirs.pin_dir(), IFACE).unwrap();
-    if got != want {
-        let missing: Vec<_> = want
-            .keys()
-            .filter(|k| !got.contains_key(k))
-            .take(5)
-            .collect();
-        let stale: Vec<_> = got
-            .keys()
-            .filter(|k| !want.contains_key(k))
-            .take(5)
-            .collect();
-        panic!(
-            "{what}: maps hold {} entries, want {}; missing e.g. {missing:?}, stale e.g. {stale:?}",
-            got.len(),
-            want.len()
-        );
-    }
-    got.len()
+    probe(dirs, config_v, feed_v, penalty, what, rng)
 }
 
-/// Runs `faults` while blocked sources send all along; returns (packets they sent, packets
-/// of theirs the server received), which must be zero.
-fn with_blocked_senders(sb: &Sandbox, faults: impl FnOnce()) -> (u64, u64) {
+/// What the senders saw while the faults ran.
+struct Traffic {
+    blocked_sent: u64,
+    /// Packets of the blocked sources the server received: must be 0.
+    leaked: u64,
+    /// Per control source: (sent, received): must be equal.
+    controls: Vec<(&'static str, u64, u64)>,
+}
+
+/// Runs `faults` while blocked sources send all along, and the control sources beside them.
+fn with_senders(sb: &Sandbox, faults: impl FnOnce()) -> Traffic {
     let receiver = Receiver::start(&sb.server, &format!("[::]:{SERVER_PORT}")).unwrap();
+    let control_receiver = Receiver::start(&sb.server, &format!("[::]:{CONTROL_PORT}")).unwrap();
     let stop = AtomicBool::new(false);
-    let sent = std::thread::scope(|scope| {
-        let threads: Vec<_> = [CONFIG_BLOCKED, FEED_BLOCKED, BOXED]
-            .into_iter()
-            .map(|source| {
+    let senders = [CONFIG_BLOCKED, FEED_BLOCKED, BOXED]
+        .map(|s| (s, SERVER_PORT))
+        .into_iter()
+        .chain([
+            (ALLOWED_CLIENT, SERVER_PORT),
+            (UNLISTED_CLIENT, CONTROL_PORT),
+        ]);
+    let sent: BTreeMap<&str, u64> = std::thread::scope(|scope| {
+        let threads: Vec<_> = senders
+            .map(|(source, port)| {
                 let (stop, client) = (&stop, &sb.client);
-                scope.spawn(move || {
+                let thread = scope.spawn(move || {
                     let started = Instant::now();
                     let mut sent = 0;
                     // Bounded: until told to stop, at most 10 minutes.
                     while !stop.load(Ordering::Relaxed)
                         && started.elapsed() < Duration::from_secs(600)
                     {
-                        sent += send_udp(
-                            client,
-                            source,
-                            &format!("{SERVER_V4}:{SERVER_PORT}"),
-                            50,
-                            500,
-                            32,
-                        )
-                        .unwrap()
-                        .packets;
+                        sent +=
+                            send_udp(client, source, &format!("{SERVER_V4}:{port}"), 50, 500, 32)
+                                .unwrap()
+                                .packets;
                     }
                     sent
-                })
+                });
+                (source, thread)
             })
             .collect();
         faults();
         stop.store(true, Ordering::Relaxed);
-        threads.into_iter().map(|t| t.join().unwrap()).sum()
+        threads
+            .into_iter()
+            .map(|(source, t)| (source, t.join().unwrap()))
+            .collect()
     });
-    std::thread::sleep(Duration::from_millis(200));
-    let got = receiver.finish();
-    let leaked = [CONFIG_BLOCKED, FEED_BLOCKED, BOXED]
-        .iter()
-        .map(|s| got.get(&s.parse::<IpAddr>().unwrap()).copied().unwrap_or(0))
-        .sum();
-    (sent, leaked)
+    let mut got = receiver.finish();
+    got.extend(control_receiver.finish());
+    let received = |s: &str| got.get(&s.parse::<IpAddr>().unwrap()).copied().unwrap_or(0);
+    let blocked = [CONFIG_BLOCKED, FEED_BLOCKED, BOXED];
+    Traffic {
+        blocked_sent: blocked.iter().map(|s| sent[s]).sum(),
+        leaked: blocked.iter().map(|s| received(s)).sum(),
+        controls: [ALLOWED_CLIENT, UNLISTED_CLIENT]
+            .map(|s| (s, sent[s], received(s)))
+            .to_vec(),
+    }
+}
+
+/// The assertions both fault tests share, after their figure is printed.
+fn assert_traffic(t: &Traffic) {
+    assert!(t.blocked_sent > 0, "the blocked sources sent nothing");
+    assert_eq!(t.leaked, 0, "blocked packets got through during the faults");
+    for &(source, sent, received) in &t.controls {
+        assert!(sent > 0, "control {source} sent nothing");
+        assert_eq!(
+            received, sent,
+            "control {source}: {received} of its {sent} packets got through"
+        );
+    }
 }
 
 /// A daemon with config, CLI, penalty and feed entries in place; returns it and the penalty
 /// entries.
-fn prepare(sb: &Sandbox, dirs: &Arc<DaemonDirs>, feed: &std::path::Path) -> (Daemon, Vec<IpNet>) {
-    for a in [CONFIG_BLOCKED, FEED_BLOCKED, BOXED] {
+fn prepare(
+    sb: &Sandbox,
+    dirs: &Arc<DaemonDirs>,
+    feed: &std::path::Path,
+    rng: &mut Rng,
+) -> (Daemon, Vec<IpNet>) {
+    for a in [
+        CONFIG_BLOCKED,
+        FEED_BLOCKED,
+        BOXED,
+        ALLOWED_CLIENT,
+        UNLISTED_CLIENT,
+    ] {
         sb.add_client_address(a).unwrap();
     }
     write_feed(feed, 0);
@@ -221,8 +369,13 @@ fn prepare(sb: &Sandbox, dirs: &Arc<DaemonDirs>, feed: &std::path::Path) -> (Dae
         penalty,
         vec![format!("{BOXED}/32").parse::<IpNet>().unwrap()]
     );
-    check_maps(&mut daemon, dirs, 0, 0, &penalty, "before any fault");
+    check_verdicts(&mut daemon, dirs, 0, 0, &penalty, "before any fault", rng);
     (daemon, penalty)
+}
+
+/// A random share, 0 to 130%, of `d`: mostly inside a sync of that length, some past it.
+fn share_of(d: Duration, rng: &mut Rng) -> Duration {
+    d * rng.below(130) as u32 / 100
 }
 
 #[test]
@@ -232,8 +385,9 @@ fn sigkill_during_feed_syncs_loses_nothing_and_leaves_nothing_stale() {
     let files = TempDir::new().unwrap();
     let feed = files.path().join("feed.txt");
     let dirs = DaemonDirs::new().unwrap();
-    let (daemon, penalty) = prepare(&sb, &dirs, &feed);
-    // How long a daemon takes to be ready, and to have a changed feed in force.
+    let mut rng = Rng::new(0xfa17);
+    let (daemon, penalty) = prepare(&sb, &dirs, &feed, &mut rng);
+    // How long a daemon takes to be ready, and then to have a changed feed in force.
     drop(daemon.kill());
     write_feed(&feed, 1_000_001);
     let started = Instant::now();
@@ -249,24 +403,28 @@ fn sigkill_during_feed_syncs_loses_nothing_and_leaves_nothing_stale() {
             Duration::from_secs(30),
         )
         .unwrap();
-    let applied_at = started.elapsed();
-    println!("daemon ready after {ready_at:?}, the new feed version in force after {applied_at:?}");
-    let daemon = timed;
-    let mut rng = Rng::new(0xfa17);
-    let mut daemon = Some(daemon);
-    let (mut checked, mut in_sync) = (0, 0);
+    let sync = started.elapsed() - ready_at;
+    println!("daemon ready after {ready_at:?}, the new feed version in force {sync:?} later");
+    let mut daemon = Some(timed);
+    let (mut probed, mut in_sync) = (0, 0);
     let n = kills();
-    let (sent, leaked) = with_blocked_senders(&sb, || {
+    let traffic = with_senders(&sb, || {
         for v in 1..=n {
             drop(daemon.take().map(Daemon::kill));
-            // A new version of the feed; a daemon that fetches it at start, killed at a random
-            // point from start-up to well after the apply.
+            // A new version of the feed, and a daemon that fetches it at start: killed during
+            // its start-up one time in four, else at a random point of the sync that
+            // follows (or just after it).
             write_feed(&feed, v);
-            let victim =
+            let mut victim =
                 Daemon::spawn_with(&sb.server, Some(&config(0, &feed)), dirs.clone()).unwrap();
-            // Mostly between start-up and the new version's apply, the rest on either side.
-            let delay = ready_at + (applied_at - ready_at) * (rng.below(140) as u32) / 100;
-            std::thread::sleep(delay.saturating_sub(ready_at / 2));
+            if rng.below(4) == 0 {
+                std::thread::sleep(share_of(ready_at, &mut rng));
+            } else {
+                victim
+                    .wait_for_log("ready: admin socket", 1, Duration::from_secs(30))
+                    .unwrap();
+                std::thread::sleep(share_of(sync, &mut rng));
+            }
             let log = victim.kill().unwrap();
             if log.contains("ready: admin socket")
                 && !log.contains("feed local: 10001 entries in force")
@@ -275,16 +433,25 @@ fn sigkill_during_feed_syncs_loses_nothing_and_leaves_nothing_stale() {
             }
             let mut next =
                 Daemon::spawn_with(&sb.server, Some(&config(0, &feed)), dirs.clone()).unwrap();
-            checked += check_maps(&mut next, &dirs, 0, v, &penalty, &format!("feed kill {v}"));
+            probed += check_verdicts(
+                &mut next,
+                &dirs,
+                0,
+                v,
+                &penalty,
+                &format!("feed kill {v}"),
+                &mut rng,
+            );
             daemon = Some(next);
         }
     });
     drop(daemon.map(Daemon::kill));
     api_shield_tests::figure(&format!(
-        "SIGKILL during feed sync: {n} kills ({in_sync} after start-up and before the new version was in force), {checked} map entries checked after restarts, {sent} packets from blocked sources sent, {leaked} got through"
+        "SIGKILL during feed sync: {n} kills, {in_sync} of them after start-up and before the new version was in force; {probed} sources probed after restarts; {} packets from blocked sources sent, {} got through; controls (sent, received): {:?}",
+        traffic.blocked_sent, traffic.leaked, traffic.controls
     ));
-    assert_eq!(leaked, 0, "blocked packets got through during the faults");
-    assert!(sent > 0);
+    assert_traffic(&traffic);
+    assert!(in_sync > 0, "no kill landed inside a feed sync");
 }
 
 #[test]
@@ -294,36 +461,61 @@ fn sigkill_during_reloads_loses_nothing_and_leaves_nothing_stale() {
     let files = TempDir::new().unwrap();
     let feed = files.path().join("feed.txt");
     let dirs = DaemonDirs::new().unwrap();
-    let (daemon, penalty) = prepare(&sb, &dirs, &feed);
     let mut rng = Rng::new(0x4e10ad);
+    let (mut daemon, penalty) = prepare(&sb, &dirs, &feed, &mut rng);
+    // How long a reload to a changed config takes.
+    daemon.write_config(&config(1, &feed)).unwrap();
+    daemon.signal(libc::SIGHUP).unwrap();
+    daemon
+        .wait_for_log("reloading config", 1, Duration::from_secs(10))
+        .unwrap();
+    let started = Instant::now();
+    daemon
+        .wait_for_log("reloaded config", 1, Duration::from_secs(30))
+        .unwrap();
+    let reload = started.elapsed();
+    println!("a reload takes {reload:?}");
     let mut daemon = Some(daemon);
-    let mut checked = 0;
+    let (mut probed, mut in_sync) = (0, 0);
     let n = kills();
-    let (sent, leaked) = with_blocked_senders(&sb, || {
-        for v in 1..=n {
-            let current = daemon.take().unwrap();
-            // Reload to config version v, and die somewhere in it.
+    let traffic = with_senders(&sb, || {
+        for v in 2..n + 2 {
+            let mut current = daemon.take().unwrap();
+            // Reload to config version v, and die somewhere in it: one time in four as soon
+            // as the signal is sent, else at a random point of the reload (or just after).
             current.write_config(&config(v, &feed)).unwrap();
             current.signal(libc::SIGHUP).unwrap();
-            std::thread::sleep(Duration::from_millis(rng.below(150) as u64));
-            current.kill().unwrap();
+            if rng.below(4) == 0 {
+                std::thread::sleep(Duration::from_millis(rng.below(20) as u64));
+            } else {
+                current
+                    .wait_for_log("reloading config", 1, Duration::from_secs(10))
+                    .unwrap();
+                std::thread::sleep(share_of(reload, &mut rng));
+            }
+            let log = current.kill().unwrap();
+            if log.contains("reloading config") && !log.contains("reloaded config") {
+                in_sync += 1;
+            }
             let mut next =
                 Daemon::spawn_with(&sb.server, Some(&config(v, &feed)), dirs.clone()).unwrap();
-            checked += check_maps(
+            probed += check_verdicts(
                 &mut next,
                 &dirs,
                 v,
                 0,
                 &penalty,
                 &format!("reload kill {v}"),
+                &mut rng,
             );
             daemon = Some(next);
         }
     });
     drop(daemon.map(Daemon::kill));
     api_shield_tests::figure(&format!(
-        "SIGKILL during reload: {n} kills, {checked} map entries checked after restarts, {sent} packets from blocked sources sent, {leaked} got through"
+        "SIGKILL during reload: {n} kills, {in_sync} of them inside the reload; {probed} sources probed after restarts; {} packets from blocked sources sent, {} got through; controls (sent, received): {:?}",
+        traffic.blocked_sent, traffic.leaked, traffic.controls
     ));
-    assert_eq!(leaked, 0, "blocked packets got through during the faults");
-    assert!(sent > 0);
+    assert_traffic(&traffic);
+    assert!(in_sync > 0, "no kill landed inside a reload");
 }

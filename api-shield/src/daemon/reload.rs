@@ -10,6 +10,7 @@ use crate::{config::Config, feeds::Feed};
 impl Controller {
     /// Reads the config file again; applies it as a diff or changes nothing.
     pub(crate) fn reload(&mut self) -> Result<()> {
+        log::info!("reloading config");
         let result = self.try_reload();
         match &result {
             Ok(()) => log::info!("reloaded config"),
