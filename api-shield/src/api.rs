@@ -64,8 +64,20 @@ pub enum Request {
 pub fn parse_request(text: &str) -> Result<Request, String> {
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| format!("bad request: {e}"))?;
-    let request: Request =
-        serde_json::from_value(value.clone()).map_err(|e| format!("bad request: {e}"))?;
+    if !value["op"].is_string() {
+        return Err(
+            "bad request: `op` must be a string naming the operation (add, del, list, stats, status, reload, feeds, feeds_refresh, top)"
+                .to_owned(),
+        );
+    }
+    let request: Request = serde_json::from_value(value.clone()).map_err(|e| {
+        // serde's message for a tagged enum names the type expected, not the field.
+        let field = value.as_object().and_then(|o| {
+            o.iter()
+                .find_map(|(k, v)| field_error(k, v).map(|e| format!("`{k}`: {e}")))
+        });
+        format!("bad request: {}", field.unwrap_or_else(|| e.to_string()))
+    })?;
     let known = serde_json::to_value(&request).map_err(|e| format!("bad request: {e}"))?;
     if let (Some(given), Some(known)) = (value.as_object(), known.as_object()) {
         // Optional fields are left out of `known` when they are absent or null.
@@ -79,6 +91,18 @@ pub fn parse_request(text: &str) -> Result<Request, String> {
         }
     }
     Ok(request)
+}
+
+/// Why a request field's value is not of its type, if it is not.
+fn field_error(key: &str, value: &serde_json::Value) -> Option<serde_json::Error> {
+    match key {
+        "list" => ListKind::deserialize(value).err(),
+        "cidr" => String::deserialize(value).err(),
+        "ttl_secs" => Option::<u64>::deserialize(value).err(),
+        "reason" | "name" => Option::<String>::deserialize(value).err(),
+        "n" => usize::deserialize(value).err(),
+        _ => None,
+    }
 }
 
 /// A response line: `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`.

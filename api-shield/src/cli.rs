@@ -27,6 +27,25 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// A clap error as one line (exit 1, like every other error; clap's own is several lines,
+/// exit 2): its message with what it names on the following lines (the missing
+/// arguments), without the usage that follows.
+pub fn argument_error(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let message: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let message = message.join(" ");
+    let message = message.trim_start_matches("error: ");
+    if message.is_empty() {
+        "invalid arguments (see api-shield --help)".to_owned()
+    } else {
+        format!("{message} (see api-shield --help)")
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the daemon: load, attach and enforce the config (SIGHUP reloads it; on

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
 use api_shield::{
-    cli::{Cli, Command, execute_client},
+    cli::{Cli, Command, argument_error, execute_client},
     config::{Config, DEFAULT_CONFIG},
     daemon::{self, Overrides},
 };
@@ -19,14 +19,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            // One line, exit 1, like every other error (clap's own would be several lines, exit 2).
-            let first = e.to_string();
-            let first = first
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            eprintln!("error: {first} (see api-shield --help)");
+            eprintln!("error: {}", argument_error(&e));
             return ExitCode::FAILURE;
         }
     };
