@@ -1,7 +1,8 @@
-//! Developer and operator tasks: `cargo xtask <setup|demo|test>`.
+//! Developer and operator tasks: `cargo xtask <setup|demo|test|stress|flood|bench>`.
 
 mod mutants;
 mod setup;
+mod stress;
 mod tasks;
 mod util;
 mod vm;
@@ -36,6 +37,14 @@ enum Task {
         #[arg(long, conflicts_with = "kernels")]
         host_only: bool,
     },
+    /// The timing-sensitive tests (rates, TTLs, windows, kills timed into a sync) ROUNDS
+    /// times beside a CPU hog on every CPU, then the whole host suite SUITE times so (root).
+    Stress {
+        #[arg(long, default_value_t = 20)]
+        rounds: u32,
+        #[arg(long, default_value_t = 0)]
+        suite: u32,
+    },
     /// The end-to-end flood through a veth (live-frames generator) against the floor,
     /// nftables and iptables; prints a table (root). Also a section of `bench`.
     Flood {
@@ -65,6 +74,7 @@ fn main() -> Result<()> {
             kernels,
             host_only,
         } => tasks::test(soak, &kernels, host_only),
+        Task::Stress { rounds, suite } => stress::stress(rounds, suite),
         Task::Flood { quick } => tasks::flood(quick),
         Task::Bench { quick, only } => tasks::bench(quick, only.as_deref()),
     }

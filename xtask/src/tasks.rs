@@ -10,20 +10,20 @@ use crate::{
     vm,
 };
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives inside the workspace")
         .to_path_buf()
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(workspace_root());
     cmd
 }
 
-fn require_root(task: &str) -> Result<()> {
+pub(crate) fn require_root(task: &str) -> Result<()> {
     if !is_root() {
         bail!(
             "`cargo xtask {task}` loads eBPF programs and creates network namespaces: run it as root"
@@ -32,7 +32,7 @@ fn require_root(task: &str) -> Result<()> {
     Ok(())
 }
 
-fn setup_if_needed() -> Result<()> {
+pub(crate) fn setup_if_needed() -> Result<()> {
     if setup::is_complete() {
         println!("setup: everything is installed");
         return Ok(());
@@ -41,7 +41,7 @@ fn setup_if_needed() -> Result<()> {
 }
 
 /// bpffs, for tools that pin (bpftool, xdp-filter); harmless when already mounted.
-fn mount_bpffs() -> Result<()> {
+pub(crate) fn mount_bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
     if !mounts
         .lines()
@@ -53,7 +53,7 @@ fn mount_bpffs() -> Result<()> {
 }
 
 /// The daemon, the demo and the test helpers' binaries, which demo and test run.
-fn build_binaries() -> Result<()> {
+pub(crate) fn build_binaries() -> Result<()> {
     println!("build: api-shield and the demo");
     run(cargo().args([
         "build",
@@ -149,7 +149,7 @@ pub(crate) fn test(soak: bool, kernels: &[String], host_only: bool) -> Result<()
 }
 
 /// Lints, unit tests and the kernel and network tests, on this machine's kernel.
-fn host_tests(soak: bool, tally: &mut Tally) -> Result<()> {
+pub(crate) fn host_tests(soak: bool, tally: &mut Tally) -> Result<()> {
     println!("test: formatting");
     run(cargo().args(["fmt", "--all", "--", "--check"]))
         .context("`cargo fmt --all` would change files: run it")?;
@@ -242,6 +242,12 @@ fn kernel_release() -> String {
 
 /// The test binaries of api-shield-tests that [`vm::VM_TESTS`] names, built for the host.
 fn vm_test_binaries() -> Result<Vec<(String, PathBuf)>> {
+    let names: Vec<&str> = vm::VM_TESTS.iter().map(|(n, _)| *n).collect();
+    test_binaries(&names)
+}
+
+/// The test binaries of api-shield-tests called `names`, built for the host, in that order.
+pub(crate) fn test_binaries(names: &[&str]) -> Result<Vec<(String, PathBuf)>> {
     let out = cargo()
         .args([
             "test",
@@ -267,18 +273,18 @@ fn vm_test_binaries() -> Result<Vec<(String, PathBuf)>> {
         let name = message["target"]["name"].as_str().unwrap_or_default();
         if message["reason"] == "compiler-artifact"
             && message["profile"]["test"] == true
-            && vm::VM_TESTS.iter().any(|(n, _)| *n == name)
+            && names.contains(&name)
             && let Some(exe) = message["executable"].as_str()
         {
             found.push((name.to_owned(), PathBuf::from(exe)));
         }
     }
-    for (name, _) in vm::VM_TESTS {
+    for name in names {
         if !found.iter().any(|(n, _)| n == name) {
             bail!("no test binary `{name}` in api-shield-tests");
         }
     }
-    found.sort_by_key(|(n, _)| vm::VM_TESTS.iter().position(|(t, _)| t == n));
+    found.sort_by_key(|(n, _)| names.iter().position(|t| t == n));
     Ok(found)
 }
 
@@ -344,9 +350,9 @@ fn vm_tests(spec: &str, tally: &mut Tally) -> Result<()> {
 
 /// Adds up cargo test's "test result:" lines while passing its output through.
 #[derive(Default)]
-struct Tally {
-    passed: u64,
-    failed: u64,
+pub(crate) struct Tally {
+    pub(crate) passed: u64,
+    pub(crate) failed: u64,
 }
 
 impl Tally {
@@ -357,7 +363,7 @@ impl Tally {
         }
     }
 
-    fn run(&mut self, cmd: &mut Command) -> Result<()> {
+    pub(crate) fn run(&mut self, cmd: &mut Command) -> Result<()> {
         use std::io::{BufRead as _, BufReader};
         let mut child = cmd
             .stdout(std::process::Stdio::piped())
