@@ -421,9 +421,9 @@ pub mod lists {
         pub const HASHED_64: u32 = 2;
         /// ... a /128 ...
         pub const HASHED_128: u32 = 4;
-        /// ... a /56 (all four also in the hash; the last bit, so that a program from
-        /// before /56 was hashed, which took this bit for [`UNHASHED`], walks the trie
-        /// there while a restart hands over to its successor) ...
+        /// ... a /56 (all four also in the hash). The highest bit, so that a program
+        /// that does not hash /56s reads this flag as "walk the trie" while a restart
+        /// hands over to its successor ...
         pub const HASHED_56: u32 = 8;
         /// ... or an entry of another length: every bit, the trie. A /40 holding all four
         /// hashed lengths reads the same and walks the trie too: the right verdict, slower.
@@ -591,10 +591,10 @@ pub mod limiter {
     /// `RateLimit::flags`: count-only; over-limit packets pass and count as would-drop.
     pub const LIMIT_DRY_RUN: u32 = 1;
     /// `RateLimit::flags`: read the time from the kernel tick (`jiffies`, `tick_ns` apart)
-    /// instead of the nanosecond clock. The data plane reads jiffies with one load, where
-    /// `bpf_ktime_get_ns` is a helper call costing about a third of the pass path; the
-    /// controller sets it only where the burst spans at least [`TICK_CLOCK_MIN_TICKS`]
-    /// ticks, so a tick's refill always fits in the bucket and the rate stays exact.
+    /// instead of the nanosecond clock: one load where `bpf_ktime_get_ns` is a helper
+    /// call. The controller sets it only where the burst spans at least
+    /// [`TICK_CLOCK_MIN_TICKS`] ticks, so a tick's refill always fits in the bucket and
+    /// the rate stays exact.
     pub const LIMIT_TICK_CLOCK: u32 = 2;
     /// See [`LIMIT_TICK_CLOCK`].
     pub const TICK_CLOCK_MIN_TICKS: u64 = 2;

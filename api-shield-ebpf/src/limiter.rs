@@ -24,8 +24,8 @@ use crate::{
     maps::{LIMITER, PENALTIES},
 };
 
-/// A limiter key written as five word stores. The natural `[0; 16]` initialiser compiled
-/// to a call of a memset subprogram, which cost as much per packet as hashing the key.
+/// A limiter key written as five word stores: a `[0; 16]` initialiser compiles to a call
+/// of a memset subprogram, a cost per packet the stores do not have.
 #[inline(always)]
 pub(crate) fn limiter_key(addr: [u32; 4], limit: u32) -> LimiterKey {
     let mut key = MaybeUninit::<LimiterKey>::uninit();

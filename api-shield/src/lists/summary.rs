@@ -354,9 +354,8 @@ fn fill(words: &mut [u64], first: u32, last: u32, value: u32) {
 }
 
 /// From this many IPv6 entries on, the data plane probes the hash for entries of hashed
-/// lengths; below, it walks the trie. Both are a kernel call, but a walk lengthens with the
-/// trie where a probe does not: on these machines a probe cost about what a walk did
-/// among a thousand entries, and 20-25 ns more than a walk of a near-empty trie.
+/// lengths; below, it walks the trie. A walk lengthens with the trie where a probe does
+/// not; this is about where they cost the same (docs/benchmarks.md, "Blocklist scale").
 pub const PROBES_FROM_V6_ENTRIES: usize = 1024;
 
 /// Whether the IPv6 summary of `table` sends sources to the hash probes.
