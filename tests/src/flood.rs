@@ -1168,6 +1168,13 @@ fn link_stat(netns: &NetNs, ifname: &str, name: &str) -> u64 {
 pub fn end_to_end(report: &mut String, frames: u64, rounds: usize) -> Result<()> {
     if let Some(why) = live_frames_refused()? {
         println!("flood: not measured: {why}");
+        crate::headlines::record(
+            "flood",
+            "end to end through a veth",
+            "not measured in this run",
+            "-",
+            None,
+        );
         writeln!(
             report,
             "## End-to-end flood through a veth (`cargo xtask flood`)\n\nNot measured in this run: {why}.\n"
@@ -1306,6 +1313,33 @@ fn goals(
     let rate =
         |label: &str, r: Receiver| results.get(&(label, r.name())).copied().unwrap_or(f64::NAN);
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    // For the summary: per goal, the ratios of every source set and whether each met it.
+    let mut summary: [(&str, &str, Vec<f64>, Vec<bool>); 4] = [
+        (
+            "blocked path, x the floor",
+            ">= 0.85x",
+            Vec::new(),
+            Vec::new(),
+        ),
+        (
+            "blocked path, x the better peer",
+            ">= 3.5x",
+            Vec::new(),
+            Vec::new(),
+        ),
+        (
+            "rate-limited path, x the floor",
+            ">= 0.8x",
+            Vec::new(),
+            Vec::new(),
+        ),
+        (
+            "rate-limited path, x the better peer",
+            ">= 3.5x (1M sources: 3x)",
+            Vec::new(),
+            Vec::new(),
+        ),
+    ];
     for &(label, _) in sources {
         let floor = rate(label, Receiver::Floor);
         let block = rate(label, Receiver::ShieldBlock);
@@ -1337,6 +1371,15 @@ fn goals(
         let peers_block = rate(label, Receiver::NftSet).max(rate(label, Receiver::IptablesIpset));
         let peers_limit = nft_limit.max(hashlimit);
         let peer_goal = if label == "1M sources" { 3.0 } else { 3.5 };
+        for (row, (ratio, goal)) in summary.iter_mut().zip([
+            (block / floor, 0.85),
+            (block / peers_block, 3.5),
+            (limit / floor, 0.8),
+            (limit / peers_limit, peer_goal),
+        ]) {
+            row.2.push(ratio);
+            row.3.push(ratio >= goal);
+        }
         writeln!(
             report,
             "- {label}: blocked path {:.3}x the floor (goal >= 0.85: {}{}), {:.2}x the better of nftables and iptables+ipset (goal >= 3.5: {}; the floor itself: {:.2}x); rate-limited path{} {:.3}x the floor (goal >= 0.8: {}{}), {:.2}x the better of the nftables and hashlimit limiters (goal >= {peer_goal}: {}; the floor itself: {:.2}x)",
@@ -1355,6 +1398,21 @@ fn goals(
             verdict(limit / peers_limit >= peer_goal),
             floor / peers_limit,
         )?;
+    }
+    let section = if per_prefix_only {
+        "flood, both CPUs"
+    } else {
+        "flood, one CPU"
+    };
+    for (measure, goal, ratios, met) in summary {
+        let hits = met.iter().filter(|m| **m).count();
+        crate::headlines::record(
+            section,
+            format!("{measure} ({hits} of {} source sets met)", met.len()),
+            crate::headlines::ratio_range(&ratios),
+            goal,
+            Some(hits == met.len()),
+        );
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod flood;
 pub mod frames;
 pub mod fuzzing;
+pub mod headlines;
 pub mod http;
 pub mod netns;
 pub mod oracle;
