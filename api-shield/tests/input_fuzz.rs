@@ -465,6 +465,14 @@ enum CliCase {
     Reload,
 }
 
+/// How the CLI and the admin API spell a list.
+fn list_word(list: &ListKind) -> &'static str {
+    match list {
+        ListKind::Block => "block",
+        ListKind::Allow => "allow",
+    }
+}
+
 fn list_kind() -> impl Strategy<Value = ListKind> {
     prop::sample::select(vec![ListKind::Block, ListKind::Allow])
 }
@@ -514,10 +522,6 @@ fn cli_case() -> impl Strategy<Value = CliCase> {
 
 impl CliCase {
     fn argv(&self) -> Vec<String> {
-        let list_word = |l: &ListKind| match l {
-            ListKind::Block => "block",
-            ListKind::Allow => "allow",
-        };
         let mut a: Vec<String> = vec!["api-shield".into()];
         let mut push = |words: &[&str]| a.extend(words.iter().map(|w| w.to_string()));
         match self {
@@ -685,10 +689,7 @@ fn request() -> impl Strategy<Value = Request> {
 /// A request as a client writes it, by hand (not with the daemon's serializer).
 fn request_json(r: &Request) -> serde_json::Value {
     use serde_json::json;
-    let list = |l: &ListKind| match l {
-        ListKind::Block => "block",
-        ListKind::Allow => "allow",
-    };
+    let list = list_word;
     match r {
         Request::Add {
             list: l,

@@ -155,11 +155,13 @@ fn inside(net: &IpNet, rng: &mut Rng, out: &mut Vec<IpAddr>) {
     }
 }
 
-/// Probes the attached program with a TCP segment (port 80: the default limit, whose
-/// burst no probe comes near) from each sample source, and compares its verdicts with the
-/// oracle's for the policy that must be in force: a missing entry lets a blocked source
-/// pass, a stale one drops a source the policy passes. Returns the sources probed.
-fn probe(
+/// Waits for the daemon to be ready and its feed to be applied, then probes the attached
+/// program with a TCP segment (port 80: the default limit, whose burst no probe comes
+/// near) from each sample source, and compares its verdicts with the oracle's for the
+/// policy that must be in force: a missing entry lets a blocked source pass, a stale one
+/// drops a source the policy passes. Returns the sources probed.
+fn check_verdicts(
+    daemon: &mut Daemon,
     dirs: &DaemonDirs,
     config_v: usize,
     feed_v: usize,
@@ -167,6 +169,11 @@ fn probe(
     what: &str,
     rng: &mut Rng,
 ) -> usize {
+    daemon
+        .wait_for_log("ready: admin socket", 1, Duration::from_secs(30))
+        .unwrap();
+    // Returns once the feed's fetch is done: no change is under way after it.
+    dirs.cli_ok(&["feeds", "refresh"]);
     let oracle = Oracle::new(policy(config_v, feed_v, penalty));
     // Sources inside every entry any origin has in this version or the next, and the
     // senders' own addresses: drawn without the policy, so an entry it lacks is probed too.
@@ -230,24 +237,6 @@ fn probe(
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
-
-/// Waits for the daemon to be ready and its feed to be applied, then probes its program.
-fn check_verdicts(
-    daemon: &mut Daemon,
-    dirs: &DaemonDirs,
-    config_v: usize,
-    feed_v: usize,
-    penalty: &[IpNet],
-    what: &str,
-    rng: &mut Rng,
-) -> usize {
-    daemon
-        .wait_for_log("ready: admin socket", 1, Duration::from_secs(30))
-        .unwrap();
-    // Returns once the feed's fetch is done: no change is under way after it.
-    dirs.cli_ok(&["feeds", "refresh"]);
-    probe(dirs, config_v, feed_v, penalty, what, rng)
-}
 
 /// What the senders saw while the faults ran.
 struct Traffic {
