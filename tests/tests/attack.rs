@@ -328,7 +328,7 @@ fn the_legitimate_client_keeps_its_service_under_attack_with_the_shield() {
     let (unshielded, sent_unshielded) = under_attack(&t, &frames, || wrk(&t.legit));
     drop(nginx);
 
-    let yaml = "interfaces:\n  - name: veth-legit\n    mode: native\n  - name: veth-attack\n    mode: native\nlimits:\n  default: {pps: 1000, burst_packets: 2000}\n  rules:\n    - name: syn\n      match: {protocol: tcp, dst_ports: [80], tcp_flags: syn}\n      pps: 20000\n      burst_packets: 200\n      key: source/16/48\n    - name: http\n      match: {protocol: tcp, dst_ports: [80]}\n      pps: 100000\n      burst_packets: 100000\n  penalty: {after_violations: 100, window: 10s, block_for: 5m}\nstats_interval: 0\nevents: {rate: 10}\n";
+    let yaml = "interfaces:\n  - name: veth-legit\n    mode: native\n  - name: veth-attack\n    mode: native\nlimits:\n  default: {pps: 1000, burst_packets: 2000}\n  rules:\n    - name: syn\n      match: {protocol: tcp, dst_ports: [80], tcp_flags: syn}\n      pps: 60000\n      burst_packets: 600\n      key: source/16/48\n    - name: http\n      match: {protocol: tcp, dst_ports: [80]}\n      pps: 100000\n      burst_packets: 100000\n  penalty: {after_violations: 100, window: 10s, block_for: 5m}\nstats_interval: 0\nevents: {rate: 10}\n";
     let daemon = Daemon::start(&t.server, yaml, 2).unwrap();
     let nginx = fresh(&t);
     let shielded_quiet = wrk(&t.legit);

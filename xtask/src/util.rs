@@ -1,3 +1,5 @@
+//! Running commands for the tasks: with inherited output, or capturing it.
+
 use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
