@@ -102,6 +102,12 @@ fn topology() -> Topology {
     t.server
         .exec(&["sysctl", "-qw", "net.ipv4.tcp_syncookies=0"])
         .unwrap();
+    // Half-open connections give up after one SYN-ACK retransmission (about 3 s), as on
+    // hosts tuned against SYN floods: what came in before the shield boxed a prefix
+    // leaves the queue, while a flood that goes on keeps it full.
+    t.server
+        .exec(&["sysctl", "-qw", "net.ipv4.tcp_synack_retries=1"])
+        .unwrap();
     // Replies to the spoofed sources go back to the attacker's link, as on the Internet.
     t.server
         .exec(&["ip", "route", "add", "198.19.0.0/16", "via", ATTACKER])
@@ -291,7 +297,32 @@ fn attack_frames(mac: [u8; 6]) -> Vec<Vec<u8>> {
 }
 
 /// Runs `measure` while the attacker floods; returns what it measured and frames sent.
-fn under_attack<T>(t: &Topology, frames: &[Vec<u8>], measure: impl FnOnce() -> T) -> (T, u64) {
+/// Half-open connections in the server's listen queue.
+fn half_open(server: &NetNs) -> usize {
+    server
+        .exec(&["ss", "-Htn", "state", "syn-recv"])
+        .map_or(usize::MAX, |out| out.lines().count())
+}
+
+/// Waits, at most [`SETTLE`], for the attack to reach its steady state: `defended` (the
+/// shield boxed the flood's prefix; never, without a shield) and the half-open
+/// connections let in before it gone from the listen queue.
+fn settle(server: &NetNs, defended: impl Fn() -> bool) {
+    let started = Instant::now();
+    while started.elapsed() < SETTLE && !(defended() && half_open(server) < 16) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Longer than a half-open connection lives (about 3 s with one SYN-ACK retransmission).
+const SETTLE: Duration = Duration::from_secs(6);
+
+fn under_attack<T>(
+    t: &Topology,
+    frames: &[Vec<u8>],
+    defended: impl Fn() -> bool,
+    measure: impl FnOnce() -> T,
+) -> (T, u64) {
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
         let flood = scope.spawn(|| {
@@ -306,6 +337,7 @@ fn under_attack<T>(t: &Topology, frames: &[Vec<u8>], measure: impl FnOnce() -> T
             sent
         });
         std::thread::sleep(Duration::from_millis(300));
+        settle(&t.server, defended);
         let result = measure();
         stop.store(true, Ordering::Relaxed);
         (result, flood.join().unwrap())
@@ -325,7 +357,7 @@ fn the_legitimate_client_keeps_its_service_under_attack_with_the_shield() {
     let quiet = wrk(&t.legit);
     drop(nginx);
     let nginx = fresh(&t);
-    let (unshielded, sent_unshielded) = under_attack(&t, &frames, || wrk(&t.legit));
+    let (unshielded, sent_unshielded) = under_attack(&t, &frames, || false, || wrk(&t.legit));
     drop(nginx);
 
     let yaml = "interfaces:\n  - name: veth-legit\n    mode: native\n  - name: veth-attack\n    mode: native\nlimits:\n  default: {pps: 1000, burst_packets: 2000}\n  rules:\n    - name: syn\n      match: {protocol: tcp, dst_ports: [80], tcp_flags: syn}\n      pps: 60000\n      burst_packets: 600\n      key: source/16/48\n    - name: http\n      match: {protocol: tcp, dst_ports: [80]}\n      pps: 100000\n      burst_packets: 100000\n  penalty: {after_violations: 100, window: 10s, block_for: 5m}\nstats_interval: 0\nevents: {rate: 10}\n";
@@ -347,7 +379,8 @@ fn the_legitimate_client_keeps_its_service_under_attack_with_the_shield() {
             .unwrap_or(0)
     };
     let before = stats(&daemon);
-    let (shielded, sent_shielded) = under_attack(&t, &frames, || wrk(&t.legit));
+    let boxed_now = || daemon.log().contains("penalty: ");
+    let (shielded, sent_shielded) = under_attack(&t, &frames, boxed_now, || wrk(&t.legit));
     let after = stats(&daemon);
     drop(nginx);
     let log = daemon.stop().unwrap();
