@@ -273,9 +273,9 @@ fn ttl_entries_expire_on_time_and_leave_the_list() {
         "expired early: gone by {gone_at}, expiry {expires_at}"
     );
     println!(
-        "a 2 s TTL left the list {:?} after the add, {} s past its expiry",
+        "a 2 s TTL left the list {:?} after the add, {} s from its expiry",
         added.elapsed(),
-        gone_at - expires_at
+        gone_at as i64 - expires_at as i64
     );
     assert_eq!(
         s.delivered(SOURCE, 10),
