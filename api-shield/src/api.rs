@@ -19,7 +19,7 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use crate::lists::ListKind;
+use crate::{explain::ProbeProtocol, lists::ListKind};
 
 /// Requests longer than this are refused (and the connection closed).
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -57,6 +57,16 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
     },
+    /// The verdict a packet from `address` would get now, and why.
+    Explain {
+        address: String,
+        #[serde(default)]
+        protocol: ProbeProtocol,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<u16>,
+        #[serde(default)]
+        syn: bool,
+    },
 }
 
 /// Parses a request line strictly: serde does not refuse unknown keys on every variant of
@@ -66,7 +76,7 @@ pub fn parse_request(text: &str) -> Result<Request, String> {
         serde_json::from_str(text).map_err(|e| format!("bad request: {e}"))?;
     if !value["op"].is_string() {
         return Err(
-            "bad request: `op` must be a string naming the operation (add, del, list, stats, status, reload, feeds, feeds_refresh, top)"
+            "bad request: `op` must be a string naming the operation (add, del, list, stats, status, reload, feeds, feeds_refresh, top, explain)"
                 .to_owned(),
         );
     }
@@ -85,6 +95,7 @@ pub fn parse_request(text: &str) -> Result<Request, String> {
             known.contains_key(k)
                 || (matches!(k, "ttl_secs" | "reason") && matches!(request, Request::Add { .. }))
                 || (k == "name" && matches!(request, Request::FeedsRefresh { .. }))
+                || (k == "port" && matches!(request, Request::Explain { .. }))
         };
         if let Some(extra) = given.keys().find(|k| !allowed(k)) {
             return Err(format!("bad request: unknown field `{extra}`"));
@@ -101,6 +112,10 @@ fn field_error(key: &str, value: &serde_json::Value) -> Option<serde_json::Error
         "ttl_secs" => Option::<u64>::deserialize(value).err(),
         "reason" | "name" => Option::<String>::deserialize(value).err(),
         "n" => usize::deserialize(value).err(),
+        "address" => String::deserialize(value).err(),
+        "protocol" => ProbeProtocol::deserialize(value).err(),
+        "port" => Option::<u16>::deserialize(value).err(),
+        "syn" => bool::deserialize(value).err(),
         _ => None,
     }
 }

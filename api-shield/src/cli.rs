@@ -9,6 +9,7 @@ use serde_json::Value;
 use crate::{
     api::{self, Request},
     config::{Config, DEFAULT_SOCKET},
+    explain::{Probe, ProbeProtocol},
     lists::{ListKind, unix_now},
     prefix::parse_prefix,
     shield::detach_pinned,
@@ -92,6 +93,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The verdict a packet from ADDRESS would get now, and why: the list entries that
+    /// cover it (origins, reasons, expiry), the rule that matches, its bucket's tokens,
+    /// penalty state and dry run, read from the live maps.
+    Explain {
+        /// IPv4 or IPv6 address.
+        address: String,
+        /// The packet's protocol.
+        #[arg(long, default_value = "tcp", value_parser = parse_protocol)]
+        proto: ProbeProtocol,
+        /// Destination port (tcp, udp).
+        #[arg(long)]
+        port: Option<u16>,
+        /// A TCP SYN (a connection attempt) rather than any other TCP segment.
+        #[arg(long)]
+        syn: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Interfaces, XDP mode, program id, uptime and map fill.
     Status {
         #[arg(long)]
@@ -154,6 +173,10 @@ pub struct AddArgs {
     pub reason: Option<String>,
 }
 
+fn parse_protocol(s: &str) -> Result<ProbeProtocol, String> {
+    s.parse()
+}
+
 fn parse_ttl(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("invalid TTL `{s}`: {e} (write it like 90s, 10m, 2h or 7d)"))?;
@@ -175,6 +198,31 @@ pub fn execute_client(socket: Option<PathBuf>, command: Command) -> Result<()> {
         Command::Top { n, json } => show(socket, &Request::Top { n }, json, print_top),
         Command::Stats { json, .. } => show(socket, &Request::Stats {}, json, print_stats),
         Command::Status { json } => show(socket, &Request::Status {}, json, print_status),
+        Command::Explain {
+            address,
+            proto,
+            port,
+            syn,
+            json,
+        } => {
+            // Checked here too, so that a typo is refused without a daemon.
+            address.parse::<std::net::IpAddr>().map_err(|_| {
+                anyhow::anyhow!("invalid address `{address}`: expected an IPv4 or IPv6 address")
+            })?;
+            let probe = Probe {
+                protocol: proto,
+                port,
+                syn,
+            };
+            probe.check().map_err(anyhow::Error::msg)?;
+            let req = Request::Explain {
+                address,
+                protocol: proto,
+                port,
+                syn,
+            };
+            show(socket, &req, json, print_explain)
+        }
         Command::Feeds {
             action: Some(FeedsAction::Refresh { name }),
             ..
@@ -454,6 +502,123 @@ fn print_stats(v: &Value) {
         "(rates over the {:.1} s since the previous `stats`)",
         v["interval_secs"].as_f64().unwrap_or(0.0)
     );
+}
+
+fn print_claims(v: &Value) -> String {
+    let now = unix_now();
+    let claims: Vec<String> = v["claims"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            let mut s = c["origin"].as_str().unwrap_or_default().to_owned();
+            if let Some(r) = c["reason"].as_str() {
+                s.push_str(&format!(" ({r})"));
+            }
+            if let Some(t) = c["expires_at"].as_u64() {
+                s.push_str(&format!(
+                    ", expires in {}",
+                    human_secs(t.saturating_sub(now))
+                ));
+            }
+            s
+        })
+        .collect();
+    format!(
+        "{}: {}",
+        v["cidr"].as_str().unwrap_or_default(),
+        claims.join("; ")
+    )
+}
+
+fn print_explain(v: &Value) {
+    let packet = &v["packet"];
+    let mut what = packet["protocol"].as_str().unwrap_or_default().to_owned();
+    if packet["syn"].as_bool() == Some(true) {
+        what.push_str(" SYN");
+    }
+    if let Some(p) = packet["port"].as_u64() {
+        what.push_str(&format!(" to port {p}"));
+    }
+    println!("{} ({what}):", v["address"].as_str().unwrap_or_default());
+    for (list, key) in [("allowlist", "allowlist"), ("blocklist", "blocklist")] {
+        let entries = v[key].as_array().cloned().unwrap_or_default();
+        if entries.is_empty() {
+            println!("  {list}: no entry covers it");
+        }
+        for e in &entries {
+            println!("  {list}: {}", print_claims(e));
+        }
+    }
+    for i in v["interfaces"].as_array().into_iter().flatten() {
+        let dry = if i["dry_run"].as_bool() == Some(true) {
+            " (dry run)"
+        } else {
+            ""
+        };
+        println!(
+            "  {}: {} as {}{dry}",
+            i["interface"].as_str().unwrap_or_default(),
+            i["verdict"].as_str().unwrap_or_default().to_uppercase(),
+            i["reason"].as_str().unwrap_or_default(),
+        );
+        match i["listed"].as_str() {
+            Some(list) => println!("    the {list}list decides before any rule"),
+            None => println!("    listed nowhere: the limiter decides"),
+        }
+        let rule = &i["rule"];
+        if rule.is_null() {
+            continue;
+        }
+        let rule_dry = if rule["dry_run"].as_bool() == Some(true) {
+            ", dry run"
+        } else {
+            ""
+        };
+        println!(
+            "    rule {} (slot {}{rule_dry}), bucket {}",
+            rule["name"].as_str().unwrap_or_default(),
+            rule["slot"],
+            rule["bucket"].as_str().unwrap_or_default()
+        );
+        if rule["unlimited"].as_bool() == Some(true) {
+            println!("    no limit");
+            continue;
+        }
+        let tracked = if rule["tracked"].as_bool() == Some(true) {
+            "tracked"
+        } else {
+            "not tracked yet: a full bucket"
+        };
+        if let Some(left) = rule["packets_left"].as_u64() {
+            println!(
+                "    packets: {left} of {} left, refilling at {}/s ({tracked})",
+                rule["packets_burst"],
+                rule["packets_per_sec"].as_f64().unwrap_or(0.0)
+            );
+        }
+        if let Some(left) = rule["bytes_left"].as_u64() {
+            println!(
+                "    bytes: {left} of {} left, refilling at {}/s (read for a {}-byte frame)",
+                rule["bytes_burst"],
+                rule["bytes_per_sec"].as_f64().unwrap_or(0.0),
+                rule["frame_bytes"]
+            );
+        }
+        let p = &rule["penalty"];
+        if !p.is_null() {
+            println!(
+                "    penalty: {} drops in the window of {} that box the prefix{}",
+                p["window_drops"],
+                p["after"],
+                if p["boxed"].as_bool() == Some(true) {
+                    "; boxed now"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
 }
 
 fn print_status(v: &Value) {

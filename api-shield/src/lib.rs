@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod events;
+pub mod explain;
 pub mod feeds;
 pub mod lists;
 pub mod metrics;

@@ -11,6 +11,7 @@ use api_shield::{
     api::{Request, parse_request},
     cli::{AddArgs, Cli, Command, FeedsAction, ListCommand, argument_error},
     config::{AttachMode, Config, FeedFormat, Protocol},
+    explain::ProbeProtocol,
     feeds::parse::{MAX_EXAMPLES, parse},
     lists::ListKind,
 };
@@ -654,6 +655,10 @@ const BAD_ARGV: &[(&[&str], &str)] = &[
     (&["reload", "now"], "now"),
     (&["feeds", "refresh", "a", "b"], "'b'"),
     (&["status", "--verbose"], "--verbose"),
+    (&["explain"], "<ADDRESS>"),
+    (&["explain", "192.0.2.1", "--proto", "sctp"], "sctp"),
+    (&["explain", "192.0.2.1", "--port", "65536"], "65536"),
+    (&["explain", "192.0.2.1", "--syn", "yes"], "yes"),
 ];
 
 // ---------------------------------------------------------------- admin API
@@ -683,6 +688,22 @@ fn request() -> impl Strategy<Value = Request> {
         Just(Request::Feeds {}),
         (0..100_000usize).prop_map(|n| Request::Top { n }),
         prop::option::of("[a-z][a-z0-9-]{0,10}").prop_map(|name| Request::FeedsRefresh { name }),
+        (
+            net(),
+            prop::sample::select(vec![
+                ProbeProtocol::Tcp,
+                ProbeProtocol::Udp,
+                ProbeProtocol::Icmp
+            ]),
+            prop::option::of(any::<u16>()),
+            any::<bool>()
+        )
+            .prop_map(|(net, protocol, port, syn)| Request::Explain {
+                address: net.addr().to_string(),
+                protocol,
+                port,
+                syn
+            }),
     ]
 }
 
@@ -713,6 +734,18 @@ fn request_json(r: &Request) -> serde_json::Value {
         Request::Reload {} => json!({"op": "reload"}),
         Request::Feeds {} => json!({"op": "feeds"}),
         Request::Top { n } => json!({"op": "top", "n": n}),
+        Request::Explain {
+            address,
+            protocol,
+            port,
+            syn,
+        } => {
+            let mut v = json!({"op": "explain", "address": address, "protocol": protocol.to_string(), "syn": syn});
+            if let Some(p) = port {
+                v["port"] = json!(p);
+            }
+            v
+        }
         Request::FeedsRefresh { name } => match name {
             Some(n) => json!({"op": "feeds_refresh", "name": n}),
             None => json!({"op": "feeds_refresh"}),
@@ -740,6 +773,13 @@ fn invalid_field(r: &Request) -> Vec<(&'static str, serde_json::Value, &'static 
         Request::Del { .. } | Request::List { .. } => {
             out.push(("list", json!("grey"), "grey"));
             out.push(("list", json!(null), "list"));
+        }
+        Request::Explain { .. } => {
+            out.push(("protocol", json!("sctp"), "sctp"));
+            out.push(("port", json!(70000), "70000"));
+            out.push(("port", json!("https"), "https"));
+            out.push(("syn", json!("yes"), "yes"));
+            out.push(("address", json!(null), "address"));
         }
         Request::Top { .. } => {
             out.push(("n", json!("ten"), "ten"));

@@ -97,6 +97,10 @@ pub(crate) const TIMING_SENSITIVE: &[(&str, &[&str])] = &[
         &["counters_during_a_flood_match_the_traffic_and_pass_promtool"],
     ),
     (
+        "explain",
+        &["explain_gives_the_verdict_the_program_then_gives_a_real_packet"],
+    ),
+    (
         "faults",
         &[
             "sigkill_during_feed_syncs_loses_nothing_and_leaves_nothing_stale",

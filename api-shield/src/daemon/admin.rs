@@ -123,6 +123,19 @@ impl Controller {
             Request::FeedsRefresh { .. } | Request::Top { .. } => {
                 Err(anyhow::anyhow!("answered asynchronously"))
             }
+            Request::Explain {
+                address,
+                protocol,
+                port,
+                syn,
+            } => self.explain(
+                &address,
+                crate::explain::Probe {
+                    protocol,
+                    port,
+                    syn,
+                },
+            ),
             Request::Stats {} => self.stats(),
             Request::Status {} => self.status(),
             Request::Reload {} => self

@@ -8,6 +8,7 @@
 //! changes (one route for all of them). Metrics are rendered in `crate::metrics`.
 
 mod admin;
+mod explain;
 
 pub(crate) use self::admin::MapStatus;
 mod feeds;

@@ -316,6 +316,36 @@ impl Registry {
             || (kind == ListKind::Block && self.feeds.values().any(|s| s.contains(&cidr)))
     }
 
+    /// The entries of `kind` that hold `addr`, longest prefix first, with every claim
+    /// (feeds included): one lookup per prefix length, however long the feeds are.
+    pub fn covering(&self, kind: ListKind, addr: std::net::IpAddr) -> Vec<Listed> {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let mut out = Vec::new();
+        for len in (0..=max).rev() {
+            let Ok(net) = IpNet::new(addr, len).map(|n| n.trunc()) else {
+                continue;
+            };
+            let mut claims: Vec<Claim> = self
+                .entries
+                .get(&(kind, net))
+                .map(|c| c.values().cloned().collect())
+                .unwrap_or_default();
+            if kind == ListKind::Block {
+                claims.extend(self.feeds.iter().filter(|(_, set)| set.contains(&net)).map(
+                    |(name, _)| Claim {
+                        origin: Origin::Feed(name.clone()),
+                        reason: None,
+                        expires_at: None,
+                    },
+                ));
+            }
+            if !claims.is_empty() {
+                out.push(Listed { cidr: net, claims });
+            }
+        }
+        out
+    }
+
     pub fn list(&self, kind: ListKind) -> Vec<Listed> {
         let mut out: BTreeMap<IpNet, Vec<Claim>> = self
             .entries
@@ -473,6 +503,34 @@ mod tests {
             reason: Some(reason.into()),
             expires_at,
         }
+    }
+
+    #[test]
+    fn covering_finds_every_prefix_holding_an_address_longest_first() {
+        let mut r = Registry::default();
+        r.set_config(&[], &[net("10.0.0.0/8")]);
+        r.add(ListKind::Block, net("10.1.2.0/24"), cli("scan", Some(99)));
+        r.add(ListKind::Allow, net("10.1.2.3/32"), cli("office", None));
+        r.set_feed("drop", [net("10.1.0.0/16"), net("192.0.2.0/24")].into());
+        let covering = r.covering(ListKind::Block, "10.1.2.3".parse().unwrap());
+        let cidrs: Vec<String> = covering.iter().map(|l| l.cidr.to_string()).collect();
+        assert_eq!(cidrs, ["10.1.2.0/24", "10.1.0.0/16", "10.0.0.0/8"]);
+        assert_eq!(covering[0].claims, vec![cli("scan", Some(99))]);
+        assert_eq!(covering[1].claims[0].origin, Origin::Feed("drop".into()));
+        assert_eq!(covering[2].claims[0].origin, Origin::Config);
+        assert_eq!(
+            r.covering(ListKind::Allow, "10.1.2.3".parse().unwrap())[0].cidr,
+            net("10.1.2.3/32")
+        );
+        assert!(
+            r.covering(ListKind::Block, "10.2.0.1".parse().unwrap())
+                .len()
+                == 1
+        );
+        assert!(
+            r.covering(ListKind::Block, "2001:db8::1".parse().unwrap())
+                .is_empty()
+        );
     }
 
     #[test]

@@ -205,3 +205,86 @@ impl Shield {
         Ok(self.limiter.get(key, self.limiter_seed))
     }
 }
+
+/// What the live maps hold for one source and one kind of packet: what `explain` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveView {
+    /// The list tries' verdict for the source (0: listed nowhere).
+    pub list_verdict: api_shield_common::lists::ListVerdict,
+    pub settings: api_shield_common::settings::Settings,
+    /// The limit slot the rule table gives the packet (0: the default limit).
+    pub slot: u32,
+    pub limit: api_shield_common::limiter::RateLimit,
+}
+
+impl Shield {
+    /// Reads, from the kernel's maps (not this process's copies), the list verdict of
+    /// `source`, the settings, the limit slot of rule-table index `table_index` and that
+    /// slot's limit.
+    pub fn live_view(&self, source: IpAddr, table_index: u32) -> Result<LiveView> {
+        use api_shield_common::{
+            limiter::RateLimit, lists::ListVerdict, settings::SETTINGS_RULES, settings::Settings,
+        };
+        use aya::maps::{Array, LpmTrie, lpm_trie::Key};
+        let map = |name: &str| {
+            self.ebpf
+                .map(name)
+                .with_context(|| format!("map {name} missing"))
+        };
+        // A lookup in an LPM trie returns the longest prefix holding the key: the verdict
+        // the data plane's summaries and hashes stand in for. IPv4 addresses (/32) are
+        // held in the exact map instead, and are the longest match where listed.
+        let list_verdict = match source {
+            IpAddr::V4(a) => {
+                let exact: aya::maps::HashMap<_, [u8; 4], ListVerdict> =
+                    aya::maps::HashMap::try_from(map(names::MAP_LIST_V4_EXACT)?)?;
+                let trie: LpmTrie<_, [u8; 4], ListVerdict> =
+                    LpmTrie::try_from(map(names::MAP_LIST_V4)?)?;
+                exact
+                    .get(&a.octets(), 0)
+                    .ok()
+                    .or_else(|| trie.get(&Key::new(32, a.octets()), 0).ok())
+            }
+            IpAddr::V6(a) => {
+                let trie: LpmTrie<_, [u8; 16], ListVerdict> =
+                    LpmTrie::try_from(map(names::MAP_LIST_V6)?)?;
+                trie.get(&Key::new(128, a.octets()), 0).ok()
+            }
+        }
+        .unwrap_or(0);
+        let settings: Array<_, Settings> = Array::try_from(map(names::MAP_SETTINGS)?)?;
+        let settings = settings.get(&0, 0).context("reading the settings")?;
+        let slot = if settings.flags & SETTINGS_RULES != 0 {
+            let table: Array<_, u32> = Array::try_from(map(names::MAP_RULE_TABLE)?)?;
+            table
+                .get(&table_index, 0)
+                .context("reading the rule table")?
+        } else {
+            api_shield_common::limiter::DEFAULT_LIMIT
+        };
+        let limits: Array<_, RateLimit> = Array::try_from(map(names::MAP_LIMITS)?)?;
+        let limit = limits.get(&slot, 0).context("reading a limit")?;
+        Ok(LiveView {
+            list_verdict,
+            settings,
+            slot,
+            limit,
+        })
+    }
+}
+
+impl Shield {
+    /// The distinct limit slots the rule table gives the ports of `class` (as this process
+    /// wrote it): one slot means the port does not matter to the verdict.
+    pub fn slots_of_class(&self, class: u32) -> Vec<u32> {
+        use api_shield_common::rules::{PORTS, table_index};
+        let Some(table) = &self.rule_table else {
+            return vec![api_shield_common::limiter::DEFAULT_LIMIT];
+        };
+        let first = table_index(class, 0) as usize;
+        let mut slots: Vec<u32> = table[first..first + PORTS as usize].to_vec();
+        slots.sort_unstable();
+        slots.dedup();
+        slots
+    }
+}
