@@ -29,6 +29,9 @@ pub mod names {
     pub const MAP_RULE_TABLE: &str = maps::RULE_TABLE.name;
     pub const MAP_RULE_COUNTERS: &str = maps::RULE_COUNTERS.name;
     pub const MAP_PENALTIES: &str = maps::PENALTIES.name;
+    pub const MAP_TRACE: &str = maps::TRACE.name;
+    /// aya-log's ring buffer, which the data plane's trace records go through.
+    pub const MAP_AYA_LOGS: &str = "AYA_LOGS";
 }
 
 /// Every map of the data plane, described once: its name, type, key and value sizes, flags
@@ -44,6 +47,7 @@ pub mod maps {
         lists::{HashedV6Key, InnerV4, InnerV6, ListVerdict, summary, summary_v6},
         rules::{PENALTY_RING_BYTES, RuleCounter, TABLE_SLOTS},
         settings::Settings,
+        trace::TraceFilter,
     };
 
     /// The kernel's map types (`enum bpf_map_type`) that the data plane uses.
@@ -218,9 +222,11 @@ pub mod maps {
         per_cpu_array("RULE_COUNTERS", sized::<RuleCounter>(), LIMIT_SLOTS);
     /// Ring buffer of [`crate::rules::PenaltyEvent`]: sources the controller should box.
     pub const PENALTIES: MapSpec = ring("PENALTIES", PENALTY_RING_BYTES);
+    /// Array with one [`TraceFilter`]: which sources `api-shield trace` follows, if any.
+    pub const TRACE: MapSpec = array("TRACE", sized::<TraceFilter>(), 1);
 
     /// Every map, in the order the controller checks and pins them.
-    pub const ALL: [MapSpec; 18] = [
+    pub const ALL: [MapSpec; 19] = [
         LIST_V4,
         LIST_V6,
         LIST_V4_EXACT,
@@ -239,6 +245,7 @@ pub mod maps {
         RULE_TABLE,
         RULE_COUNTERS,
         PENALTIES,
+        TRACE,
     ];
 
     /// Whether two names are the same (`==` on `str` is not yet usable in a const).
@@ -813,6 +820,61 @@ pub mod events {
     #[cfg(feature = "user")]
     // SAFETY: 8 + 16 + 4 + 4 + 4 + 2 + 1 + 1 = 40 bytes, no padding.
     unsafe impl aya::Pod for DropEvent {}
+}
+
+/// `api-shield trace`: the sources the data plane reports every packet of (through
+/// aya-log), while a trace runs. With no trace running the check is one inlined array load
+/// and a branch.
+pub mod trace {
+    /// Source prefixes a trace filter holds: one per concurrent `trace` session.
+    pub const TRACE_NETS: usize = 4;
+
+    /// One traced prefix: a source matches if `source & mask == addr` and its family is
+    /// `family` (IPv4 sources as ::ffff:a.b.c.d).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct TraceNet {
+        pub addr: [u8; 16],
+        pub mask: [u8; 16],
+        /// 4 or 6.
+        pub family: u32,
+        pub _pad: u32,
+    }
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct TraceFilter {
+        /// Bit i: `nets[i]` is traced. 0: no trace runs (the data plane's only check then).
+        pub active: u32,
+        pub _pad: u32,
+        /// bpf_ktime_get_ns() after which the data plane stops tracing by itself, should
+        /// the controller never clear the filter (it died).
+        pub until_ns: u64,
+        /// The records' rate bound (a GCRA bucket, in ns): cost per record, burst, and the
+        /// bucket's arrival time, which the data plane advances.
+        pub cost_ns: u64,
+        pub capacity_ns: u64,
+        pub tat_ns: u64,
+        /// Matching packets not reported: over the rate bound, or the log ring full.
+        pub missed: u64,
+        pub nets: [TraceNet; TRACE_NETS],
+    }
+
+    /// A trace record's message, as the data plane writes it through aya-log and the
+    /// controller parses it back: `key=value` pairs in this order.
+    pub const RECORD_KEYS: [&str; 11] = [
+        "net", "time", "if", "src", "proto", "sport", "dport", "drop", "reason", "rule", "tokens",
+    ];
+
+    /// `tokens` when the packet met no bucket (listed, or an unlimited rule).
+    pub const NO_TOKENS: u64 = u64::MAX;
+
+    #[cfg(feature = "user")]
+    // SAFETY: 16 + 16 + 4 + 4 = 40 bytes, no padding.
+    unsafe impl aya::Pod for TraceNet {}
+    #[cfg(feature = "user")]
+    // SAFETY: 2 u32, 5 u64, 4 x 40 bytes: 208 bytes, no padding.
+    unsafe impl aya::Pod for TraceFilter {}
 }
 
 /// Rules: which limit a packet falls under, their counters, and penalty reports.

@@ -14,6 +14,7 @@ pub mod lists;
 pub mod maps;
 pub mod parse;
 pub mod tc;
+pub mod trace;
 pub mod verdict;
 pub mod xdp;
 

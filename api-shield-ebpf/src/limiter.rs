@@ -297,3 +297,40 @@ pub(crate) fn take(tat: *mut u64, cost: u64, capacity: u64, now: u64) -> bool {
     }
     false
 }
+
+/// The whole packets the bucket of `key` holds now (a trace reports it): a bucket the
+/// table does not hold (new, or replaced) is full.
+#[inline(always)]
+pub(crate) fn packets_left(key: &LimiterKey, limit: &RateLimit, seed: u64, sets: u32) -> u64 {
+    if limit.packet_cost == 0 {
+        return api_shield_common::trace::NO_TOKENS;
+    }
+    let full = limit.packet_capacity / limit.packet_cost;
+    // SAFETY: LimiterKey is five u32 slots, 4-aligned (see `limiter_key`).
+    let words = unsafe {
+        let w = (key as *const LimiterKey).cast::<u32>();
+        [
+            w.read(),
+            w.add(1).read(),
+            w.add(2).read(),
+            w.add(3).read(),
+            w.add(4).read(),
+        ]
+    };
+    let Some(set) = LIMITER.get_ptr_mut(set_of(words, seed, sets)) else {
+        return full;
+    };
+    let slots = set.cast::<LimiterSlot>();
+    for way in 0..LIMITER_WAYS {
+        // SAFETY: `way` < LIMITER_WAYS: a slot inside the live map value.
+        let slot = unsafe { slots.add(way) };
+        if unsafe { (*slot).occupied } != 0 && same_key(slot, &words) {
+            let now = bucket_time(limit.flags & LIMIT_TICK_CLOCK != 0, limit.tick_ns);
+            // SAFETY: as above; one aligned u64 load.
+            let tat = unsafe { core::ptr::read_volatile(&raw const (*slot).state.packet_tat) };
+            let used = tat.saturating_sub(now);
+            return limit.packet_capacity.saturating_sub(used) / limit.packet_cost;
+        }
+    }
+    full
+}

@@ -10,6 +10,7 @@ use api_shield_common::{
     maps::{self, MapSpec},
     rules::RuleCounter,
     settings::Settings,
+    trace::TraceFilter,
 };
 use aya_ebpf::{
     macros::map,
@@ -98,3 +99,4 @@ shared_map!(EVENTS_SUPPRESSED: PerCpuArray<u64> = with_max_entries);
 shared_map!(RULE_TABLE: Array<u32> = with_max_entries);
 shared_map!(RULE_COUNTERS: PerCpuArray<RuleCounter> = with_max_entries);
 shared_map!(PENALTIES: RingBuf = with_byte_size);
+shared_map!(TRACE: Array<TraceFilter> = with_max_entries);

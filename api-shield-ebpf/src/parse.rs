@@ -112,6 +112,8 @@ pub(crate) struct L4 {
     pub(crate) non_first_fragment: bool,
     /// Destination port in host order (TCP/UDP), else 0.
     pub(crate) dst_port: u16,
+    /// Source port in host order (TCP/UDP), else 0: read only by a trace.
+    pub(crate) src_port: u16,
     /// TCP with SYN set and ACK clear: a connection attempt.
     pub(crate) tcp_syn: bool,
     /// False: the transport header (or the IPv6 chain before it) is truncated or invalid.
@@ -122,10 +124,11 @@ impl L4 {
     /// Every field is defined, even for a frame we could not read: an `Option<L4>` left
     /// its bytes undefined on `None`, and LLVM filled them from a packet-pointer register,
     /// which the verifier refuses to do arithmetic on.
-    const INCOMPLETE: L4 = L4 {
+    pub(crate) const INCOMPLETE: L4 = L4 {
         protocol: 0,
         non_first_fragment: false,
         dst_port: 0,
+        src_port: 0,
         tcp_syn: false,
         complete: false,
     };
@@ -222,12 +225,14 @@ pub(crate) fn parse_l4_v4(frame: &Frame, info: &Ipv4Info) -> L4 {
         protocol: info.protocol,
         non_first_fragment: info.non_first_fragment,
         dst_port: 0,
+        src_port: 0,
         tcp_syn: false,
         complete: true,
     };
     if !info.non_first_fragment {
         match transport(frame, info.protocol, info.l4_offset, info.end) {
-            Some((port, syn)) => {
+            Some((src_port, port, syn)) => {
+                l4.src_port = src_port;
                 l4.dst_port = port;
                 l4.tcp_syn = syn;
             }
@@ -297,7 +302,8 @@ fn walk_l4_v6(frame: &Frame, ip_offset: usize) -> Option<L4> {
         return None;
     }
     l4.protocol = next;
-    let (port, syn) = transport(frame, next, offset, end)?;
+    let (src_port, port, syn) = transport(frame, next, offset, end)?;
+    l4.src_port = src_port;
     l4.dst_port = port;
     l4.tcp_syn = syn;
     Some(l4)
@@ -316,23 +322,31 @@ const TCP_FLAG_ACK: u8 = 0x10;
 /// Offset of the flags byte in the TCP header.
 const TCP_FLAGS_OFFSET: usize = 13;
 
-/// Destination port of TCP/UDP in host order (0 for other protocols) and whether it is a
-/// TCP SYN without ACK; None if the header does not fit before `end`, the datagram's.
+/// Source and destination ports of TCP/UDP in host order (0 for other protocols) and
+/// whether it is a TCP SYN without ACK; None if the header does not fit before `end`, the
+/// datagram's.
 #[inline(always)]
-fn transport(frame: &Frame, protocol: u8, offset: usize, end: usize) -> Option<(u16, bool)> {
+fn transport(frame: &Frame, protocol: u8, offset: usize, end: usize) -> Option<(u16, u16, bool)> {
     match protocol {
         IPPROTO_TCP => {
             let tcp = frame.ptr_within::<TcpHdr>(offset, end)?;
             // SAFETY: bounds checked by ptr_at; the flags byte lies inside the header.
-            let (dest, flags) = unsafe { ((*tcp).dest, *tcp.cast::<u8>().add(TCP_FLAGS_OFFSET)) };
+            let (source, dest, flags) = unsafe {
+                (
+                    (*tcp).source,
+                    (*tcp).dest,
+                    *tcp.cast::<u8>().add(TCP_FLAGS_OFFSET),
+                )
+            };
             let syn = flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
-            Some((u16::from_be_bytes(dest), syn))
+            Some((u16::from_be_bytes(source), u16::from_be_bytes(dest), syn))
         }
         IPPROTO_UDP => {
             let udp = frame.ptr_within::<UdpHdr>(offset, end)?;
             // SAFETY: bounds checked by ptr_at.
-            Some((u16::from_be_bytes(unsafe { (*udp).dst }), false))
+            let (source, dest) = unsafe { ((*udp).src, (*udp).dst) };
+            Some((u16::from_be_bytes(source), u16::from_be_bytes(dest), false))
         }
-        _ => Some((0, false)),
+        _ => Some((0, 0, false)),
     }
 }

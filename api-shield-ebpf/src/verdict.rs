@@ -3,19 +3,21 @@
 use api_shield_common::{
     counters::{Reason, WOULD_DROP_OFFSET},
     events::{DropEvent, EVENT_SOURCE_KNOWN, EVENT_SOURCE_V6, EVENT_WOULD_DROP},
-    limiter::{DEFAULT_LIMIT, LIMIT_DRY_RUN, LimiterKey},
+    limiter::{DEFAULT_LIMIT, LIMIT_DRY_RUN, LimiterKey, RateLimit},
     lists::{LIST_ALLOW, LIST_BLOCK},
     rules::{CLASS_OTHER, CLASS_TCP, CLASS_TCP_SYN, CLASS_UDP, table_index},
     settings::{SETTINGS_DRY_RUN, SETTINGS_RULES},
+    trace::NO_TOKENS,
 };
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 
 use crate::{
     counters::{count, count_rule, suppressed},
-    limiter::{bucket_time, limiter_key, take, take_tokens},
+    limiter::{bucket_time, limiter_key, packets_left, take, take_tokens},
     lists::{list_v4, list_v6},
     maps::{EVENT_LIMIT, EVENTS, LIMITS, RULE_TABLE, SETTINGS},
     parse::{Frame, L3, L4, parse_ipv4, parse_l3, parse_l4_v4, parse_l4_v6},
+    trace,
 };
 
 const IPPROTO_TCP: u8 = 6;
@@ -41,6 +43,7 @@ struct Verdict {
     flags: u8,
     protocol: u8,
     dst_port: u16,
+    src_port: u16,
     /// For verdicts given before the transport header was read (the lists): where to read
     /// it, should an event need it. Parsing it only then keeps the blocked path short.
     unparsed: Unparsed,
@@ -128,14 +131,27 @@ impl Verdict {
             flags: 0,
             protocol: 0,
             dst_port: 0,
+            src_port: 0,
             unparsed: Unparsed::NOTHING,
         }
     }
 }
 
-/// Decides, counts, and reports drops. Never fails: every path ends in a counted verdict.
+/// Decides, counts, reports drops, and traces the packet if a trace follows its source.
+/// Never fails: every path ends in a counted verdict.
 #[inline(always)]
 pub fn judge(frame: &Frame) -> Action {
+    judge_and::<true>(frame)
+}
+
+/// [`judge`] without the trace check: the benchmarks' measure of what that check costs.
+#[inline(always)]
+pub fn judge_untraced(frame: &Frame) -> Action {
+    judge_and::<false>(frame)
+}
+
+#[inline(always)]
+fn judge_and<const TRACE: bool>(frame: &Frame) -> Action {
     // One read of the settings serves the verdict and the event.
     let mode = Mode::read();
     let v = decide(frame, mode);
@@ -144,7 +160,93 @@ pub fn judge(frame: &Frame) -> Action {
     if (v.action == Action::Drop || v.dry_run) && mode.event_cost != 0 {
         report(frame, &v, slot, mode);
     }
+    if TRACE
+        && v.flags & EVENT_SOURCE_KNOWN != 0
+        && let Some(filter) = trace::active()
+        && let Some(net) = trace::matching_net(filter, &v.source, v.flags)
+    {
+        follow(frame, &v, slot, mode, filter, net);
+    }
     v.action
+}
+
+/// Reports a traced packet: its ports (read again for listed sources, whose verdict came
+/// before the transport header was read) and the tokens its bucket has left.
+#[inline(always)]
+fn follow(
+    frame: &Frame,
+    v: &Verdict,
+    slot: u32,
+    mode: Mode,
+    filter: *mut api_shield_common::trace::TraceFilter,
+    net: u32,
+) {
+    let l4 = transport_of(frame, v);
+    let tokens = match LIMITS.get(v.limit) {
+        Some(limit) if v.unparsed.family == FAMILY_NONE && !limit.is_unlimited() => {
+            let mut key = limiter_key([0; 4], v.limit);
+            key.addr = v.source;
+            mask_key(&mut key, limit, v.flags);
+            packets_left(&key, limit, mode.limiter_seed, mode.limiter_sets)
+        }
+        _ => NO_TOKENS,
+    };
+    trace::report(
+        filter,
+        net,
+        &trace::Traced {
+            source: v.source,
+            ifindex: frame.ifindex,
+            protocol: l4.protocol,
+            src_port: l4.src_port,
+            dst_port: l4.dst_port,
+            dropped: v.action == Action::Drop,
+            reason: slot,
+            rule: v.limit,
+            tokens,
+        },
+    );
+}
+
+/// The transport fields of a judged frame: from the verdict, or, for verdicts given before
+/// the transport header was read (the lists), parsed now.
+#[inline(always)]
+fn transport_of(frame: &Frame, v: &Verdict) -> L4 {
+    match v.unparsed.family {
+        FAMILY_V4 => match parse_ipv4(frame, v.unparsed.offset) {
+            L3::V4 { info, .. } => parse_l4_v4(frame, &info),
+            _ => L4::INCOMPLETE,
+        },
+        FAMILY_V6 => parse_l4_v6(frame, v.unparsed.offset),
+        _ => L4 {
+            protocol: v.protocol,
+            dst_port: v.dst_port,
+            src_port: v.src_port,
+            ..L4::INCOMPLETE
+        },
+    }
+}
+
+/// Masks the key's address to the limit's prefix for the source's family: sources in one
+/// prefix share a bucket.
+#[inline(always)]
+fn mask_key(key: &mut LimiterKey, limit: &RateLimit, flags: u8) {
+    let (mask, whole) = if flags & EVENT_SOURCE_V6 != 0 {
+        (&limit.mask_v6, limit.prefix_v6 >= 128)
+    } else {
+        (&limit.mask_v4, limit.prefix_v4 >= 32)
+    };
+    // Most limits key by the whole address: skip the masking then.
+    if !whole {
+        let words = (&raw mut key.addr).cast::<u32>();
+        let masks = mask.as_ptr().cast::<u32>();
+        for i in 0..4 {
+            // SAFETY: four u32 in each: the key's address starts the 4-aligned
+            // LimiterKey, the masks sit at offsets 32 and 48 of the 8-aligned
+            // RateLimit map value. Word by word: four instructions where bytes take 64.
+            unsafe { *words.add(i) &= masks.add(i).read() };
+        }
+    }
 }
 
 #[inline(always)]
@@ -238,7 +340,7 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
         }
     };
     let source = key.addr;
-    let (protocol, dst_port) = (l4.protocol, l4.dst_port);
+    let (protocol, dst_port, src_port) = (l4.protocol, l4.dst_port, l4.src_port);
     // A frame malformed past the IP header has no rule to match: the default limit.
     let slot = if l4.complete && mode.rules {
         rule_slot(&l4)
@@ -254,6 +356,7 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
         flags,
         protocol,
         dst_port,
+        src_port,
         unparsed: Unparsed::NOTHING,
     };
     // The limiter applies even to frames malformed past the IP header, so that
@@ -262,22 +365,7 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
         let rule_dry_run = limit.flags & LIMIT_DRY_RUN != 0;
         let conforms = limit.is_unlimited() || {
             key.limit = slot;
-            let (mask, whole) = if flags & EVENT_SOURCE_V6 != 0 {
-                (&limit.mask_v6, limit.prefix_v6 >= 128)
-            } else {
-                (&limit.mask_v4, limit.prefix_v4 >= 32)
-            };
-            // Most limits key by the whole address: skip the masking then.
-            if !whole {
-                let words = (&raw mut key.addr).cast::<u32>();
-                let masks = mask.as_ptr().cast::<u32>();
-                for i in 0..4 {
-                    // SAFETY: four u32 in each: the key's address starts the 4-aligned
-                    // LimiterKey, the masks sit at offsets 32 and 48 of the 8-aligned
-                    // RateLimit map value. Word by word: four instructions where bytes take 64.
-                    unsafe { *words.add(i) &= masks.add(i).read() };
-                }
-            }
+            mask_key(&mut key, limit, flags);
             let penalize = limit.penalty_after != 0 && !(mode.dry_run || rule_dry_run);
             take_tokens(
                 &key,
@@ -336,6 +424,7 @@ fn listed(
         flags,
         protocol: 0,
         dst_port: 0,
+        src_port: 0,
         unparsed,
     }
 }
@@ -370,20 +459,8 @@ fn report(frame: &Frame, v: &Verdict, slot: u32, mode: Mode) {
         suppressed(slot);
         return;
     }
-    let (protocol, dst_port) = match v.unparsed.family {
-        FAMILY_V4 => match parse_ipv4(frame, v.unparsed.offset) {
-            L3::V4 { info, .. } => {
-                let l = parse_l4_v4(frame, &info);
-                (l.protocol, l.dst_port)
-            }
-            _ => (0, 0),
-        },
-        FAMILY_V6 => {
-            let l = parse_l4_v6(frame, v.unparsed.offset);
-            (l.protocol, l.dst_port)
-        }
-        _ => (v.protocol, v.dst_port),
-    };
+    let l4 = transport_of(frame, v);
+    let (protocol, dst_port) = (l4.protocol, l4.dst_port);
     let sent = EVENTS
         .output::<DropEvent>(
             &DropEvent {

@@ -19,7 +19,12 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use crate::{explain::ProbeProtocol, lists::ListKind};
+use crate::{
+    events::SlotNames,
+    explain::ProbeProtocol,
+    lists::ListKind,
+    trace::{TraceHub, TraceRecord},
+};
 
 /// Requests longer than this are refused (and the connection closed).
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -57,6 +62,18 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
     },
+    /// A live trace of packets from sources in `cidr`, for `secs` or `max` packets: the
+    /// answer is a stream (see [`serve`]).
+    Trace {
+        cidr: String,
+        secs: u64,
+        max: u64,
+    },
+    /// Ends a trace session (the connection that holds it sends this; never a client).
+    #[serde(skip)]
+    TraceStop {
+        session: usize,
+    },
     /// The verdict a packet from `address` would get now, and why.
     Explain {
         address: String,
@@ -76,7 +93,7 @@ pub fn parse_request(text: &str) -> Result<Request, String> {
         serde_json::from_str(text).map_err(|e| format!("bad request: {e}"))?;
     if !value["op"].is_string() {
         return Err(
-            "bad request: `op` must be a string naming the operation (add, del, list, stats, status, reload, feeds, feeds_refresh, top, explain)"
+            "bad request: `op` must be a string naming the operation (add, del, list, stats, status, reload, feeds, feeds_refresh, top, explain, trace)"
                 .to_owned(),
         );
     }
@@ -113,6 +130,7 @@ fn field_error(key: &str, value: &serde_json::Value) -> Option<serde_json::Error
         "reason" | "name" => Option::<String>::deserialize(value).err(),
         "n" => usize::deserialize(value).err(),
         "address" => String::deserialize(value).err(),
+        "secs" | "max" => u64::deserialize(value).err(),
         "protocol" => ProbeProtocol::deserialize(value).err(),
         "port" => Option::<u16>::deserialize(value).err(),
         "syn" => bool::deserialize(value).err(),
@@ -256,22 +274,45 @@ pub fn bind(path: &Path, access: &Access) -> Result<UnixListener> {
     Ok(listener)
 }
 
+/// What streamed answers (`trace`) read besides the controller: the records, and the
+/// rules' names to show them with.
+#[derive(Clone)]
+pub struct Streams {
+    pub trace_hub: TraceHub,
+    pub slot_names: SlotNames,
+}
+
 /// Accepts connections and forwards their requests to `calls` until the channel closes.
-pub async fn serve(listener: UnixListener, access: Access, calls: mpsc::Sender<Call>) {
+/// Each request gets one response line, but `trace`: its response line (the session, or
+/// why not) is followed by a line `{"trace":{...}}` per packet, and a last response line
+/// `{"ok":true,"result":{"done":WHY,"shown":N,"missed":M}}`, after which the connection
+/// closes. The trace ends at its time or count, when the client closes its end, or when
+/// it sends anything.
+pub async fn serve(
+    listener: UnixListener,
+    access: Access,
+    calls: mpsc::Sender<Call>,
+    streams: Streams,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let (access, calls) = (access.clone(), calls.clone());
+        let (access, calls, streams) = (access.clone(), calls.clone(), streams.clone());
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, &access, &calls).await {
+            if let Err(e) = connection(stream, &access, &calls, &streams).await {
                 log::debug!("admin connection: {e:#}");
             }
         });
     }
 }
 
-async fn connection(stream: UnixStream, access: &Access, calls: &mpsc::Sender<Call>) -> Result<()> {
+async fn connection(
+    stream: UnixStream,
+    access: &Access,
+    calls: &mpsc::Sender<Call>,
+    streams: &Streams,
+) -> Result<()> {
     let cred = stream.peer_cred().context("SO_PEERCRED")?;
     let groups = peer_groups(&stream).context("SO_PEERGROUPS")?;
     let (read, mut write) = stream.into_split();
@@ -305,6 +346,9 @@ async fn connection(stream: UnixStream, access: &Access, calls: &mpsc::Sender<Ca
         }
         let response = match parse_request(buf.trim_end()) {
             Err(e) => Response::err(e),
+            Ok(request @ Request::Trace { .. }) => {
+                return trace(request, reader, write, calls, streams).await;
+            }
             Ok(request) => {
                 let (tx, rx) = oneshot::channel();
                 calls
@@ -317,6 +361,97 @@ async fn connection(stream: UnixStream, access: &Access, calls: &mpsc::Sender<Ca
         };
         write.write_all(&line(&response)).await?;
     }
+}
+
+/// Sends `request` to the controller and waits for its answer.
+async fn ask(calls: &mpsc::Sender<Call>, request: Request) -> Result<Response> {
+    let (tx, rx) = oneshot::channel();
+    calls
+        .send((request, tx))
+        .await
+        .context("daemon shutting down")?;
+    Ok(rx
+        .await
+        .unwrap_or_else(|_| Response::err("daemon shutting down")))
+}
+
+/// Runs a `trace` session on this connection (see [`serve`]); the session ends in the
+/// controller whatever ends it here.
+async fn trace(
+    request: Request,
+    mut reader: tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    calls: &mpsc::Sender<Call>,
+    streams: &Streams,
+) -> Result<()> {
+    let Request::Trace { secs, max, .. } = request else {
+        bail!("not a trace request");
+    };
+    // Subscribed before the filter is set, so no record of the session is missed.
+    let mut records = streams.trace_hub.subscribe();
+    let started = ask(calls, request).await?;
+    write.write_all(&line(&started)).await?;
+    let Some(result) = started.result.filter(|_| started.ok) else {
+        return Ok(());
+    };
+    let session = result["session"].as_u64().unwrap_or(0) as usize;
+    let net: ipnet::IpNet = result["cidr"]
+        .as_str()
+        .and_then(|c| c.parse().ok())
+        .context("the controller's trace answer lacks its prefix")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let (mut shown, mut lagged) = (0u64, 0u64);
+    let mut scratch = [0u8; 64];
+    let why = loop {
+        tokio::select! {
+            record = records.recv() => match record {
+                Ok((interface, raw)) if net.contains(&raw.source) => {
+                    let rule = streams
+                        .slot_names
+                        .read()
+                        .ok()
+                        .and_then(|n| n.get(raw.rule as usize).cloned())
+                        .unwrap_or_else(|| format!("slot-{}", raw.rule));
+                    let record = TraceRecord::new(
+                        &raw,
+                        &interface,
+                        &rule,
+                        crate::events::wall_time_ns(raw.time_ns),
+                    );
+                    let mut text = serde_json::to_vec(&serde_json::json!({ "trace": record }))?;
+                    text.push(b'\n');
+                    if write.write_all(&text).await.is_err() {
+                        break "client gone";
+                    }
+                    shown += 1;
+                    if shown >= max {
+                        break "count";
+                    }
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => lagged += n,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break "daemon stopping",
+            },
+            () = tokio::time::sleep_until(deadline) => break "time",
+            // The client closed its end (it was interrupted or killed), or asked to stop.
+            _ = reader.read(&mut scratch) => break "client gone",
+        }
+    };
+    let stopped = ask(calls, Request::TraceStop { session }).await?;
+    let missed = stopped
+        .result
+        .as_ref()
+        .and_then(|r| r["missed"].as_u64())
+        .unwrap_or(0);
+    if why != "client gone" {
+        let done = Response::ok(serde_json::json!({
+            "done": why,
+            "shown": shown,
+            "missed": missed + lagged,
+        }));
+        write.write_all(&line(&done)).await?;
+    }
+    Ok(())
 }
 
 fn line(response: &Response) -> Vec<u8> {
@@ -356,6 +491,47 @@ pub fn call(socket: &PathBuf, request: &Request) -> Result<Response> {
     }
     serde_json::from_str(&reply)
         .with_context(|| format!("the daemon's answer is not valid: {reply}"))
+}
+
+/// The client side of a streamed answer (`trace`): sends `request`, then hands each line
+/// to `on_line` until it returns false or the daemon closes the connection.
+pub fn stream(
+    socket: &PathBuf,
+    request: &Request,
+    mut on_line: impl FnMut(&str) -> Result<bool>,
+) -> Result<()> {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach the api-shield daemon at {} (is it running? are you root?)",
+            socket.display()
+        )
+    })?;
+    let mut req = serde_json::to_vec(request)?;
+    req.push(b'\n');
+    match stream.write_all(&req) {
+        Ok(()) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) => {}
+        Err(e) => return Err(e).context("sending the request"),
+    }
+    let mut reader = BufReader::new(&stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader
+            .read_line(&mut line)
+            .context("reading the daemon's answer")?
+            == 0
+        {
+            bail!("the daemon closed the connection");
+        }
+        if !on_line(line.trim_end())? {
+            return Ok(());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -111,6 +111,22 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A live trace of packets from ADDRESS or CIDR only: time, interface, protocol,
+    /// ports, verdict, reason, rule, tokens left. Ends after --for or --max packets, or
+    /// on Ctrl-C; the data plane reports at most 200 packets a second for all traces.
+    Trace {
+        /// An address or CIDR, IPv4 or IPv6.
+        target: String,
+        /// How long to trace (e.g. 30s, 5m; at most 1h).
+        #[arg(long = "for", value_name = "DURATION", default_value = "30s", value_parser = parse_trace_time)]
+        duration: Duration,
+        /// Stop after this many packets (1 to 100000).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        max: u64,
+        /// One JSON object per packet.
+        #[arg(long)]
+        json: bool,
+    },
     /// Interfaces, XDP mode, program id, uptime and map fill.
     Status {
         #[arg(long)]
@@ -173,6 +189,15 @@ pub struct AddArgs {
     pub reason: Option<String>,
 }
 
+fn parse_trace_time(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration `{s}`: {e} (write it like 30s or 5m)"))?;
+    if d < Duration::from_secs(1) || d > Duration::from_secs(crate::trace::MAX_TRACE_SECS) {
+        return Err(format!("invalid duration `{s}`: 1s to 1h"));
+    }
+    Ok(d)
+}
+
 fn parse_protocol(s: &str) -> Result<ProbeProtocol, String> {
     s.parse()
 }
@@ -198,6 +223,15 @@ pub fn execute_client(socket: Option<PathBuf>, command: Command) -> Result<()> {
         Command::Top { n, json } => show(socket, &Request::Top { n }, json, print_top),
         Command::Stats { json, .. } => show(socket, &Request::Stats {}, json, print_stats),
         Command::Status { json } => show(socket, &Request::Status {}, json, print_status),
+        Command::Trace {
+            target,
+            duration,
+            max,
+            json,
+        } => {
+            parse_prefix(&target)?;
+            trace(socket, target, duration, max, json)
+        }
         Command::Explain {
             address,
             proto,
@@ -502,6 +536,63 @@ fn print_stats(v: &Value) {
         "(rates over the {:.1} s since the previous `stats`)",
         v["interval_secs"].as_f64().unwrap_or(0.0)
     );
+}
+
+/// `trace`: prints each packet as the daemon streams it, then how the trace ended.
+fn trace(socket: &PathBuf, cidr: String, duration: Duration, max: u64, json: bool) -> Result<()> {
+    use std::io::Write as _;
+    let request = Request::Trace {
+        cidr,
+        secs: duration.as_secs(),
+        max,
+    };
+    let mut first = true;
+    api::stream(socket, &request, |line| {
+        let v: Value = serde_json::from_str(line)
+            .with_context(|| format!("the daemon's answer is not valid: {line}"))?;
+        if let Some(record) = v.get("trace") {
+            let mut out = std::io::stdout().lock();
+            if json {
+                writeln!(out, "{record}")?;
+            } else {
+                let record: crate::trace::TraceRecord = serde_json::from_value(record.clone())
+                    .with_context(|| format!("the daemon's trace record is not valid: {line}"))?;
+                writeln!(out, "{}", record.line())?;
+            }
+            out.flush()?;
+            return Ok(true);
+        }
+        if v["ok"] != Value::Bool(true) {
+            bail!(
+                "{}",
+                v["error"]
+                    .as_str()
+                    .unwrap_or("the daemon refused without a reason")
+            );
+        }
+        let result = &v["result"];
+        if first {
+            first = false;
+            eprintln!(
+                "tracing {} for {}s (at most {} packets; Ctrl-C ends it)",
+                result["cidr"].as_str().unwrap_or_default(),
+                result["secs"],
+                result["max"]
+            );
+            return Ok(true);
+        }
+        let why = match result["done"].as_str().unwrap_or_default() {
+            "time" => "its time is up",
+            "count" => "it showed --max packets",
+            "daemon stopping" => "the daemon is stopping",
+            other => other,
+        };
+        eprintln!(
+            "trace ended: {why}; {} packets shown, {} not shown (over the trace rate)",
+            result["shown"], result["missed"]
+        );
+        Ok(false)
+    })
 }
 
 fn print_claims(v: &Value) -> String {

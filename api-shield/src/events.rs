@@ -87,7 +87,7 @@ pub async fn read(
 }
 
 /// The kernel stamps events with CLOCK_MONOTONIC; this maps such a stamp to wall time.
-fn wall_time_ns(monotonic_ns: u64) -> u128 {
+pub(crate) fn wall_time_ns(monotonic_ns: u64) -> u128 {
     let now = |clock| {
         // SAFETY: clock_gettime into a zeroed timespec we own.
         let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
@@ -103,7 +103,7 @@ fn reason_name(reason: u32) -> &'static str {
     Reason::from_slot(reason).map_or("unknown", |r| r.base().name())
 }
 
-fn protocol_name(protocol: u8, known: bool) -> String {
+pub(crate) fn protocol_name(protocol: u8, known: bool) -> String {
     match protocol {
         _ if !known => "-".into(),
         1 => "icmp".into(),

@@ -14,6 +14,7 @@ pub mod penalty;
 pub mod prefix;
 pub mod privileges;
 pub mod shield;
+pub mod trace;
 
 /// The compiled data plane, built from `api-shield-ebpf` by build.rs.
 pub static EBPF_OBJECT: &[u8] =

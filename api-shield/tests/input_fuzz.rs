@@ -656,6 +656,9 @@ const BAD_ARGV: &[(&[&str], &str)] = &[
     (&["feeds", "refresh", "a", "b"], "'b'"),
     (&["status", "--verbose"], "--verbose"),
     (&["explain"], "<ADDRESS>"),
+    (&["trace"], "<TARGET>"),
+    (&["trace", "192.0.2.0/24", "--for", "2h"], "--for"),
+    (&["trace", "192.0.2.0/24", "--max", "0"], "--max"),
     (&["explain", "192.0.2.1", "--proto", "sctp"], "sctp"),
     (&["explain", "192.0.2.1", "--port", "65536"], "65536"),
     (&["explain", "192.0.2.1", "--syn", "yes"], "yes"),
@@ -704,6 +707,11 @@ fn request() -> impl Strategy<Value = Request> {
                 port,
                 syn
             }),
+        (net(), 1..3600u64, 1..100_000u64).prop_map(|(net, secs, max)| Request::Trace {
+            cidr: net.to_string(),
+            secs,
+            max
+        }),
     ]
 }
 
@@ -746,6 +754,11 @@ fn request_json(r: &Request) -> serde_json::Value {
             }
             v
         }
+        Request::Trace { cidr, secs, max } => {
+            json!({"op": "trace", "cidr": cidr, "secs": secs, "max": max})
+        }
+        // Never generated: the connection that holds a session sends it, not a client.
+        Request::TraceStop { .. } => json!({"op": "trace_stop"}),
         Request::FeedsRefresh { name } => match name {
             Some(n) => json!({"op": "feeds_refresh", "name": n}),
             None => json!({"op": "feeds_refresh"}),
@@ -773,6 +786,11 @@ fn invalid_field(r: &Request) -> Vec<(&'static str, serde_json::Value, &'static 
         Request::Del { .. } | Request::List { .. } => {
             out.push(("list", json!("grey"), "grey"));
             out.push(("list", json!(null), "list"));
+        }
+        Request::Trace { .. } => {
+            out.push(("secs", json!(-1), "-1"));
+            out.push(("max", json!("all"), "all"));
+            out.push(("cidr", json!(5), "5"));
         }
         Request::Explain { .. } => {
             out.push(("protocol", json!("sctp"), "sctp"));

@@ -57,7 +57,7 @@ enum Task {
         /// A small, fast run (a smoke test of the benchmarks themselves).
         #[arg(long)]
         quick: bool,
-        /// Only these sections (comma-separated: per-packet, random, scale, flood,
+        /// Only these sections (comma-separated: per-packet, trace, random, scale, flood,
         /// accuracy, latency, feeds); written to target/benchmarks-partial.md, leaving
         /// docs/benchmarks.md as the last full run wrote it.
         #[arg(long)]

@@ -97,6 +97,13 @@ pub(crate) const TIMING_SENSITIVE: &[(&str, &[&str])] = &[
         &["counters_during_a_flood_match_the_traffic_and_pass_promtool"],
     ),
     (
+        "trace",
+        &[
+            "a_trace_shows_each_packet_of_its_sources_with_what_the_program_did",
+            "a_trace_is_rate_bounded_and_counts_what_it_did_not_show",
+        ],
+    ),
+    (
         "explain",
         &["explain_gives_the_verdict_the_program_then_gives_a_real_packet"],
     ),

@@ -32,6 +32,10 @@ pub(crate) const VM_TESTS: &[(&str, &[&str])] = &[
         "admin",
         &["sigkill_keeps_enforcing_and_a_restart_continues_state_and_counters"],
     ),
+    (
+        "trace",
+        &["a_trace_shows_each_packet_of_its_sources_with_what_the_program_did"],
+    ),
 ];
 
 /// Frames per fuzz test inside a VM: emulation runs them about 20x slower than the host.

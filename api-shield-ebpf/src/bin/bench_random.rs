@@ -10,7 +10,7 @@
 
 use api_shield_ebpf::{
     parse::Frame,
-    verdict::{Action, judge},
+    verdict::{Action, judge, judge_untraced},
 };
 use aya_ebpf::{
     bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS},
@@ -95,4 +95,21 @@ pub(crate) fn bench_handoff(ctx: XdpContext) -> u32 {
 #[xdp]
 pub(crate) fn bench_pass(_ctx: XdpContext) -> u32 {
     XDP_PASS
+}
+
+/// api-shield's program without the trace check (`judge_untraced`): measured against the
+/// real one on the same frames, the check's cost when no trace runs.
+#[xdp]
+pub(crate) fn bench_untraced(ctx: XdpContext) -> u32 {
+    let frame = Frame {
+        start: ctx.data(),
+        end: ctx.data_end(),
+        wire_len: ctx.data_end() - ctx.data(),
+        // SAFETY: ctx.ctx is the xdp_md the kernel passed us.
+        ifindex: unsafe { (*ctx.ctx).ingress_ifindex },
+    };
+    match judge_untraced(&frame) {
+        Action::Pass => XDP_PASS,
+        Action::Drop => XDP_DROP,
+    }
 }

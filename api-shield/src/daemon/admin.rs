@@ -92,6 +92,8 @@ struct StatusReply {
     interfaces: Vec<InterfaceStatus>,
     maps: Vec<MapStatus>,
     list_entries: BTreeMap<String, usize>,
+    /// Running `trace` sessions: prefix and seconds left.
+    traces: Vec<serde_json::Value>,
 }
 
 /// A limiter key's source as an address, or as a prefix where the rule aggregates sources
@@ -136,6 +138,8 @@ impl Controller {
                     syn,
                 },
             ),
+            Request::Trace { cidr, secs, max } => self.start_trace(&cidr, secs, max),
+            Request::TraceStop { session } => self.stop_trace(session),
             Request::Stats {} => self.stats(),
             Request::Status {} => self.status(),
             Request::Reload {} => self
@@ -272,6 +276,7 @@ impl Controller {
                 .into_iter()
                 .map(|((list, origin), n)| (format!("{}:{origin}", list.name()), n))
                 .collect(),
+            traces: self.trace_status(),
         };
         Ok(serde_json::to_value(reply)?)
     }

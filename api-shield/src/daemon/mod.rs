@@ -16,6 +16,7 @@ mod lists;
 mod penalties;
 mod reload;
 mod start;
+mod trace;
 
 use std::{
     collections::BTreeMap,
@@ -109,6 +110,8 @@ pub(crate) struct Controller {
     pub(crate) penalties: BTreeMap<String, u64>,
     /// The highest eviction count reported, so the counter never goes back.
     pub(crate) limiter_evictions: u64,
+    /// Running `trace` sessions, by their slot in the data plane's trace filter.
+    pub(crate) traces: self::trace::TraceSessions,
 }
 
 pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overrides) -> Result<()> {
@@ -262,11 +265,22 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
         offences,
         penalties: BTreeMap::new(),
         limiter_evictions: 0,
+        traces: [None; api_shield_common::trace::TRACE_NETS],
     };
     *ctl.slot_names.write().expect("slot names lock") = ctl.config.limits.slot_names();
     let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
     let (top_tx, mut top_ready) = mpsc::channel::<PendingTop>(8);
-    let server = tokio::spawn(api::serve(listener, access, calls_tx));
+    // Trace records, parsed from every interface's log ring, for the sessions to pick from.
+    let (trace_hub, _) = tokio::sync::broadcast::channel(4096);
+    let server = tokio::spawn(api::serve(
+        listener,
+        access,
+        calls_tx,
+        api::Streams {
+            trace_hub: trace_hub.clone(),
+            slot_names: ctl.slot_names.clone(),
+        },
+    ));
     let (scrape_tx, mut scrapes) = mpsc::channel::<Scrape>(8);
     let metrics_server = match ctl.config.metrics.listen.0 {
         Some(addr) => {
@@ -293,6 +307,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
             ring,
             penalty_tx.clone(),
         )));
+        event_readers.push(self::trace::spawn_log_reader(
+            &inst.interface,
+            &mut inst.shield,
+            trace_hub.clone(),
+        )?);
     }
     start.succeeded();
     // Everything that needed more than CAP_BPF is done: programs loaded and attached, pins
@@ -346,6 +365,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
             _ = tokio::time::sleep_until(expiry_due) => {
                 expiry_due = next_expiry_check();
                 ctl.expire();
+                ctl.expire_traces();
                 ctl.start_due_feeds();
             }
             _ = stats_tick.tick(), if !ctl.config.stats_interval.is_zero() => {
@@ -357,6 +377,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
         }
     }
     server.abort();
+    ctl.end_traces();
     for reader in event_readers {
         reader.abort();
     }

@@ -148,6 +148,14 @@ impl Shield {
                 .context("writing the limiter's seed")?;
         }
         let limiter_seed = current.limiter_seed;
+        // A trace follows a session of the daemon that started it: none runs in a new one.
+        let mut trace: Array<_, api_shield_common::trace::TraceFilter> = Array::try_from(
+            ebpf.map_mut(names::MAP_TRACE)
+                .context("the eBPF object lacks the trace map")?,
+        )?;
+        trace
+            .set(0, api_shield_common::trace::TraceFilter::default(), 0)
+            .context("clearing the trace filter")?;
         let list_capacity = entries(names::MAP_LIST_V4)? as usize;
         let lists = ListStore::open(&mut ebpf, summary, list_capacity)?;
         Ok(Shield {

@@ -59,6 +59,7 @@ impl Shield {
             names::MAP_LIST_V6_HASHED,
             names::MAP_LIST_V4_INNER,
             names::MAP_LIST_V6_INNER,
+            names::MAP_TRACE,
         ];
         // The list store knows what the list maps hold (it read them at load and writes
         // every change): no walk of a million keys, a system call each.
@@ -286,5 +287,44 @@ impl Shield {
         slots.sort_unstable();
         slots.dedup();
         slots
+    }
+}
+
+impl Shield {
+    /// The trace filter the data plane follows now.
+    pub fn trace_filter(&self) -> Result<api_shield_common::trace::TraceFilter> {
+        use aya::maps::Array;
+        let map = self
+            .ebpf
+            .map(names::MAP_TRACE)
+            .context("trace map missing")?;
+        let array: Array<_, api_shield_common::trace::TraceFilter> = Array::try_from(map)?;
+        Ok(array.get(&0, 0)?)
+    }
+
+    /// Points the data plane at the traced prefixes and deadline of `next`, keeping the
+    /// rate bucket and the missed count it keeps itself.
+    pub fn set_trace(&mut self, next: &api_shield_common::trace::TraceFilter) -> Result<()> {
+        use aya::maps::Array;
+        let current = self.trace_filter()?;
+        let value = api_shield_common::trace::TraceFilter {
+            tat_ns: current.tat_ns,
+            missed: current.missed,
+            ..*next
+        };
+        let map = self
+            .ebpf
+            .map_mut(names::MAP_TRACE)
+            .context("trace map missing")?;
+        let mut array: Array<_, api_shield_common::trace::TraceFilter> = Array::try_from(map)?;
+        array.set(0, value, 0).context("writing the trace filter")?;
+        Ok(())
+    }
+
+    /// Starts reading the data plane's aya-log records (trace records) into `logger`; the
+    /// caller polls the returned logger's fd and flushes it.
+    pub fn take_trace_log<T: log::Log>(&mut self, logger: T) -> Result<aya_log::EbpfLogger<T>> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, logger)
+            .context("opening the data plane's log ring (aya-log)")
     }
 }

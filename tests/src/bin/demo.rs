@@ -1,11 +1,16 @@
 //! `cargo xtask demo`: api-shield in a throwaway two-namespace sandbox, on its built-in
 //! default config, with a legitimate client, a flooder and a blocklisted source.
 
-use std::{net::IpAddr, time::Duration};
+use std::{
+    io::{BufRead as _, BufReader, Read as _},
+    net::IpAddr,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result};
 use api_shield_tests::{
-    daemon::{Daemon, DaemonDirs, last_counters},
+    daemon::{Daemon, DaemonDirs, binary, last_counters},
     netns::{SERVER_V4, Sandbox},
     require_root,
     traffic::{Receiver, SERVER_PORT, send_udp},
@@ -59,6 +64,15 @@ fn main() -> Result<()> {
     );
     std::thread::sleep(Duration::from_millis(200));
     let got = rx.finish();
+    for args in [
+        ["explain", BLOCKED, "--proto", "udp", "--port", "5201"],
+        ["explain", FLOODER, "--proto", "udp", "--port", "5201"],
+    ] {
+        println!("\n$ api-shield {}", args.join(" "));
+        print!("{}", dirs.cli_ok(&args));
+    }
+    println!("\n$ api-shield trace {LEGIT} --max 3   (while the client sends 5 packets)");
+    print!("{}", trace_while_sending(&sb, &dirs, LEGIT, &dest)?);
     let log = daemon.stop()?;
     let received = |a: &str| {
         got.get(&a.parse::<IpAddr>().expect("address"))
@@ -109,4 +123,43 @@ fn main() -> Result<()> {
     println!("sandbox removed.");
     anyhow::ensure!(ok, "the demo did not show the expected verdicts");
     Ok(())
+}
+
+/// Runs `api-shield trace SOURCE --max 3` while SOURCE sends 5 packets: its output.
+fn trace_while_sending(
+    sb: &Sandbox,
+    dirs: &DaemonDirs,
+    source: &str,
+    dest: &str,
+) -> Result<String> {
+    let mut child = Command::new(binary())
+        .arg("--socket")
+        .arg(dirs.socket())
+        .args(["trace", source, "--for", "10s", "--max", "3"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting api-shield trace")?;
+    let mut err = BufReader::new(child.stderr.take().context("trace stderr")?);
+    let mut started = String::new();
+    err.read_line(&mut started)?;
+    send_udp(&sb.client, source, dest, 5, 100, 200)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.wait();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .context("trace stdout")?
+        .read_to_string(&mut out)?;
+    let mut ended = String::new();
+    err.read_to_string(&mut ended)?;
+    Ok(format!("{started}{out}{ended}"))
 }
