@@ -110,3 +110,38 @@ fn fuzzed_frames_under_a_global_dry_run_are_all_passed_and_counted() {
         report.ran
     ));
 }
+
+#[test]
+fn fuzzed_frames_while_a_trace_follows_every_source_agree_with_the_oracle() {
+    require_root();
+    let (seed, count) = (seed() ^ 0x7ace, frames_to_fuzz() / 10);
+    let policy = edges_policy();
+    let mut shield = load(&policy);
+    // Every source traced (and two narrower prefixes beside): the trace path runs for
+    // every frame with a source, and must change no verdict.
+    let nets = [
+        Some("0.0.0.0/0".parse().unwrap()),
+        Some("::/0".parse().unwrap()),
+        Some("198.18.0.0/15".parse().unwrap()),
+        Some("2001:db8::/32".parse().unwrap()),
+    ];
+    let until = (api_shield::explain::bucket_now() >> api_shield_common::limiter::TIME_SHIFT)
+        + 3_600_000_000_000;
+    shield
+        .set_trace(&api_shield::trace::filter(&nets, until))
+        .unwrap();
+    let mut oracle = Oracle::new(policy);
+    let report = fuzz(&mut shield, &mut oracle, &edges_source, seed, count)
+        .unwrap_or_else(|d| panic!("{d}"));
+    let missed = shield.trace_filter().unwrap().missed;
+    api_shield_tests::figure(&format!(
+        "packet fuzzing (every source traced): {} frames (seed {seed}), 0 disagreements; {missed} trace records over the trace rate",
+        report.ran
+    ));
+    // 200 records a second at most: the rest of the sourced frames were counted.
+    assert!(
+        missed as usize > report.ran / 4,
+        "the trace path ran for too few frames: {missed} of {}",
+        report.ran
+    );
+}
