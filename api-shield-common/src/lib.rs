@@ -11,6 +11,12 @@ pub mod names {
 
     pub const PROGRAM_XDP: &str = "api_shield";
     pub const PROGRAM_TC: &str = "api_shield_tc";
+    /// The programs that follow a trace, tail-called by the hooks while one runs, and the
+    /// program arrays they are called through.
+    pub const PROGRAM_TRACE_XDP: &str = "api_shield_trace";
+    pub const PROGRAM_TRACE_TC: &str = "api_shield_tc_trace";
+    pub const MAP_TRACE_XDP: &str = "TRACE_XDP";
+    pub const MAP_TRACE_TC: &str = "TRACE_TC";
     pub const MAP_LIST_V4: &str = maps::LIST_V4.name;
     pub const MAP_LIST_V6: &str = maps::LIST_V6.name;
     pub const MAP_LIST_V6_INNER: &str = maps::LIST_V6_INNER.name;

@@ -14,7 +14,7 @@ use api_shield_common::{
 };
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, ProgramArray, RingBuf, lpm_trie::Key},
 };
 
 /// The kernel's view of a map static's type: what its Rust type makes of it.
@@ -100,3 +100,11 @@ shared_map!(RULE_TABLE: Array<u32> = with_max_entries);
 shared_map!(RULE_COUNTERS: PerCpuArray<RuleCounter> = with_max_entries);
 shared_map!(PENALTIES: RingBuf = with_byte_size);
 shared_map!(TRACE: Array<TraceFilter> = with_max_entries);
+
+/// The trace programs the hooks hand frames to while a trace runs (`api_shield_trace`,
+/// `api_shield_tc_trace`): one array per program type, as a tail call needs. Not pinned:
+/// each load's hooks call its own.
+#[map]
+pub(crate) static TRACE_XDP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+#[map]
+pub(crate) static TRACE_TC: ProgramArray = ProgramArray::with_max_entries(1, 0);

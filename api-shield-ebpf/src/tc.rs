@@ -8,7 +8,9 @@ use aya_ebpf::{
 };
 
 use crate::{
+    maps::TRACE_TC,
     parse::Frame,
+    trace::follow,
     verdict::{Action, judge},
 };
 
@@ -29,8 +31,32 @@ pub(crate) fn api_shield_tc(ctx: TcContext) -> i32 {
         // SAFETY: ctx.skb wraps the __sk_buff the kernel passed us.
         ifindex: unsafe { (*ctx.skb.skb).ingress_ifindex },
     };
-    match judge(&frame) {
+    let (action, traced) = judge(&frame);
+    if traced {
+        // SAFETY: as in the XDP hook.
+        let _ = unsafe { TRACE_TC.tail_call(&ctx, 0) };
+    }
+    match action {
         Action::Pass => TC_ACT_OK,
         Action::Drop => TC_ACT_SHOT,
+    }
+}
+
+/// Follows a frame the TC hook judged while a trace runs; returns the hook's verdict.
+#[classifier]
+pub(crate) fn api_shield_tc_trace(ctx: TcContext) -> i32 {
+    let wire_len = ctx.len();
+    let _ = ctx.pull_data(wire_len.min(PULL_BYTES));
+    let frame = Frame {
+        start: ctx.data(),
+        end: ctx.data_end(),
+        wire_len: wire_len as usize,
+        // SAFETY: ctx.skb wraps the __sk_buff the kernel passed us.
+        ifindex: unsafe { (*ctx.skb.skb).ingress_ifindex },
+    };
+    if follow(&frame) {
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_OK
     }
 }

@@ -7,13 +7,12 @@ use api_shield_common::{
     lists::{LIST_ALLOW, LIST_BLOCK},
     rules::{CLASS_OTHER, CLASS_TCP, CLASS_TCP_SYN, CLASS_UDP, table_index},
     settings::{SETTINGS_DRY_RUN, SETTINGS_RULES},
-    trace::NO_TOKENS,
 };
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 
 use crate::{
     counters::{count, count_rule, suppressed},
-    limiter::{bucket_time, limiter_key, packets_left, take, take_tokens},
+    limiter::{bucket_time, limiter_key, take, take_tokens},
     lists::{list_v4, list_v6},
     maps::{EVENT_LIMIT, EVENTS, LIMITS, RULE_TABLE, SETTINGS},
     parse::{Frame, L3, L4, parse_ipv4, parse_l3, parse_l4_v4, parse_l4_v6},
@@ -43,7 +42,6 @@ struct Verdict {
     flags: u8,
     protocol: u8,
     dst_port: u16,
-    src_port: u16,
     /// For verdicts given before the transport header was read (the lists): where to read
     /// it, should an event need it. Parsing it only then keeps the blocked path short.
     unparsed: Unparsed,
@@ -131,27 +129,26 @@ impl Verdict {
             flags: 0,
             protocol: 0,
             dst_port: 0,
-            src_port: 0,
             unparsed: Unparsed::NOTHING,
         }
     }
 }
 
-/// Decides, counts, reports drops, and traces the packet if a trace follows its source.
-/// Never fails: every path ends in a counted verdict.
+/// Decides, counts, and reports drops; says whether a trace runs, which the hook then hands
+/// the frame to (see [`crate::trace`]). Never fails: every path ends in a counted verdict.
 #[inline(always)]
-pub fn judge(frame: &Frame) -> Action {
+pub fn judge(frame: &Frame) -> (Action, bool) {
     judge_and::<true>(frame)
 }
 
 /// [`judge`] without the trace check: the benchmarks' measure of what that check costs.
 #[inline(always)]
 pub fn judge_untraced(frame: &Frame) -> Action {
-    judge_and::<false>(frame)
+    judge_and::<false>(frame).0
 }
 
 #[inline(always)]
-fn judge_and<const TRACE: bool>(frame: &Frame) -> Action {
+fn judge_and<const TRACE: bool>(frame: &Frame) -> (Action, bool) {
     // One read of the settings serves the verdict and the event.
     let mode = Mode::read();
     let v = decide(frame, mode);
@@ -160,52 +157,21 @@ fn judge_and<const TRACE: bool>(frame: &Frame) -> Action {
     if (v.action == Action::Drop || v.dry_run) && mode.event_cost != 0 {
         report(frame, &v, slot, mode);
     }
-    if TRACE
+    // The trace is followed in a program of its own (verified apart: a record's fields
+    // and aya-log's writing of them would cost this program's verification as much again
+    // for each of its paths); here, only what it cannot read from the frame.
+    let traced = TRACE
         && v.flags & EVENT_SOURCE_KNOWN != 0
-        && let Some(filter) = trace::active()
-        && let Some(net) = trace::matching_net(filter, &v.source, v.flags)
-    {
-        follow(frame, &v, slot, mode, filter, net);
-    }
-    v.action
-}
-
-/// Reports a traced packet: its ports (read again for listed sources, whose verdict came
-/// before the transport header was read) and the tokens its bucket has left.
-#[inline(always)]
-fn follow(
-    frame: &Frame,
-    v: &Verdict,
-    slot: u32,
-    mode: Mode,
-    filter: *mut api_shield_common::trace::TraceFilter,
-    net: u32,
-) {
-    let l4 = transport_of(frame, v);
-    let tokens = match LIMITS.get(v.limit) {
-        Some(limit) if v.unparsed.family == FAMILY_NONE && !limit.is_unlimited() => {
-            let mut key = limiter_key([0; 4], v.limit);
-            key.addr = v.source;
-            mask_key(&mut key, limit, v.flags);
-            packets_left(&key, limit, mode.limiter_seed, mode.limiter_sets)
-        }
-        _ => NO_TOKENS,
-    };
-    trace::report(
-        filter,
-        net,
-        &trace::Traced {
+        && trace::active()
+        && trace::hand_over(&trace::Judged {
             source: v.source,
-            ifindex: frame.ifindex,
-            protocol: l4.protocol,
-            src_port: l4.src_port,
-            dst_port: l4.dst_port,
-            dropped: v.action == Action::Drop,
+            flags: u32::from(v.flags),
             reason: slot,
             rule: v.limit,
-            tokens,
-        },
-    );
+            dropped: u32::from(v.action == Action::Drop),
+            limited: u32::from(v.unparsed.family == FAMILY_NONE),
+        });
+    (v.action, traced)
 }
 
 /// The transport fields of a judged frame: from the verdict, or, for verdicts given before
@@ -221,7 +187,6 @@ fn transport_of(frame: &Frame, v: &Verdict) -> L4 {
         _ => L4 {
             protocol: v.protocol,
             dst_port: v.dst_port,
-            src_port: v.src_port,
             ..L4::INCOMPLETE
         },
     }
@@ -230,7 +195,7 @@ fn transport_of(frame: &Frame, v: &Verdict) -> L4 {
 /// Masks the key's address to the limit's prefix for the source's family: sources in one
 /// prefix share a bucket.
 #[inline(always)]
-fn mask_key(key: &mut LimiterKey, limit: &RateLimit, flags: u8) {
+pub(crate) fn mask_key(key: &mut LimiterKey, limit: &RateLimit, flags: u8) {
     let (mask, whole) = if flags & EVENT_SOURCE_V6 != 0 {
         (&limit.mask_v6, limit.prefix_v6 >= 128)
     } else {
@@ -340,7 +305,7 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
         }
     };
     let source = key.addr;
-    let (protocol, dst_port, src_port) = (l4.protocol, l4.dst_port, l4.src_port);
+    let (protocol, dst_port) = (l4.protocol, l4.dst_port);
     // A frame malformed past the IP header has no rule to match: the default limit.
     let slot = if l4.complete && mode.rules {
         rule_slot(&l4)
@@ -356,7 +321,6 @@ fn decide(frame: &Frame, mode: Mode) -> Verdict {
         flags,
         protocol,
         dst_port,
-        src_port,
         unparsed: Unparsed::NOTHING,
     };
     // The limiter applies even to frames malformed past the IP header, so that
@@ -424,7 +388,6 @@ fn listed(
         flags,
         protocol: 0,
         dst_port: 0,
-        src_port: 0,
         unparsed,
     }
 }

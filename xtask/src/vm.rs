@@ -22,6 +22,7 @@ pub(crate) const DEFAULT_MATRIX: &[&str] = &["6.1"];
 /// run (none named: all): verdicts through BPF_PROG_TEST_RUN, the fuzzer, and the
 /// namespace tests (attach and its fallbacks, reload, restart over pins, TC mode).
 pub(crate) const VM_TESTS: &[(&str, &[&str])] = &[
+    ("verifier", &[]),
     ("verdicts", &[]),
     ("fuzz", &[]),
     ("attach", &[]),

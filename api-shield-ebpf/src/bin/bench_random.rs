@@ -63,7 +63,7 @@ pub(crate) fn bench_random(ctx: XdpContext) -> u32 {
         wire_len: ctx.data_end() - ctx.data(),
         ifindex: 0,
     };
-    match judge(&frame) {
+    match judge(&frame).0 {
         Action::Pass => XDP_PASS,
         Action::Drop => XDP_DROP,
     }

@@ -111,6 +111,35 @@ impl Shield {
             .context("the eBPF object has no TC program")?
             .try_into()?;
         tc.load().map_err(|e| kernel::refused("TC", e))?;
+        // The trace programs, which the hooks tail-call while a trace runs.
+        let trace_xdp: &mut Xdp = ebpf
+            .program_mut(names::PROGRAM_TRACE_XDP)
+            .context("the eBPF object has no XDP trace program")?
+            .try_into()?;
+        trace_xdp
+            .load()
+            .map_err(|e| kernel::refused("XDP trace", e))?;
+        let trace_xdp = trace_xdp.fd()?.try_clone()?;
+        let trace_tc: &mut SchedClassifier = ebpf
+            .program_mut(names::PROGRAM_TRACE_TC)
+            .context("the eBPF object has no TC trace program")?
+            .try_into()?;
+        trace_tc
+            .load()
+            .map_err(|e| kernel::refused("TC trace", e))?;
+        let trace_tc = trace_tc.fd()?.try_clone()?;
+        for (map, fd) in [
+            (names::MAP_TRACE_XDP, &trace_xdp),
+            (names::MAP_TRACE_TC, &trace_tc),
+        ] {
+            let mut array: aya::maps::ProgramArray<_> = aya::maps::ProgramArray::try_from(
+                ebpf.map_mut(map)
+                    .with_context(|| format!("the eBPF object lacks {map}"))?,
+            )?;
+            array
+                .set(0, fd, 0)
+                .with_context(|| format!("putting the trace program in {map}"))?;
+        }
         let summary = match (
             ebpf.map(names::MAP_LIST_V4_SUMMARY),
             ebpf.map(names::MAP_LIST_V6_SUMMARY),
