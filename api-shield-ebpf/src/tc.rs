@@ -34,7 +34,7 @@ pub(crate) fn api_shield_tc(ctx: TcContext) -> i32 {
     let (action, traced) = judge(&frame);
     if traced {
         // SAFETY: as in the XDP hook.
-        let _ = unsafe { TRACE_TC.tail_call(&ctx, 0) };
+        unsafe { TRACE_TC.tail_call(&ctx, 0) };
     }
     match action {
         Action::Pass => TC_ACT_OK,

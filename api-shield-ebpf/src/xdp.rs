@@ -26,7 +26,7 @@ pub(crate) fn api_shield(ctx: XdpContext) -> u32 {
     if traced {
         // SAFETY: a tail call does not return on success; the context is ours. On failure
         // (no trace program) the verdict stands untraced.
-        let _ = unsafe { TRACE_XDP.tail_call(&ctx, 0) };
+        unsafe { TRACE_XDP.tail_call(&ctx, 0) };
     }
     match action {
         Action::Pass => XDP_PASS,

@@ -171,6 +171,10 @@ fn carry_over_flood(report: String, previous: Option<&str>) -> String {
         return report;
     };
     let old = &previous[p_start..p_end];
+    if old.contains(CARRIED_OVER) {
+        // Carried over already: kept as it is, with the run it says it comes from.
+        return format!("{}{old}{}", &report[..start], &report[end..]);
+    }
     if old.contains("Not measured in this run") {
         return report;
     }
@@ -1823,4 +1827,30 @@ fn scale_e2e_table(
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UNMEASURED: &str = "## A\n\n## End-to-end flood through a veth (`cargo xtask flood`)\n\nNot measured in this run: no live frames.\n\n## B\n";
+
+    #[test]
+    fn a_flood_section_is_carried_over_then_kept_through_later_unmeasured_runs() {
+        let measured = "Regenerated. Machine: box one.\n\n## End-to-end flood through a veth (`cargo xtask flood`)\n\n| table |\n\n## B\n";
+        let once = carry_over_flood(UNMEASURED.to_owned(), Some(measured));
+        assert!(once.contains("| table |"), "{once}");
+        assert!(
+            once.contains(CARRIED_OVER) && once.contains("machine: box one"),
+            "{once}"
+        );
+        // A second run that cannot measure keeps the same tables and provenance.
+        let twice = carry_over_flood(UNMEASURED.to_owned(), Some(&once));
+        assert_eq!(twice, once);
+        // Nothing measured ever: nothing to carry.
+        assert_eq!(
+            carry_over_flood(UNMEASURED.to_owned(), Some(UNMEASURED)),
+            UNMEASURED
+        );
+    }
 }
